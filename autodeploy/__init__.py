@@ -1,0 +1,42 @@
+"""autodeploy: compile HuggingFace causal LMs into fast paged-KV inference graphs, and serve them.
+
+    import autodeploy
+    cm = autodeploy.compile(hf_model, max_batch_size=8, max_seq_len=2048)
+    cm.generate([[1, 2, 3]], max_new_tokens=32)
+    print(cm.explain())
+
+    llm = autodeploy.LLM(hf_model_or_checkpoint_dir)
+    llm.generate(["Hello"], autodeploy.SamplingConfig(temperature=0.8, top_p=0.9))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from autodeploy.compiler import compile  # noqa: E402  (the public entry point shadows the builtin on purpose)
+from autodeploy.errors import (  # noqa: E402
+    AutoDeployError, BackendUnavailableError, CacheCapacityError, InvalidRequestError, SamplingConfigError,
+    UnsupportedModelError,
+)
+from autodeploy.logging_utils import configure_logging  # noqa: E402
+from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria  # noqa: E402
+from autodeploy.runtime.sampling import SamplingConfig  # noqa: E402
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from autodeploy.llm import LLM
+
+        return LLM
+    if name == "CompiledModel":
+        from autodeploy.compiled_model import CompiledModel
+
+        return CompiledModel
+    raise AttributeError(f"module 'autodeploy' has no attribute {name!r}")
+
+
+__all__ = [
+    "compile", "LLM", "CompiledModel", "SamplingConfig", "LogitsProcessor", "StoppingCriteria",
+    "AutoDeployError", "UnsupportedModelError", "InvalidRequestError", "SamplingConfigError",
+    "CacheCapacityError", "BackendUnavailableError", "configure_logging",
+]

@@ -1,0 +1,111 @@
+"""CompiledModel: the cached graph, its KV caches, and a forward that speaks only the metadata contract."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import fx
+
+from autodeploy.lowering import lower_graph
+from autodeploy.metadata import SequenceChunk, SequencePacker, StepBatch
+
+log = logging.getLogger(__name__)
+
+
+class CompiledModel:
+    """Owns the final GraphModule and the paged KV caches; ``forward`` runs one packed step."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: Any, info: Any, num_pages: Optional[int] = None,
+                 memory_fraction: float = 0.85, enable_prefix_caching: bool = True):
+        self.graph_module = gm
+        self.ctx = ctx
+        self.info = info
+        self.report = ctx.report
+        self.backend = ctx.attention_backend
+        self.page_size = ctx.page_size
+        self.max_batch_size = ctx.max_batch_size
+        self.max_seq_len = ctx.max_seq_len
+        self.max_num_tokens = ctx.max_num_tokens
+        self.device = info.device
+        self.dtype = info.dtype
+        self.vocab_size = info.vocab_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.num_pages = self._plan_pages(num_pages, memory_fraction)
+        self.caches: dict[str, torch.Tensor] = {}
+        for spec, (k_name, v_name) in zip(ctx.attention_specs, ctx.cache_input_names):
+            k, v = self.backend.allocate_cache(self.num_pages, self.page_size, spec, self.dtype, self.device)
+            self.caches[k_name], self.caches[v_name] = k, v
+        self.report.cache = (f"{self.num_pages} pages x {self.page_size} tokens "
+                             f"({self.num_pages * self._bytes_per_page() / 2**20:.1f} MiB) on {self.device}")
+        self.packer = SequencePacker(self.page_size, self.device)
+        self._runner = gm
+
+    # -- cache planning --------------------------------------------------------------------------------
+    def _bytes_per_page(self) -> int:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum(self.page_size * s.num_kv_heads * (s.head_dim + s.v_head_dim) * item
+                   for s in self.ctx.attention_specs)
+
+    def _plan_pages(self, num_pages: Optional[int], memory_fraction: float) -> int:
+        per_seq = math.ceil(self.max_seq_len / self.page_size)
+        full = self.max_batch_size * per_seq
+        if num_pages is not None:
+            if num_pages < per_seq:
+                log.warning("num_pages=%d cannot hold one max_seq_len sequence (%d pages)", num_pages, per_seq)
+            return int(num_pages)
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * memory_fraction)
+            pages = max(per_seq, min(full, budget // self._bytes_per_page()))
+            log.info("KV cache: %d pages from %.1f GiB free x %.2f (full batch needs %d)",
+                     pages, free / 2**30, memory_fraction, full)
+            return pages
+        return full
+
+    # -- execution ---------------------------------------------------------------------------------------
+    def lower(self, mode: str) -> None:
+        self._runner, reason = lower_graph(self, mode)
+        self.report.lowering, self.report.lowering_reason = mode if self._runner is not None else "eager", reason
+        if self._runner is None:
+            self._runner = self.graph_module
+
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepBatch:
+        return self.packer.pack(chunks, all_logits=all_logits)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Run one step; returns logits ``[N, vocab]`` for ``batch.logits_rows``."""
+        out = self._runner(**batch.inputs, **self.caches)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        return logits.reshape(-1, logits.shape[-1])
+
+    def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Apply copy-on-write page copies requested by the cache manager."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        for cache in self.caches.values():
+            cache[dst] = cache[src]
+
+    # -- user API ------------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Any = None,
+                 **kwargs: Any) -> list[list[int]]:
+        """Generate for token-id prompts (greedy unless ``sampling`` says otherwise). Returns new tokens only."""
+        from autodeploy.runtime.engine import Engine
+        from autodeploy.runtime.sampling import SamplingConfig
+
+        if sampling is None:
+            sampling = SamplingConfig(max_new_tokens=max_new_tokens, **kwargs)
+        engine = Engine(self)
+        return [r.output_ids for r in engine.generate(prompts, sampling)]
+
+    def explain(self) -> str:
+        return self.report.render()
+
+    def num_metadata_nodes(self) -> int:
+        return sum(1 for n in self.graph_module.graph.nodes
+                   if n.op == "call_function" and n.target == torch.ops.autodeploy.prepare_metadata.default)

@@ -1,0 +1,113 @@
+"""``autodeploy.compile``: HF model -> export -> passes -> cached graph -> lowering -> CompiledModel."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+import autodeploy.ops  # noqa: F401  (registers the canonical ops)
+from autodeploy.errors import UnsupportedModelError
+from autodeploy.pass_manager import PassManager
+from autodeploy.report import CompileReport
+
+log = logging.getLogger(__name__)
+
+# The pipeline, in order. Each name is a file under passes/.
+DEFAULT_PASSES = [
+    "cleanup", "match_attention", "remove_repeat_kv", "match_rope", "match_rmsnorm",
+    "gather_logits", "insert_kv_cache",
+]
+
+
+@dataclass
+class CompileContext:
+    """Settings and facts shared by the passes of one compile."""
+
+    max_batch_size: int
+    max_seq_len: int
+    max_num_tokens: int
+    page_size: int
+    device: torch.device
+    dtype: torch.dtype
+    backend: str
+    report: CompileReport
+    unmatched_attention: list[tuple[str, str]] = field(default_factory=list)
+    attention_backend: Any = None
+    attention_specs: list = field(default_factory=list)
+    cache_input_names: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _import_passes() -> None:
+    import importlib
+
+    for name in DEFAULT_PASSES:
+        importlib.import_module(f"autodeploy.passes.{name}")
+
+
+def compile(
+    model: Any,
+    *,
+    max_batch_size: int = 8,
+    max_seq_len: int = 2048,
+    max_num_tokens: Optional[int] = None,
+    backend: str = "auto",
+    lowering: str = "eager",
+    dtype: Optional[torch.dtype] = None,
+    device: Optional[str | torch.device] = None,
+    page_size: Optional[int] = None,
+    num_pages: Optional[int] = None,
+    memory_fraction: float = 0.85,
+    enable_prefix_caching: bool = True,
+    dump_dir: Optional[str | Path] = None,
+) -> "CompiledModel":
+    """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
+
+    ``backend``: attention backend name or ``"auto"`` (chosen per model, see ``explain()``).
+    ``lowering``: ``"eager"``, ``"torch-compile"`` or ``"cudagraph"``.
+    """
+    from autodeploy.compiled_model import CompiledModel
+    from autodeploy.models import export_model, load_model, model_info
+
+    if max_batch_size < 1 or max_seq_len < 2:
+        raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
+    _import_passes()
+    report = CompileReport()
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else None
+    hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+    info = model_info(hf_model, tokenizer)
+    report.model = f"{info.name} ({info.family}, {info.num_layers} layers, {info.dtype})"
+    backend = backend if backend != "auto" else info.defaults.get("backend", "auto")
+    max_num_tokens = max_num_tokens or max(max_seq_len, 2048)
+    report.stage_seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
+    report.stage_seconds["export"] = time.perf_counter() - t0
+
+    ctx = CompileContext(
+        max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
+        page_size=page_size or 0, device=info.device, dtype=info.dtype, backend=backend, report=report,
+    )
+    t0 = time.perf_counter()
+    PassManager(DEFAULT_PASSES, report, dump_dir).run(gm, ctx)
+    ctx.page_size = page_size or ctx.attention_backend.default_page_size
+    extra = [p for p in ctx.attention_backend.graph_passes()]
+    for fn in extra:  # backend-specific fusions, recorded like any other pass
+        from autodeploy.pass_manager import PASSES
+
+        PassManager([fn.pass_name], report, dump_dir).run(gm, ctx) if fn.pass_name in PASSES else None
+    report.stage_seconds["passes"] = time.perf_counter() - t0
+
+    cm = CompiledModel(gm, ctx, info, num_pages=num_pages, memory_fraction=memory_fraction,
+                       enable_prefix_caching=enable_prefix_caching)
+    t0 = time.perf_counter()
+    cm.lower(lowering)
+    report.stage_seconds["lowering"] = time.perf_counter() - t0
+    log.info("compiled %s with backend=%s lowering=%s", info.name, report.backend, report.lowering)
+    return cm

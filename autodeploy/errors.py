@@ -1,0 +1,25 @@
+"""Exceptions that name the cause. Users see these instead of deep torch stack traces."""
+
+
+class AutoDeployError(Exception):
+    """Base class of every error autodeploy raises on purpose."""
+
+
+class UnsupportedModelError(AutoDeployError):
+    """The model (architecture, attention form, dtype) cannot be compiled."""
+
+
+class InvalidRequestError(AutoDeployError, ValueError):
+    """A generation request is malformed (empty prompt, bad token ids, too long, bad sampling values)."""
+
+
+class SamplingConfigError(InvalidRequestError):
+    """A sampling parameter is outside its valid range."""
+
+
+class CacheCapacityError(AutoDeployError):
+    """The KV cache cannot hold a request even when it runs alone."""
+
+
+class BackendUnavailableError(AutoDeployError):
+    """The requested backend or lowering cannot run here (missing package or device)."""

@@ -1,0 +1,179 @@
+"""Small helpers for reading and editing ATen-level FX graphs. Passes share these instead of re-deriving them."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+def is_op(node: Any, *targets: Any) -> bool:
+    """True if ``node`` calls one of ``targets`` (an OpOverload, an OpOverloadPacket or a Python callable)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    for target in targets:
+        if node.target is target:
+            return True
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is not None and packet is target:
+            return True
+    return False
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Positional-or-keyword argument of a call node."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def val(node: Any) -> Optional[torch.Tensor]:
+    """The fake tensor torch.export recorded for a node, if any."""
+    if isinstance(node, fx.Node):
+        v = node.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Shape equality that never guards on symbols: compares each dim's printed expression."""
+    return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
+def shape_of(node: Any) -> Optional[tuple]:
+    v = val(node)
+    return tuple(v.shape) if v is not None else None
+
+
+def static_int(x: Any) -> Optional[int]:
+    """An int if ``x`` is a concrete integer (not a symbol)."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        try:
+            return int(x)
+        except Exception:  # symbolic
+            return None
+    return None
+
+
+def scalar_constant(gm: fx.GraphModule, x: Any) -> Optional[float]:
+    """The value of a scalar operand: a Python number, a 0-d constant tensor, or a ``full([], c)`` node."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if not isinstance(x, fx.Node):
+        return None
+    if x.op == "get_attr":
+        t = getattr_path(gm, x.target)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.item())
+        return None
+    if is_op(x, aten.full, aten.scalar_tensor):
+        c = x.args[1] if is_op(x, aten.full) else x.args[0]
+        return scalar_constant(gm, c)
+    if is_op(x, aten.lift_fresh_copy, aten.clone, aten._to_copy, aten.to, aten.detach):
+        return scalar_constant(gm, x.args[0])
+    return None
+
+
+def getattr_path(gm: torch.nn.Module, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def users_of(node: fx.Node, *targets: Any) -> list[fx.Node]:
+    return [u for u in node.users if not targets or is_op(u, *targets)]
+
+
+def single_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def skip_through(node: Any, *targets: Any) -> Any:
+    """Follow the first argument through a chain of ``targets`` ops (casts, views) back to its source."""
+    while is_op(node, *targets):
+        node = node.args[0]
+    return node
+
+
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return seen
+
+
+def subgraph_module(gm: fx.GraphModule, output: fx.Node) -> fx.GraphModule:
+    """A runnable GraphModule that computes ``output`` from the graph's placeholders (all kept, in order)."""
+    needed = ancestors([output])
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[output])
+    return fx.GraphModule(gm, graph)
+
+
+def placeholders(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    return {n.target: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+
+def last_placeholder(gm: fx.GraphModule) -> fx.Node:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+
+
+def add_placeholder(gm: fx.GraphModule, name: str) -> fx.Node:
+    """Append a graph input after the existing ones."""
+    with gm.graph.inserting_after(last_placeholder(gm)):
+        return gm.graph.placeholder(name)
+
+
+def getitem(graph: fx.Graph, node: fx.Node, index: int) -> fx.Node:
+    return graph.call_function(operator.getitem, (node, index))
+
+
+def count_ops(gm: fx.GraphModule, *targets: Any) -> int:
+    return sum(1 for n in gm.graph.nodes if is_op(n, *targets))
+
+
+def _has_side_effects(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+    return node.op == "call_module" or node.target in _IMPURE_CALLABLES
+
+
+_IMPURE_CALLABLES: set = set()
+
+
+def remove_dead_code(gm: fx.GraphModule) -> int:
+    """DCE that treats seeded-random ATen ops (sdpa, dropout) as pure: in an inference graph they are.
+
+    FX's own ``eliminate_dead_code`` keeps them because of their ``nondeterministic_seeded`` tag, which would
+    keep every replaced attention's mask subgraph alive."""
+    removed = 0
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op not in ("call_function", "call_method") or node.users or _has_side_effects(node):
+            continue
+        gm.graph.erase_node(node)
+        removed += 1
+    return removed
+
+
+def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}

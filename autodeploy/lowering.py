@@ -1,0 +1,40 @@
+"""Lowering modes after cache insertion, chosen per model and overridable: a registry, not an if-chain."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from autodeploy.errors import BackendUnavailableError
+
+log = logging.getLogger(__name__)
+
+Lowering = Callable[[Any], tuple[Optional[Callable], str]]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def register_lowering(name: str) -> Callable[[Lowering], Lowering]:
+    def deco(fn: Lowering) -> Lowering:
+        LOWERINGS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_lowering("eager")
+def _eager(cm: Any) -> tuple[Optional[Callable], str]:
+    return cm.graph_module, "runs the cached GraphModule op by op"
+
+
+@register_lowering("torch-compile")
+def _torch_compile(cm: Any) -> tuple[Optional[Callable], str]:
+    compiled = torch.compile(cm.graph_module, dynamic=True, fullgraph=True)
+    return compiled, "inductor on the non-attention parts; attention and metadata stay opaque custom ops"
+
+
+def lower_graph(cm: Any, mode: str) -> tuple[Optional[Callable], str]:
+    if mode not in LOWERINGS:
+        raise BackendUnavailableError(f"unknown lowering {mode!r}; known: {sorted(LOWERINGS)}")
+    return LOWERINGS[mode](cm)

@@ -1,0 +1,266 @@
+"""The per-step metadata contract (docs/contracts.md).
+
+Host side: :func:`nest_sequences` packs one step's sequences into every graph input in one numpy pass and
+moves them to the device with ONE host-to-device copy from one (pinned, where a GPU exists) buffer.
+
+Device side: the single ``autodeploy::prepare_metadata`` node derives every extra field the selected
+backends declare (``metadata_fields``). Derivations are registered by name in :data:`METADATA_FIELDS`;
+all of them run inside that one node, once per forward, whatever the number of layers or backends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# Graph inputs the cache-insertion pass adds, in this order, after input_ids and position_ids.
+STEP_INPUT_NAMES: tuple[str, ...] = (
+    "cu_seqlens_q", "seq_lens_kv", "page_table", "slot_mapping", "logits_index", "batch_info",
+)
+# Inputs the prepare_metadata node reads.
+METADATA_OP_INPUTS: tuple[str, ...] = ("position_ids", "cu_seqlens_q", "seq_lens_kv", "page_table", "batch_info")
+
+
+@dataclass
+class SequenceChunk:
+    """One sequence's share of a step: the new tokens, how many tokens are already cached, its pages."""
+
+    token_ids: Sequence[int]
+    num_cached: int
+    pages: Sequence[int]
+    want_logits: bool = True  # False for a non-final prefill chunk: its logits are never sampled
+
+    @property
+    def num_new(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class StepBatch:
+    """Device tensors for one forward plus the host-known counts."""
+
+    inputs: dict[str, Tensor]
+    order: list[int]  # order[i] = index (into the chunks given) of the i-th sequence in the packed layout
+    logits_rows: list[int]  # logits_rows[i] = input chunk index whose logits are row i of the output
+    num_tokens: int
+    num_prefill: int
+    num_decode: int
+    host_inputs: dict[str, Tensor] = field(default_factory=dict)
+
+
+_INT64 = ("input_ids", "position_ids", "slot_mapping", "logits_index")
+_INT32 = ("cu_seqlens_q", "seq_lens_kv", "page_table")
+
+
+class SequencePacker:
+    """Builds :class:`StepBatch` objects, reusing one staging buffer so a step allocates nothing."""
+
+    def __init__(self, page_size: int, device: torch.device | str):
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self._host = torch.empty(0, dtype=torch.uint8)
+        self._copy_done: Optional[torch.cuda.Event] = None
+
+    def _staging(self, nbytes: int) -> Tensor:
+        if self._copy_done is not None:
+            self._copy_done.synchronize()  # the previous async copy still reads the buffer
+        if self._host.numel() < nbytes:
+            pin = self.device.type == "cuda"
+            self._host = torch.empty(max(nbytes, 2 * self._host.numel()), dtype=torch.uint8, pin_memory=pin)
+        return self._host
+
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepBatch:
+        return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self)
+
+
+def nest_sequences(
+    chunks: Sequence[SequenceChunk],
+    page_size: int,
+    device: torch.device | str = "cpu",
+    all_logits: bool = False,
+    packer: Optional[SequencePacker] = None,
+) -> StepBatch:
+    """Pack sequences into the flattened layout: prefill/extend sequences first, then decodes (1 token).
+
+    ``all_logits`` asks for the logits of every token (tests compare them with HF); otherwise only the last
+    token of each chunk that wants logits is projected through the LM head.
+    """
+    if not chunks:
+        raise ValueError("nest_sequences needs at least one sequence")
+    device = torch.device(device)
+    prefill = [i for i, c in enumerate(chunks) if c.num_new != 1]
+    decode = [i for i, c in enumerate(chunks) if c.num_new == 1]
+    order = prefill + decode
+    q_lens = np.fromiter((chunks[i].num_new for i in order), dtype=np.int64, count=len(order))
+    if (q_lens <= 0).any():
+        raise ValueError("every scheduled sequence needs at least one new token")
+    cached = np.fromiter((chunks[i].num_cached for i in order), dtype=np.int64, count=len(order))
+    n_seq, n_tok = len(order), int(q_lens.sum())
+    kv_lens = cached + q_lens
+    max_pages = max(1, int(max(len(chunks[i].pages) for i in order)))
+    need_pages = (kv_lens + page_size - 1) // page_size
+    for row, i in enumerate(order):
+        if len(chunks[i].pages) < need_pages[row]:
+            raise ValueError(f"sequence {i} holds {len(chunks[i].pages)} pages but needs {need_pages[row]}")
+
+    cu = np.zeros(n_seq + 1, dtype=np.int64)
+    np.cumsum(q_lens, out=cu[1:])
+    seq_of_tok = np.repeat(np.arange(n_seq), q_lens)
+    offset_in_chunk = np.arange(n_tok) - cu[seq_of_tok]
+    positions = cached[seq_of_tok] + offset_in_chunk
+    page_table = np.zeros((n_seq, max_pages), dtype=np.int64)
+    for row, i in enumerate(order):
+        pages = chunks[i].pages
+        page_table[row, : len(pages)] = pages
+    slots = page_table[seq_of_tok, positions // page_size] * page_size + positions % page_size
+    if all_logits:
+        logits_index = np.arange(n_tok)
+        logits_rows = [order[s] for s in seq_of_tok.tolist()]
+    else:
+        want = [row for row, i in enumerate(order) if chunks[i].want_logits]
+        logits_index = cu[1:][want] - 1
+        logits_rows = [order[row] for row in want]
+    token_ids = np.fromiter(
+        (t for i in order for t in chunks[i].token_ids), dtype=np.int64, count=n_tok
+    )
+
+    arrays = {
+        "input_ids": token_ids, "position_ids": positions, "slot_mapping": slots,
+        "logits_index": np.asarray(logits_index, dtype=np.int64),
+        "cu_seqlens_q": cu, "seq_lens_kv": kv_lens, "page_table": page_table,
+    }
+    inputs = _to_device(arrays, device, packer)
+    inputs["input_ids"] = inputs["input_ids"].view(1, n_tok)
+    inputs["position_ids"] = inputs["position_ids"].view(1, n_tok)
+    inputs["page_table"] = inputs["page_table"].view(n_seq, max_pages)
+    max_q = int(q_lens.max())
+    n_prefill = len(prefill)
+    inputs["batch_info"] = torch.tensor(
+        [n_prefill, int(q_lens[:n_prefill].sum()), len(decode), max_q], dtype=torch.int32
+    )
+    return StepBatch(
+        inputs=inputs, order=order, logits_rows=logits_rows, num_tokens=n_tok,
+        num_prefill=n_prefill, num_decode=len(decode),
+    )
+
+
+def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker]) -> dict[str, Tensor]:
+    """Write every array into one byte buffer (8-byte aligned sections) and copy it to the device once."""
+    layout, nbytes = [], 0
+    for name, arr in arrays.items():
+        dtype = np.int32 if name in _INT32 else np.int64
+        size = arr.size * np.dtype(dtype).itemsize
+        layout.append((name, dtype, nbytes, arr.size))
+        nbytes += (size + 7) // 8 * 8
+    host = packer._staging(nbytes) if packer is not None else torch.empty(nbytes, dtype=torch.uint8)
+    host_np = host.numpy()
+    for (name, dtype, off, n) in layout:
+        host_np[off : off + n * np.dtype(dtype).itemsize].view(dtype)[:] = arrays[name].reshape(-1)
+    if device.type == "cpu":
+        dev = host[:nbytes].clone() if packer is not None else host
+    else:
+        dev = host[:nbytes].to(device, non_blocking=True)
+        if packer is not None:
+            packer._copy_done = torch.cuda.Event()
+            packer._copy_done.record()
+    out = {}
+    for (name, dtype, off, n) in layout:
+        tdtype = torch.int32 if dtype == np.int32 else torch.int64
+        out[name] = dev[off : off + n * np.dtype(dtype).itemsize].view(tdtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device side: derived fields, all computed in the single prepare_metadata node.
+
+MetadataDerivation = Callable[[dict[str, Tensor]], Tensor]
+METADATA_FIELDS: dict[str, MetadataDerivation] = {}
+
+
+def register_metadata_field(name: str) -> Callable[[MetadataDerivation], MetadataDerivation]:
+    """Register a derivation. It receives the base inputs (and fields derived before it) and must use
+    shape-static torch ops only, so it also runs on fake tensors and inside CUDA graphs."""
+
+    def deco(fn: MetadataDerivation) -> MetadataDerivation:
+        if name in METADATA_FIELDS and METADATA_FIELDS[name] is not fn:
+            raise ValueError(f"metadata field {name!r} is already registered")
+        METADATA_FIELDS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_metadata_field("seq_idx")
+def _seq_idx(m: dict[str, Tensor]) -> Tensor:
+    """Sequence each token belongs to."""
+    n_tok = m["position_ids"].shape[-1]
+    tok = torch.arange(n_tok, device=m["cu_seqlens_q"].device, dtype=torch.int32)
+    return torch.searchsorted(m["cu_seqlens_q"][1:], tok, right=True).to(torch.int32)
+
+
+@register_metadata_field("q_lens")
+def _q_lens(m: dict[str, Tensor]) -> Tensor:
+    cu = m["cu_seqlens_q"]
+    return cu[1:] - cu[:-1]
+
+
+@register_metadata_field("tok_offset")
+def _tok_offset(m: dict[str, Tensor]) -> Tensor:
+    """Index of each token inside its sequence's chunk."""
+    seq_idx = _derive(m, "seq_idx")
+    n_tok = seq_idx.shape[0]
+    tok = torch.arange(n_tok, device=seq_idx.device, dtype=torch.int32)
+    return tok - m["cu_seqlens_q"][seq_idx.long()]
+
+
+@register_metadata_field("q_abs_pos")
+def _q_abs_pos(m: dict[str, Tensor]) -> Tensor:
+    """Absolute position of each query token: kv_len - q_len + offset."""
+    seq_idx = _derive(m, "seq_idx").long()
+    return m["seq_lens_kv"][seq_idx] - _derive(m, "q_lens")[seq_idx] + _derive(m, "tok_offset")
+
+
+def _derive(m: dict[str, Tensor], name: str) -> Tensor:
+    """Compute a field once and memoise it inside this forward's metadata dict."""
+    if name not in m:
+        m[name] = METADATA_FIELDS[name](m)
+    return m[name]
+
+
+def derive_fields(base: dict[str, Tensor], fields: Sequence[str]) -> list[Tensor]:
+    m = dict(base)
+    for name in fields:
+        if name not in METADATA_FIELDS:
+            raise KeyError(f"unknown metadata field {name!r}; registered: {sorted(METADATA_FIELDS)}")
+    return [_derive(m, name) for name in fields]
+
+
+@torch.library.custom_op("autodeploy::prepare_metadata", mutates_args=())
+def prepare_metadata(
+    position_ids: Tensor,
+    cu_seqlens_q: Tensor,
+    seq_lens_kv: Tensor,
+    page_table: Tensor,
+    batch_info: Tensor,
+    fields: str,
+) -> list[Tensor]:
+    """The ONE metadata node of a cached graph: derives every requested field once per forward.
+
+    ``fields`` is a comma-separated list of names from :data:`METADATA_FIELDS` (torch.library schemas
+    have no list-of-strings type).
+    """
+    base = dict(position_ids=position_ids, cu_seqlens_q=cu_seqlens_q, seq_lens_kv=seq_lens_kv,
+                page_table=page_table, batch_info=batch_info)
+    # Outputs must not alias inputs (custom-op rule); derivations always produce fresh tensors.
+    return [t.clone() if any(t is b for b in base.values()) else t for t in derive_fields(base, fields.split(","))]
+
+
+@prepare_metadata.register_fake
+def _prepare_metadata_fake(position_ids, cu_seqlens_q, seq_lens_kv, page_table, batch_info, fields):
+    base = dict(position_ids=position_ids, cu_seqlens_q=cu_seqlens_q, seq_lens_kv=seq_lens_kv,
+                page_table=page_table, batch_info=batch_info)
+    return [torch.empty_like(t) for t in derive_fields(base, fields.split(","))]

@@ -1,0 +1,55 @@
+"""The compile report behind ``CompiledModel.explain()``: every pass, its matches and time, and the backend
+choice with its reason. A user must be able to see why their model got the graph it got."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PassRecord:
+    name: str
+    num_matches: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CompileReport:
+    model: str = ""
+    passes: list[PassRecord] = field(default_factory=list)
+    backend: str = ""
+    backend_reason: str = ""
+    rejected_backends: dict[str, str] = field(default_factory=dict)
+    lowering: str = ""
+    lowering_reason: str = ""
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    cache: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "passes": [vars(p) for p in self.passes],
+            "backend": {"name": self.backend, "reason": self.backend_reason, "rejected": self.rejected_backends},
+            "lowering": {"name": self.lowering, "reason": self.lowering_reason},
+            "stage_seconds": self.stage_seconds,
+            "cache": self.cache,
+        }
+
+    def render(self) -> str:
+        lines = [f"autodeploy compile report: {self.model}"]
+        for stage, secs in self.stage_seconds.items():
+            lines.append(f"  stage {stage:<12} {secs * 1e3:9.1f} ms")
+        lines.append("  passes:")
+        width = max((len(p.name) for p in self.passes), default=10)
+        for p in self.passes:
+            lines.append(f"    {p.name:<{width}}  matches={p.num_matches:<4} time={p.seconds * 1e3:8.1f} ms")
+            for note in p.notes:
+                lines.append(f"    {'':<{width}}    - {note}")
+        lines.append(f"  backend: {self.backend} ({self.backend_reason})")
+        for name, why in self.rejected_backends.items():
+            lines.append(f"    not {name}: {why}")
+        lines.append(f"  lowering: {self.lowering} ({self.lowering_reason})")
+        if self.cache:
+            lines.append(f"  kv cache: {self.cache}")
+        return "\n".join(lines)

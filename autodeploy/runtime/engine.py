@@ -1,0 +1,332 @@
+"""The engine loop: schedule -> nest_sequences (one H2D copy) -> forward -> sample -> stop checks.
+
+It owns no model-specific logic and talks to the compiled model only through ``pack``/``forward`` (the
+metadata contract) and ``copy_pages`` (copy-on-write). A bad request fails alone with a clear error; the
+others keep running. No request is lost: every added request ends finished or with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from autodeploy.errors import InvalidRequestError
+from autodeploy.metadata import SequenceChunk
+from autodeploy.runtime.beam_search import BeamSearchState
+from autodeploy.runtime.kv_cache import KVCacheManager
+from autodeploy.runtime.request import Request, RequestOutput, Sequence as Seq, SeqState
+from autodeploy.runtime.sampling import Sampler, SamplingConfig, build_stopping_criteria, make_generator
+from autodeploy.runtime.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    """Host-side time per engine step, split by phase (seconds)."""
+
+    schedule: float = 0.0
+    pack: float = 0.0
+    forward: float = 0.0
+    sample: float = 0.0
+    bookkeeping: float = 0.0
+    num_seqs: int = 0
+    num_tokens: int = 0
+
+    @property
+    def host_overhead(self) -> float:
+        return self.schedule + self.pack + self.sample + self.bookkeeping
+
+
+@dataclass
+class EngineStats:
+    steps: list[StepStats] = field(default_factory=list)
+    num_preemptions: int = 0
+
+
+class Engine:
+    """In-flight batching over a :class:`~autodeploy.compiled_model.CompiledModel`."""
+
+    def __init__(self, cm: Any, logits_processors: Sequence[Any] = (), stopping_criteria: Sequence[Any] = (),
+                 tokenizer: Any = None, max_batch_size: Optional[int] = None,
+                 max_num_tokens: Optional[int] = None, record_stats: bool = False):
+        self.cm = cm
+        self.kv = KVCacheManager(cm.num_pages, cm.page_size, enable_prefix_caching=cm.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_batch_size or cm.max_batch_size,
+                                   max_num_tokens or cm.max_num_tokens, on_preempt=self._on_preempt)
+        self.sampler = Sampler()
+        self.global_processors = list(logits_processors)
+        self.global_stopping = list(stopping_criteria)
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(cm.info, "tokenizer", None)
+        self.eos_token_ids = list(cm.info.eos_token_ids)
+        self.requests: dict[Any, Request] = {}
+        self.stats = EngineStats()
+        self.record_stats = record_stats
+        self._next_id = 0
+
+    # -- submission ---------------------------------------------------------------------------------------
+    def validate(self, prompt_ids: Any, sampling: SamplingConfig) -> list[int]:
+        """Check a request before it touches any shared state; raise InvalidRequestError naming the cause."""
+        if not isinstance(sampling, SamplingConfig):
+            raise InvalidRequestError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+        sampling.validate(self.cm.vocab_size)
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.reshape(-1).tolist()
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+            raise InvalidRequestError(f"a prompt must be a list of token ids, got {type(prompt_ids).__name__}")
+        ids = list(prompt_ids)
+        if not ids:
+            raise InvalidRequestError("empty prompt: a prompt needs at least one token")
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int)]
+        if bad:
+            raise InvalidRequestError(f"token ids must be ints, got {type(bad[0]).__name__} ({bad[0]!r})")
+        out_of_vocab = [t for t in ids if not 0 <= t < self.cm.vocab_size]
+        if out_of_vocab:
+            raise InvalidRequestError(
+                f"token id {out_of_vocab[0]} is outside the vocabulary [0, {self.cm.vocab_size})")
+        if len(ids) >= self.cm.max_seq_len:
+            raise InvalidRequestError(
+                f"prompt of {len(ids)} tokens does not fit max_seq_len={self.cm.max_seq_len} "
+                "(it needs room for at least one generated token)")
+        width = max(sampling.n, sampling.beam_width)
+        if width > self.scheduler.max_batch_size:
+            raise InvalidRequestError(f"n/beam_width={width} exceeds max_batch_size={self.scheduler.max_batch_size}")
+        pages_alone = width * self.kv.pages_needed(min(self.cm.max_seq_len, len(ids) + sampling.max_new_tokens))
+        if self.kv.pages_needed(len(ids)) * width > self.kv.num_pages:
+            raise InvalidRequestError(
+                f"prompt of {len(ids)} tokens x {width} sequences needs more KV pages than the cache has "
+                f"({self.kv.num_pages}); requested total {pages_alone}")
+        return ids
+
+    def add_request(self, prompt_ids: Any, sampling: Optional[SamplingConfig] = None,
+                    request_id: Any = None) -> Request:
+        sampling = sampling or SamplingConfig()
+        ids = self.validate(prompt_ids, sampling)
+        if request_id is None:
+            request_id, self._next_id = self._next_id, self._next_id + 1
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if self.global_processors:
+            sampling = _with(sampling, logits_processors=list(sampling.logits_processors) + self.global_processors)
+        req = Request(request_id, ids, sampling)
+        req.metrics.num_prompt_tokens = len(ids)
+        detok = self.tokenizer.decode if self.tokenizer is not None else None
+        req.stop_checkers = build_stopping_criteria(sampling, self.eos_token_ids, len(ids), detok)
+        req.stop_checkers += self.global_stopping
+        self._init_seqs(req)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _init_seqs(self, req: Request) -> None:
+        cfg = req.sampling
+        if cfg.is_beam_search:
+            req.beam = BeamSearchState.from_config(cfg, eos_token_ids=[] if cfg.ignore_eos else self.eos_token_ids)
+            req.seqs = [Seq(req, list(req.prompt_ids), len(req.prompt_ids))]
+            return
+        device = self.cm.device
+        req.seqs = []
+        for i in range(cfg.n):
+            seed = None if cfg.seed is None else cfg.seed + i
+            gen = make_generator(seed, device) if seed is not None else None
+            req.seqs.append(Seq(req, list(req.prompt_ids), len(req.prompt_ids), generator=gen))
+
+    def _on_preempt(self, req: Request) -> None:
+        self.stats.num_preemptions += 1
+        if req.beam is not None:  # beams restart from the prompt: recomputation reproduces them exactly
+            self._init_seqs(req)
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[Request]:
+        """Run one forward; return the requests that produced tokens or finished in it."""
+        st = StepStats()
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()
+        touched: list[Request] = []
+        for req, why in sched.rejected:
+            self._fail(req, why)
+            touched.append(req)
+        if not sched.items:
+            if self.scheduler.has_work() and not self.scheduler.running and not sched.rejected:
+                # Nothing can run and nothing holds pages: waiting requests can never fit. Fail, don't hang.
+                req = self.scheduler.waiting.popleft()
+                self._fail(req, "the KV cache cannot hold this request")
+                touched.append(req)
+            return touched
+        self.cm.copy_pages(self.kv.take_pending_copies())
+        chunks = [SequenceChunk(s.token_ids[s.num_computed:s.num_computed + n], s.num_computed,
+                                self.kv.page_table(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids))
+                  for s, n in sched.items]
+        t1 = time.perf_counter()
+        batch = self.cm.pack(chunks)
+        t2 = time.perf_counter()
+        logits = self.cm.forward(batch)
+        if logits.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        t3 = time.perf_counter()
+        for s, n in sched.items:
+            s.num_computed += n
+            self.kv.commit(s.seq_id, s.token_ids, s.num_computed)
+        rows = {batch.logits_rows[i]: i for i in range(len(batch.logits_rows))}
+        ready = [(s, rows[i]) for i, (s, _) in enumerate(sched.items) if i in rows]
+        t4 = time.perf_counter()
+        touched += self._advance(ready, logits)
+        t5 = time.perf_counter()
+        if self.record_stats:
+            st.schedule, st.pack, st.forward = t1 - t0, t2 - t1, t3 - t2
+            st.sample, st.bookkeeping = t5 - t4, t4 - t3
+            st.num_seqs, st.num_tokens = len(sched.items), sched.num_tokens
+            self.stats.steps.append(st)
+        return touched
+
+    def _advance(self, ready: list[tuple[Seq, int]], logits: torch.Tensor) -> list[Request]:
+        """Sample the next token for every sequence whose logits are ready; apply stops and beams."""
+        touched: dict[int, Request] = {}
+        plain = [(s, r) for s, r in ready if s.request.beam is None]
+        if plain:
+            idx = torch.tensor([r for _, r in plain], device=logits.device)
+            out = self.sampler.sample(
+                logits.index_select(0, idx), [s.request.sampling for s, _ in plain],
+                [s.token_ids for s, _ in plain], [s.prompt_len for s, _ in plain],
+                [s.generator for s, _ in plain])
+            for (s, _), tok in zip(plain, out.tokens.tolist()):
+                self._append(s, tok)
+                touched[id(s.request)] = s.request
+        beams: dict[int, list[tuple[Seq, int]]] = {}
+        for s, r in ready:
+            if s.request.beam is not None:
+                beams.setdefault(id(s.request), []).append((s, r))
+        for group in beams.values():
+            req = group[0][0].request
+            if len(group) != len(req.live_seqs()):
+                continue  # some beams still prefilling (cannot happen: beams decode in lockstep)
+            self._beam_step(req, group, logits)
+            touched[id(req)] = req
+        now = time.perf_counter()
+        for req in touched.values():
+            if req.metrics.first_token is None:
+                req.metrics.first_token = now
+            if req.finished:
+                req.metrics.finished = now
+                self.scheduler.finish(req)
+        return list(touched.values())
+
+    def _append(self, s: Seq, tok: int) -> None:
+        req = s.request
+        s.token_ids.append(tok)
+        req.metrics.num_generated = max(req.metrics.num_generated, len(s.output_ids))
+        req.new_tokens.append((req.seqs.index(s), tok))
+        reason = None
+        if any(check(s.token_ids, tok) for check in req.stop_checkers):
+            reason = "stop"
+        elif len(s.output_ids) >= req.sampling.max_new_tokens:
+            reason = "length"
+        elif len(s.token_ids) >= self.cm.max_seq_len:
+            reason = "max_seq_len"
+        if reason is not None:
+            s.state, s.finish_reason = SeqState.FINISHED, reason
+            if s.seq_id in self.kv:
+                self.kv.free(s.seq_id)
+
+    def _beam_step(self, req: Request, group: list[tuple[Seq, int]], logits: torch.Tensor) -> None:
+        idx = torch.tensor([r for _, r in group], device=logits.device)
+        logprobs = torch.log_softmax(logits.index_select(0, idx).float(), dim=-1)
+        seqs = [s for s, _ in group]
+        choices = req.beam.step(logprobs.cpu())
+        new_seqs: list[Seq] = []
+        for parent_idx, tok in choices:
+            parent = seqs[parent_idx]
+            child = Seq(req, parent.token_ids + [tok], parent.prompt_len, num_computed=parent.num_computed,
+                        state=SeqState.RUNNING)
+            self.kv.fork(parent.seq_id, child.seq_id)
+            new_seqs.append(child)
+        for s in seqs:
+            self.kv.free(s.seq_id)
+            s.state = SeqState.FINISHED
+        req.metrics.num_generated += 1
+        if req.beam.is_done or not new_seqs:
+            for s in new_seqs:
+                self.kv.free(s.seq_id)
+                s.state = SeqState.FINISHED
+            req.seqs = [Seq(req, req.prompt_ids + toks, len(req.prompt_ids), state=SeqState.FINISHED,
+                            finish_reason="stop")
+                        for toks in req.beam.finalize(max(1, req.sampling.n))]
+            return
+        req.seqs = new_seqs
+
+    def _fail(self, req: Request, why: str) -> None:
+        req.error = why
+        self.scheduler.finish(req)
+        for s in req.seqs:
+            s.state = SeqState.FINISHED
+            s.finish_reason = "error"
+        req.metrics.finished = time.perf_counter()
+        log.warning("request %s failed: %s", req.request_id, why)
+
+    # -- convenience ---------------------------------------------------------------------------------------
+    def output(self, req: Request) -> RequestOutput:
+        samples = [s.output_ids for s in req.seqs]
+        out = RequestOutput(request_id=req.request_id, prompt_ids=req.prompt_ids,
+                            output_ids=samples[0] if samples else [], samples=samples,
+                            finish_reason=req.seqs[0].finish_reason if req.seqs else None,
+                            metrics=req.metrics, error=req.error)
+        if self.tokenizer is not None:
+            out.texts = [self._trim(req, self.tokenizer.decode(x, skip_special_tokens=True)) for x in samples]
+            out.text = out.texts[0] if out.texts else ""
+        return out
+
+    def _trim(self, req: Request, text: str) -> str:
+        for stop in req.sampling.stop_strings:
+            pos = text.find(stop)
+            if pos >= 0:
+                text = text[:pos]
+        return text
+
+    def run_until_done(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def generate(self, prompts: Sequence[Any], sampling: Any = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion. ``sampling``: one config for all, or one per prompt.
+        Invalid requests raise before any work starts."""
+        configs = _per_prompt(sampling, len(prompts))
+        for p, c in zip(prompts, configs):
+            self.validate(p, c)
+        reqs = [self.add_request(p, c) for p, c in zip(prompts, configs)]
+        self.run_until_done()
+        return [self.output(r) for r in reqs]
+
+    def stream(self) -> Iterator[tuple[Request, int, int, bool]]:
+        """Yield ``(request, sample index, token, request_done)`` as tokens are produced until no work is left.
+        Beam search yields its final best sequence when it finishes (beams are not final before that)."""
+        while self.has_work():
+            for req in self.step():
+                new, req.new_tokens = req.new_tokens, []
+                if req.beam is not None and req.finished and req.seqs:
+                    new = [(0, t) for t in req.seqs[0].output_ids]
+                for j, (i, tok) in enumerate(new):
+                    yield req, i, tok, req.finished and j == len(new) - 1
+
+
+def _per_prompt(sampling: Any, n: int) -> list[SamplingConfig]:
+    if sampling is None:
+        return [SamplingConfig() for _ in range(n)]
+    if isinstance(sampling, SamplingConfig):
+        return [sampling] * n
+    sampling = list(sampling)
+    if len(sampling) != n:
+        raise InvalidRequestError(f"got {len(sampling)} sampling configs for {n} prompts")
+    return sampling
+
+
+def _with(cfg: SamplingConfig, **changes: Any) -> SamplingConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,110 @@
+"""Requests, their sequences and their outputs. Pure data: the scheduler and engine move them around."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+_ids = itertools.count()
+
+
+class SeqState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class RequestMetrics:
+    """Per-request timings (seconds, ``time.perf_counter`` clock)."""
+
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token: Optional[float] = None
+    finished: Optional[float] = None
+    num_prompt_tokens: int = 0
+    num_generated: int = 0
+    num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0
+
+    @property
+    def ttft(self) -> Optional[float]:
+        """Time to first token."""
+        return None if self.first_token is None else self.first_token - self.arrival
+
+    @property
+    def tpot(self) -> Optional[float]:
+        """Mean time per output token after the first."""
+        if self.finished is None or self.first_token is None or self.num_generated < 2:
+            return None
+        return (self.finished - self.first_token) / (self.num_generated - 1)
+
+    def to_dict(self) -> dict:
+        return {"ttft_s": self.ttft, "tpot_s": self.tpot, "tokens_generated": self.num_generated,
+                "prompt_tokens": self.num_prompt_tokens, "preemptions": self.num_preemptions,
+                "cached_prompt_tokens": self.num_cached_prompt_tokens}
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One stream of tokens with its own KV pages (a request has 1, or n, or beam_width of them)."""
+
+    request: "Request"
+    token_ids: list[int]
+    prompt_len: int
+    generator: Optional[torch.Generator] = None
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    num_computed: int = 0
+    state: SeqState = SeqState.WAITING
+    finish_reason: Optional[str] = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens whose KV is not written yet (prompt remainder, or the last sampled token)."""
+        return len(self.token_ids) - self.num_computed
+
+
+@dataclass(eq=False)
+class Request:
+    """A user request: a prompt, its sampling config, and the sequences generated for it."""
+
+    request_id: Any
+    prompt_ids: list[int]
+    sampling: Any
+    seqs: list[Sequence] = field(default_factory=list)
+    beam: Any = None  # BeamSearchState for beam search
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
+    order: int = field(default_factory=lambda: next(_ids))
+    error: Optional[str] = None
+    stop_checkers: list = field(default_factory=list)
+    new_tokens: list = field(default_factory=list)  # (sample index, token) produced in the current step
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or all(s.state is SeqState.FINISHED for s in self.seqs)
+
+    def live_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if s.state is not SeqState.FINISHED]
+
+
+@dataclass
+class RequestOutput:
+    """What ``generate`` returns per prompt. ``output_ids`` is the best (or only) sample."""
+
+    request_id: Any
+    prompt_ids: list[int]
+    output_ids: list[int]
+    samples: list[list[int]]
+    finish_reason: Optional[str]
+    metrics: RequestMetrics
+    error: Optional[str] = None
+    text: Optional[str] = None
+    texts: Optional[list[str]] = None

@@ -1,0 +1,462 @@
+"""Per-request sampling parameters and a batched sampler.
+
+The sampler turns a batch of next-token logits into tokens in one vectorized pass,
+whatever mix of greedy/sampled requests and parameters the batch holds. Processing
+order follows HF transformers / vLLM so outputs can be compared with them:
+
+    fp32 -> user LogitsProcessors -> repetition penalty (prompt + output, HF)
+         -> presence/frequency penalties (output only, OpenAI/vLLM)
+         -> greedy rows: argmax
+         -> sampled rows: temperature -> top-k -> top-p -> min-p -> exponential race
+
+Seeded requests draw their randomness from their own ``torch.Generator`` so their
+output does not depend on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from autodeploy.errors import SamplingConfigError
+from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria, StopOnStrings, StopOnTokens
+
+__all__ = [
+    "SamplingConfig",
+    "SampleOutput",
+    "Sampler",
+    "make_generator",
+    "apply_logits_processors",
+    "apply_penalties",
+    "apply_sampling_masks",
+    "token_counts",
+    "build_stopping_criteria",
+]
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _fail(name: str, value: Any, allowed: str) -> SamplingConfigError:
+    return SamplingConfigError(f"SamplingConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class SamplingConfig:
+    """How one request picks its tokens. ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    beam_width: int = 1
+    length_penalty: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    stopping_criteria: list[StoppingCriteria] = field(default_factory=list)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def is_beam_search(self) -> bool:
+        return self.beam_width > 1
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    def validate(self, vocab_size: int | None = None) -> SamplingConfig:
+        """Raise :class:`SamplingConfigError` naming the first bad field; return self.
+
+        Checking up front gives users a message about their request instead of a
+        torch error from deep inside a batched step that other requests share.
+        """
+
+        def real(name: str, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, allowed: str):
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v):
+                raise _fail(name, v, f"must be a finite number, {allowed}")
+            if lo is not None and (v < lo or (lo_open and v == lo)):
+                raise _fail(name, v, allowed)
+            if hi is not None and (v > hi or (hi_open and v == hi)):
+                raise _fail(name, v, allowed)
+
+        def integer(name: str, lo: int, allowed: str):
+            v = getattr(self, name)
+            if not _is_int(v):
+                raise _fail(name, v, f"must be an int, {allowed}")
+            if v < lo:
+                raise _fail(name, v, allowed)
+
+        integer("max_new_tokens", 1, "allowed range is >= 1")
+        real("temperature", 0.0, None, False, False, "allowed range is >= 0 (0 = greedy)")
+        integer("top_k", 0, "allowed range is >= 0 (0 = disabled)")
+        real("top_p", 0.0, 1.0, True, False, "allowed range is (0, 1]")
+        real("min_p", 0.0, 1.0, False, False, "allowed range is [0, 1]")
+        real("repetition_penalty", 0.0, None, True, False, "allowed range is > 0 (1 = disabled)")
+        real("presence_penalty", -2.0, 2.0, False, False, "allowed range is [-2, 2]")
+        real("frequency_penalty", -2.0, 2.0, False, False, "allowed range is [-2, 2]")
+        real("length_penalty", None, None, False, False, "any finite number")
+        integer("n", 1, "allowed range is >= 1")
+        integer("beam_width", 1, "allowed range is >= 1 (1 = no beam search)")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
+            raise _fail("seed", self.seed, "must be None or an int in [0, 2**64)")
+        if not isinstance(self.ignore_eos, bool):
+            raise _fail("ignore_eos", self.ignore_eos, "must be a bool")
+
+        if not isinstance(self.stop_token_ids, (list, tuple)):
+            raise _fail("stop_token_ids", self.stop_token_ids, "must be a list of ints")
+        for t in self.stop_token_ids:
+            if not _is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                rng = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+                raise _fail("stop_token_ids", self.stop_token_ids, f"each id must be an int in {rng}, got {t!r}")
+        if not isinstance(self.stop_strings, (list, tuple)) or any(
+            not isinstance(s, str) or not s for s in self.stop_strings
+        ):
+            raise _fail("stop_strings", self.stop_strings, "must be a list of non-empty strings")
+        for name in ("logits_processors", "stopping_criteria"):
+            v = getattr(self, name)
+            if not isinstance(v, (list, tuple)) or any(not callable(p) for p in v):
+                raise _fail(name, v, "must be a list of callables")
+
+        if self.is_beam_search:
+            if self.temperature > 0:
+                raise _fail(
+                    "temperature",
+                    self.temperature,
+                    "beam search (beam_width > 1) with temperature > 0 (beam sampling) is unsupported; use 0",
+                )
+            if self.n > self.beam_width:
+                raise _fail("n", self.n, f"with beam search n must be <= beam_width ({self.beam_width})")
+        elif self.n > 1 and self.is_greedy:
+            raise _fail("n", self.n, "n > 1 needs temperature > 0 or beam search (greedy copies would be identical)")
+        return self
+
+    @classmethod
+    def from_generation_config(cls, gen_config: Any, **overrides: Any) -> SamplingConfig:
+        """Build a config that matches what HF ``generate`` would do with ``gen_config``.
+
+        HF leaves unset fields as None and fills global defaults at generate time
+        (do_sample=False, temperature=1.0, top_k=50, top_p=1.0); temperature/top-k/top-p/
+        min-p only apply when ``do_sample`` is true, so greedy configs ignore them even
+        though top_k defaults to 50. EOS ids are the caller's business (they live on the
+        model, not the request). ``max_new_tokens`` keeps our default when unset since
+        HF's ``max_length`` counts the prompt.
+        """
+
+        def get(name: str, default: Any) -> Any:
+            v = getattr(gen_config, name, None)
+            return default if v is None else v
+
+        kw: dict[str, Any] = {"repetition_penalty": float(get("repetition_penalty", 1.0))}
+        if getattr(gen_config, "max_new_tokens", None) is not None:
+            kw["max_new_tokens"] = int(gen_config.max_new_tokens)
+        do_sample = bool(get("do_sample", False))
+        num_beams = int(get("num_beams", 1))
+        num_return = int(get("num_return_sequences", 1))
+        if do_sample:
+            kw.update(
+                temperature=float(get("temperature", 1.0)),
+                top_k=int(get("top_k", 50)),
+                top_p=float(get("top_p", 1.0)),
+                min_p=float(get("min_p", 0.0)),
+            )
+        if num_beams > 1:
+            kw.update(beam_width=num_beams, length_penalty=float(get("length_penalty", 1.0)))
+        kw["n"] = num_return
+        kw.update(overrides)
+        return cls(**kw).validate()
+
+
+@dataclass
+class SampleOutput:
+    """Chosen tokens ``[B]`` (int64) and their log-probabilities ``[B]`` (fp32)."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (None when unseeded: use the global RNG)."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed))
+    return g
+
+
+def _row_tensor(values: Sequence[float] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(values, torch.Tensor):
+        return values.to(device=device, dtype=dtype)
+    return torch.tensor(list(values), dtype=dtype, device=device)
+
+
+def apply_logits_processors(
+    logits: torch.Tensor, configs: Sequence[SamplingConfig], token_ids: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """Run each request's user processors, in its own list order, on ``logits`` [B, V].
+
+    A batched processor shared by several rows at the same list position is called once
+    for all of them, which is the point of batched processors (one kernel, not B).
+    """
+    depth = max((len(c.logits_processors) for c in configs), default=0)
+    for j in range(depth):
+        groups: dict[int, tuple[LogitsProcessor, list[int]]] = {}
+        for i, c in enumerate(configs):
+            if len(c.logits_processors) > j:
+                p = c.logits_processors[j]
+                groups.setdefault(id(p), (p, []))[1].append(i)
+        for p, rows in groups.values():
+            if getattr(p, "batched", False):
+                idx = torch.tensor(rows, device=logits.device)
+                out = p([list(token_ids[r]) for r in rows], logits[idx])
+                if out.shape != (len(rows), logits.shape[1]):
+                    raise ValueError(f"batched logits processor {p!r} returned shape {tuple(out.shape)}")
+                logits[idx] = out.to(logits.dtype)
+            else:
+                for r in rows:
+                    out = p(list(token_ids[r]), logits[r])
+                    if out.shape != logits[r].shape:
+                        raise ValueError(f"logits processor {p!r} returned shape {tuple(out.shape)}")
+                    logits[r] = out.to(logits.dtype)
+    return logits
+
+
+def token_counts(
+    token_ids: Sequence[Sequence[int]], prompt_lens: Sequence[int], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row token counts over prompt+output and over output only, both ``[B, V]`` fp32.
+
+    Rows are padded with the out-of-vocab id ``V`` and counted with one scatter_add into
+    ``[B, V+1]``; the padding column is then dropped.
+    """
+    b = len(token_ids)
+    max_len = max((len(t) for t in token_ids), default=0)
+    padded = torch.full((b, max(max_len, 1)), vocab_size, dtype=torch.long)
+    for i, t in enumerate(token_ids):
+        if len(t):
+            padded[i, : len(t)] = torch.as_tensor(list(t), dtype=torch.long)
+    padded = padded.to(device)
+    pos = torch.arange(padded.shape[1], device=device)
+    is_output = (pos[None, :] >= torch.as_tensor(list(prompt_lens), device=device)[:, None]).to(torch.float32)
+    all_counts = torch.zeros(b, vocab_size + 1, device=device)
+    all_counts.scatter_add_(1, padded, torch.ones_like(is_output))
+    out_counts = torch.zeros(b, vocab_size + 1, device=device)
+    out_counts.scatter_add_(1, padded, is_output)
+    return all_counts[:, :vocab_size], out_counts[:, :vocab_size]
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    token_ids: Sequence[Sequence[int]],
+    prompt_lens: Sequence[int],
+    repetition_penalty: Sequence[float] | torch.Tensor,
+    presence_penalty: Sequence[float] | torch.Tensor,
+    frequency_penalty: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """Apply per-row penalties to ``logits`` [B, V] fp32 and return the result.
+
+    Repetition penalty uses HF semantics over prompt + output (a seen token's logit is
+    multiplied by the penalty when negative, divided when positive). Presence/frequency
+    use OpenAI/vLLM semantics over output tokens only:
+    ``logit -= frequency * count + presence * (count > 0)``.
+    """
+    dev = logits.device
+    v = logits.shape[1]
+    rep = _row_tensor(repetition_penalty, torch.float32, dev)[:, None]
+    pres = _row_tensor(presence_penalty, torch.float32, dev)[:, None]
+    freq = _row_tensor(frequency_penalty, torch.float32, dev)[:, None]
+    all_counts, out_counts = token_counts(token_ids, prompt_lens, v, dev)
+    if bool((rep != 1.0).any()):
+        penalized = torch.where(logits < 0, logits * rep, logits / rep)
+        logits = torch.where(all_counts > 0, penalized, logits)
+    if bool((freq != 0).any()):
+        logits = logits - freq * out_counts
+    if bool((pres != 0).any()):
+        logits = logits - pres * (out_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_sampling_masks(
+    logits: torch.Tensor,
+    temperature: Sequence[float] | torch.Tensor,
+    top_k: Sequence[int] | torch.Tensor,
+    top_p: Sequence[float] | torch.Tensor,
+    min_p: Sequence[float] | torch.Tensor,
+) -> torch.Tensor:
+    """Temperature-scale ``logits`` [B, V] and set tokens removed by top-k/top-p/min-p to -inf.
+
+    Matches HF's ``TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper ->
+    MinPLogitsWarper`` chain (min_tokens_to_keep=1; top_k=0 / top_p=1 / min_p=0 disable
+    their filter per row). One ascending sort serves all three filters for the whole
+    batch; every temperature must be > 0.
+    """
+    dev = logits.device
+    b, v = logits.shape
+    temp = _row_tensor(temperature, torch.float32, dev)
+    k = _row_tensor(top_k, torch.long, dev)
+    p = _row_tensor(top_p, torch.float64, dev)
+    mp = _row_tensor(min_p, torch.float32, dev)
+    logits = logits / temp[:, None]
+
+    k_on = (k > 0) & (k < v)
+    p_on = p < 1.0
+    mp_on = mp > 0
+    if not bool(k_on.any() | p_on.any() | mp_on.any()):
+        return logits
+
+    neg_inf = float("-inf")
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
+    if bool(k_on.any()):
+        k_eff = torch.where(k_on, k, torch.full_like(k, v))
+        # HF keeps every token whose logit ties the k-th largest value.
+        kth = sorted_logits.gather(1, (v - k_eff)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
+    if bool(p_on.any()):
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # HF compares against the Python double (1 - top_p) cast to fp32, not 1 - fp32(top_p).
+        remove = cum <= (1.0 - p).to(torch.float32)[:, None]
+        remove[:, -1] = False
+        remove &= p_on[:, None]
+        sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
+    if bool(mp_on.any()):
+        probs = sorted_logits.softmax(dim=-1)
+        top = probs.amax(dim=-1, keepdim=True)
+        remove = probs < mp[:, None] * top
+        sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def _exponential_race(
+    probs: torch.Tensor, generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """Sample one token per row as ``argmax(probs / E)``, ``E ~ Exponential(1)`` i.i.d.
+
+    Equivalent to multinomial sampling, but each row's noise comes from that row's own
+    generator (or the global RNG when it has none), so a seeded row is reproducible
+    regardless of the other rows in the batch.
+    """
+    q = torch.empty_like(probs)
+    if all(g is None for g in generators):
+        q.exponential_()
+    else:
+        for i, g in enumerate(generators):
+            if g is None:
+                q[i].exponential_()
+            else:
+                q[i].exponential_(generator=g)
+    # exponential_ may return exactly 0; keep 0/0 from producing NaN (which argmax picks).
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    return (probs / q).argmax(dim=-1)
+
+
+class Sampler:
+    """Batched, vectorized next-token selection for a mixed batch of requests."""
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        configs: Sequence[SamplingConfig],
+        token_ids: Sequence[Sequence[int]],
+        prompt_lens: Sequence[int],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> SampleOutput:
+        """Pick one token per row of ``logits`` [B, V].
+
+        ``token_ids[i]`` is request i's prompt followed by its generated tokens and
+        ``prompt_lens[i]`` the prompt part's length. ``generators[i]`` (see
+        :func:`make_generator`) supplies row i's randomness; None uses the global RNG.
+        """
+        b, v = logits.shape
+        if not (len(configs) == len(token_ids) == len(prompt_lens) == b):
+            raise ValueError(
+                f"batch mismatch: logits has {b} rows, configs {len(configs)}, "
+                f"token_ids {len(token_ids)}, prompt_lens {len(prompt_lens)}"
+            )
+        if generators is None:
+            generators = [None] * b
+        # A private fp32 copy: processors may edit in place without touching the caller's tensor.
+        logits = logits.to(torch.float32, copy=True)
+
+        if any(c.logits_processors for c in configs):
+            logits = apply_logits_processors(logits, configs, token_ids)
+        if any(c.needs_penalties for c in configs):
+            logits = apply_penalties(
+                logits,
+                token_ids,
+                prompt_lens,
+                [c.repetition_penalty for c in configs],
+                [c.presence_penalty for c in configs],
+                [c.frequency_penalty for c in configs],
+            )
+
+        sample_rows = [i for i, c in enumerate(configs) if not c.is_greedy]
+        if not sample_rows:
+            tokens = logits.argmax(dim=-1)
+            final = logits
+        else:
+            tokens = logits.argmax(dim=-1) if len(sample_rows) < b else torch.empty(b, dtype=torch.long, device=logits.device)
+            sub_cfg = [configs[i] for i in sample_rows]
+            all_rows = len(sample_rows) == b
+            sub = logits if all_rows else logits[torch.tensor(sample_rows, device=logits.device)]
+            masked = apply_sampling_masks(
+                sub,
+                [c.temperature for c in sub_cfg],
+                [c.top_k for c in sub_cfg],
+                [c.top_p for c in sub_cfg],
+                [c.min_p for c in sub_cfg],
+            )
+            chosen = _exponential_race(masked.softmax(dim=-1), [generators[i] for i in sample_rows])
+            if all_rows:
+                tokens, final = chosen, masked
+            else:
+                idx = torch.tensor(sample_rows, device=logits.device)
+                tokens[idx] = chosen
+                final = logits.clone()
+                final[idx] = masked
+        logprobs = torch.log_softmax(final, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return SampleOutput(tokens=tokens, logprobs=logprobs)
+
+
+def build_stopping_criteria(
+    config: SamplingConfig,
+    eos_token_ids: Sequence[int] = (),
+    prompt_len: int = 0,
+    detokenize: Callable[[list[int]], str] | None = None,
+) -> list[StoppingCriteria]:
+    """The stop checks for one request: EOS (unless ``ignore_eos``), stop ids/strings, user criteria.
+
+    ``max_new_tokens`` is left to the engine, which counts tokens anyway.
+    """
+    out: list[StoppingCriteria] = []
+    ids = set(config.stop_token_ids)
+    if not config.ignore_eos:
+        ids.update(int(t) for t in eos_token_ids)
+    if ids:
+        out.append(StopOnTokens(ids))
+    if config.stop_strings:
+        if detokenize is None:
+            raise SamplingConfigError("SamplingConfig.stop_strings needs a detokenize function (no tokenizer given)")
+        out.append(StopOnStrings(config.stop_strings, detokenize, prompt_len=prompt_len))
+    out.extend(config.stopping_criteria)
+    return out

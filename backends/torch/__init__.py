@@ -1,0 +1,24 @@
+"""The torch backend: pure-PyTorch paged attention on CPU and GPU, the reference for all others."""
+
+from __future__ import annotations
+
+import torch
+
+from autodeploy.backends.base import AttentionBackend
+from autodeploy.backends.registry import register_backend
+from autodeploy.backends.torch.attention import TORCH_METADATA_FIELDS, torch_cached_attention
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+    devices = ("cpu", "cuda")
+    metadata_fields = TORCH_METADATA_FIELDS
+    priority = 0
+
+    def cached_attention_op(self):
+        return torch.ops.autodeploy.torch_cached_attention.default
+
+
+register_backend(TorchBackend())
+
+__all__ = ["TorchBackend", "torch_cached_attention"]

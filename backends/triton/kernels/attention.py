@@ -1,0 +1,645 @@
+"""Triton attention kernels over the paged KV cache (see docs/contracts.md).
+
+Two entry points, both reading K/V *only* from the paged cache ``[num_pages, page_size, Hkv, D]``
+(the new tokens' K/V are written into the cache before these run):
+
+* :func:`context_attention` -- prefill / extend sequences (flattened ``[Tq, Hq, D]`` queries, possibly with
+  cached context). Flash-attention with an online softmax. The ``GROUP = Hq // Hkv`` query heads that share a
+  KV head are folded into the M dimension of the tile, so every KV tile is loaded once per KV group.
+* :func:`decode_attention` -- one query token per sequence. Flash-decoding (split-K): the grid is
+  ``(batch, kv_head, split)``; each split reduces a slice of the context to a partial ``(lse, acc)`` in a
+  fp32 workspace and a small second kernel merges the splits (and the attention sinks).
+
+Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
+``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
+only enlarges the softmax denominator. Softmax/accumulation in fp32, output in q's dtype; rows with no visible
+key produce zeros.
+
+The softmax runs in base 2 (``exp2``): scores are pre-multiplied by ``log2(e)``; every logit that enters the
+max/denominator (scores, sinks, split LSEs) lives in that domain.
+
+KV tiles are gathered per key through the page table (``page_table[s, j // PAGE_SIZE]``), so the KV tile size
+``BLOCK_N`` is independent of the page size (any page size works; rows of one key are ``D`` contiguous
+elements, which keeps the loads coalesced).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU interpreter)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Device helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation.
+
+    UPCAST: the Triton interpreter computes bf16 ``tl.dot`` wrongly, so under the interpreter operands are
+    upcast to fp32. IEEE: fp32 inputs use true fp32 products (not TF32) so fp32 models match the reference.
+    """
+    if UPCAST:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _tanh(x):
+    """tanh via exp; saturates to +-1 correctly and needs no libdevice (portable across Triton versions)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _load2d(ptrs, mask_a, mask_b, USE_A: tl.constexpr, USE_B: tl.constexpr):
+    """Load with only the masks that are needed (unmasked loads vectorise better)."""
+    if USE_A and USE_B:
+        x = tl.load(ptrs, mask=mask_a & mask_b, other=0.0)
+    elif USE_A:
+        x = tl.load(ptrs, mask=mask_a, other=0.0)
+    elif USE_B:
+        x = tl.load(ptrs, mask=mask_b, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attn_tiles(
+    acc,
+    m_i,
+    l_i,
+    q,
+    pos,
+    kv_lo,
+    kv_hi,
+    k_base,
+    v_base,
+    pt_row,
+    stride_kp,
+    stride_kr,
+    stride_vp,
+    stride_vr,
+    qk_scale,
+    softcap_scale,
+    softcap_log2,
+    window,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NEED_DMASK: tl.constexpr,
+    MASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with the keys ``[kv_lo, kv_hi)`` in tiles of BLOCK_N.
+
+    ``q``: ``[M, BLOCK_D]`` rows (query tokens x heads of one KV group), ``pos``: ``[M]`` absolute positions.
+    MASK=False is the fast path for tiles the caller proved fully visible to every row (no per-score mask,
+    no key-range mask on loads).
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    for start in range(kv_lo, kv_hi, BLOCK_N):
+        j = start + offs_n
+        j_ok = j < kv_hi
+        # Gather: key j lives in page page_table[s, j // PAGE_SIZE], row j % PAGE_SIZE.
+        page = tl.load(pt_row + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
+        row = (j % PAGE_SIZE).to(tl.int64)
+        k_ptrs = k_base + (page * stride_kp + row * stride_kr)[None, :] + offs_d[:, None]
+        kt = _load2d(k_ptrs, j_ok[None, :], d_ok[:, None], MASK, NEED_DMASK)  # [BLOCK_D, BLOCK_N]
+        qk = _dot(q, kt, UPCAST, IEEE)  # [M, BLOCK_N] fp32
+        if HAS_SOFTCAP:
+            qk = softcap_log2 * _tanh(qk * softcap_scale)
+        else:
+            qk = qk * qk_scale
+        if MASK:
+            vis = (j[None, :] <= pos[:, None]) & j_ok[None, :]
+            if HAS_WINDOW:
+                vis = vis & ((pos[:, None] - j[None, :]) < window)
+            qk = tl.where(vis, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_base + (page * stride_vp + row * stride_vr)[:, None] + offs_d[None, :]
+        v = _load2d(v_ptrs, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
+    """Normalise the accumulator, folding the sink logit into the denominator. Empty rows give zeros."""
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_f)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha + tl.exp2(sink - m_f)
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_i[:, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Context (prefill / extend) kernel
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _context_attn_kernel(
+    q_ptr,
+    k_cache,
+    v_cache,
+    out_ptr,
+    cu_seqlens_q,
+    seq_lens_kv,
+    page_table,
+    sinks_ptr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kp,
+    stride_kr,
+    stride_kh,
+    stride_vp,
+    stride_vr,
+    stride_vh,
+    stride_pt,
+    qk_scale,
+    softcap_scale,
+    softcap_log2,
+    window,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NEED_DMASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Grid ``(cdiv(max_q_len * GROUP, BLOCK_M), num_seqs, Hkv)``.
+
+    The rows of a sequence's KV group are ``r = token * GROUP + head_in_group``; a program owns BLOCK_M
+    consecutive rows (no padding for non power-of-two groups). The key range is split in three phases:
+    window-edge tiles (masked), fully visible tiles (unmasked fast path), diagonal tiles (masked); tiles
+    fully outside the causal/window range are never visited.
+    """
+    pid_m = tl.program_id(0)
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q + seq).to(tl.int32)
+    q_len = tl.load(cu_seqlens_q + seq + 1).to(tl.int32) - q_start
+    n_rows = q_len * GROUP
+    row0 = pid_m * BLOCK_M
+    if row0 >= n_rows:
+        return
+    kv_len = tl.load(seq_lens_kv + seq).to(tl.int32)
+    ctx = kv_len - q_len  # absolute position of this sequence's first new token
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < n_rows
+    tok = offs_m // GROUP
+    head = kvh * GROUP + offs_m % GROUP
+    pos = ctx + tok
+    min_pos = ctx + row0 // GROUP
+    max_pos = ctx + (tl.minimum(row0 + BLOCK_M, n_rows) - 1) // GROUP
+
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    tok64 = (q_start + tok).to(tl.int64)
+    q_ptrs = q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give exp2(-inf) = 0
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    k_base = k_cache + kvh.to(tl.int64) * stride_kh
+    v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    pt_row = page_table + seq.to(tl.int64) * stride_pt
+
+    kv_hi = max_pos + 1
+    # Tiles [.., diag) are at or below every row's causal limit.
+    diag = ((min_pos + 1) // BLOCK_N) * BLOCK_N
+    if HAS_WINDOW:
+        kv_lo = (tl.maximum(min_pos - window + 1, 0) // BLOCK_N) * BLOCK_N
+        # Tiles starting at >= max_pos - window + 1 are inside every row's window.
+        win_safe = tl.cdiv(tl.maximum(max_pos - window + 1, 0), BLOCK_N) * BLOCK_N
+        mid_lo = tl.minimum(tl.maximum(kv_lo, win_safe), diag)
+        acc, m_i, l_i = _attn_tiles(
+            acc, m_i, l_i, q, pos, kv_lo, mid_lo, k_base, v_base, pt_row,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+        )  # fmt: skip
+    else:
+        mid_lo = 0
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, pos, mid_lo, diag, k_base, v_base, pt_row,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+    )  # fmt: skip
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, pos, diag, kv_hi, k_base, v_base, pt_row,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+    )  # fmt: skip
+
+    o = _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+    o_ptrs = out_ptr + tok64[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode (split-K) kernels
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache,
+    v_cache,
+    out_ptr,
+    seq_lens_kv,
+    page_table,
+    sinks_ptr,
+    mid_o,
+    mid_lse,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_kp,
+    stride_kr,
+    stride_kh,
+    stride_vp,
+    stride_vr,
+    stride_vh,
+    stride_pt,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    qk_scale,
+    softcap_scale,
+    softcap_log2,
+    window,
+    num_splits,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NEED_DMASK: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+    SINGLE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Grid ``(B, Hkv, num_splits)``. The visible range ``[max(0, L - w), L)`` is cut into ``num_splits``
+    BLOCK_N-aligned chunks; all GROUP q heads of the KV head are the M rows of one tile.
+
+    SINGLE (num_splits == 1): normalise and write the output directly (no workspace, no second launch).
+    Otherwise write the normalised partial output and its base-2 LSE (-inf for an empty split).
+    """
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    kv_len = tl.load(seq_lens_kv + b).to(tl.int32)
+    if HAS_WINDOW:
+        lo = tl.maximum(kv_len - window, 0)
+    else:
+        lo = 0
+    chunk = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, kv_len)
+    s_full = s_lo + tl.maximum((s_hi - s_lo) // BLOCK_N, 0) * BLOCK_N  # end of the full tiles
+
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < GROUP
+    head = kvh * GROUP + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+    b64 = b.to(tl.int64)
+    q_ptrs = q_ptr + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (kv_len - 1)
+
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    k_base = k_cache + kvh.to(tl.int64) * stride_kh
+    v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    pt_row = page_table + b64 * stride_pt
+
+    # Window is enforced by the range itself (every key in [lo, L) is visible to the single query).
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, UPCAST, IEEE,
+    )  # fmt: skip
+    acc, m_i, l_i = _attn_tiles(
+        acc, m_i, l_i, q, pos, s_full, s_hi, k_base, v_base, pt_row,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, UPCAST, IEEE,
+    )  # fmt: skip
+
+    if SINGLE:
+        o = _finalize(acc, m_i, l_i, sinks_ptr, head, h_ok, HAS_SINKS)
+        o_ptrs = out_ptr + b64 * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+    else:
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        mo_ptrs = mid_o + b64 * stride_mob + head[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+        tl.store(mo_ptrs, acc / l_safe[:, None], mask=h_ok[:, None] & d_ok[None, :])
+        tl.store(mid_lse + b64 * stride_mlb + head * stride_mlh + split, lse, mask=h_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o,
+    mid_lse,
+    sinks_ptr,
+    out_ptr,
+    stride_mob,
+    stride_moh,
+    stride_mos,
+    stride_mlb,
+    stride_mlh,
+    stride_ob,
+    stride_oh,
+    num_splits,
+    HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
+):
+    """Grid ``(B, Hq)``: merge the split partials with LSE weights; the sink joins the max and denominator."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_D
+
+    lse = tl.load(mid_lse + b * stride_mlb + h * stride_mlh + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (L == 0): weights are all 0
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m)
+    denom = tl.where(denom == 0.0, 1.0, denom)
+    mo_ptrs = mid_o + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
+    parts = tl.load(mo_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / denom
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sms(device: torch.device) -> int:
+    """SM count for the split heuristic (a nominal 8 off-GPU, e.g. under the interpreter)."""
+    if device.type == "cuda":
+        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return 8
+
+
+def pick_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
+    """Split count for flash-decoding from host ints only (CUDA-graph safe).
+
+    Aim for ~2 waves of CTAs across the SMs, but keep >= 256 keys per split so the partials stay cheap to
+    merge and each split streams a decent chunk of KV.
+    """
+    ctas = max(1, batch * num_kv_heads)
+    if ctas >= num_sms:
+        return 1
+    want = triton.cdiv(2 * num_sms, ctas)
+    by_len = max(1, max_kv_len // 256)
+    return int(max(1, min(want, by_len, 64)))
+
+
+def _common_checks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError("q, k_cache and v_cache must share a dtype")
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError("k_cache/v_cache must be [num_pages, page_size, Hkv, D] with equal shapes")
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError("q/out must be [tokens, Hq, D] with equal shapes")
+    if q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError("head_dim mismatch between q and the cache")
+    if q.shape[1] % k_cache.shape[2] != 0:
+        raise ValueError("Hq must be a multiple of Hkv")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in the head dim")
+
+
+def _score_params(scale: float, logit_softcap: Optional[float]):
+    """(HAS_SOFTCAP, qk_scale, softcap_scale, softcap_log2) for the base-2 softmax."""
+    if logit_softcap is not None and logit_softcap > 0:
+        return True, 1.0, float(scale) / float(logit_softcap), float(logit_softcap) * _LOG2E
+    return False, float(scale) * _LOG2E, 1.0, 1.0
+
+
+def _window(sliding_window: Optional[int]):
+    """(HAS_WINDOW, window); a window <= 0 means none (same convention as the torch reference)."""
+    if sliding_window is not None and sliding_window > 0:
+        return True, int(sliding_window)
+    return False, 0
+
+
+def _context_config(block_d: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the context kernel."""
+    if _interpreting():
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
+    if block_d <= 64:
+        return 128, 64, 4, 3
+    if block_d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2  # D=256: keep the fp32 accumulator out of spills
+
+
+def _decode_config(block_d: int, dtype: torch.dtype):
+    """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining)."""
+    if _interpreting():
+        return 32, 4, 1
+    if dtype == torch.float32 or block_d > 128:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def context_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens_kv: torch.Tensor,
+    page_table: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    num_seqs: int,
+    max_q_len: int,
+    scale: float,
+    sliding_window: Optional[int],
+    logit_softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+) -> None:
+    """Causal paged attention for prefill/extend sequences, written into ``out`` ``[Tq, Hq, D]``.
+
+    ``cu_seqlens_q[:num_seqs+1]`` are the query offsets into q/out, ``seq_lens_kv[s]`` the total KV length
+    (cached + new, already in the cache), ``page_table[s]`` the sequence's pages. ``max_q_len`` is a host
+    int (upper bound on the new tokens of any sequence) that sizes the grid.
+    """
+    _common_checks(q, k_cache, v_cache, out)
+    if num_seqs <= 0 or max_q_len <= 0:
+        return
+    _, hq, d = q.shape
+    _, page_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    block_d = triton.next_power_of_2(max(d, 16))
+    block_m, block_n, num_warps, num_stages = _context_config(block_d, q.dtype)
+    has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
+    has_window, window = _window(sliding_window)
+    interp = _interpreting()
+    grid = (triton.cdiv(max_q_len * group, block_m), num_seqs, hkv)
+    _context_attn_kernel[grid](
+        q, k_cache, v_cache, out, cu_seqlens_q, seq_lens_kv, page_table,
+        sinks if sinks is not None else q,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        qk_scale, softcap_scale, softcap_log2, window,
+        GROUP=group, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
+        UPCAST=interp, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens_kv: torch.Tensor,
+    page_table: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: Optional[int],
+    logit_softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+    num_splits: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+) -> None:
+    """Paged attention for decode sequences (one query each): q/out ``[B, Hq, D]``, written into ``out``.
+
+    ``num_splits`` (host int) fixes the split-K factor; when None it is chosen from the batch size and
+    ``max_seq_len`` (host int upper bound on ``seq_lens_kv``; defaults to ``page_table.shape[1] * page_size``).
+    No device value is read on the host, so this is CUDA-graph capturable.
+    """
+    _common_checks(q, k_cache, v_cache, out)
+    bsz, hq, d = q.shape
+    if bsz == 0:
+        return
+    _, page_size, hkv, _ = k_cache.shape
+    group = hq // hkv
+    block_d = triton.next_power_of_2(max(d, 16))
+    block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
+    has_window, window = _window(sliding_window)
+    if num_splits is None:
+        max_kv = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
+        if has_window:
+            max_kv = min(max_kv, window)
+        num_splits = pick_num_splits(bsz, hkv, max_kv, _device_sms(q.device))
+    num_splits = max(1, int(num_splits))
+    interp = _interpreting()
+    block_n, num_warps, num_stages = _decode_config(block_d, q.dtype)
+
+    single = num_splits == 1
+    if single:
+        mid_o = mid_lse = out  # unused placeholders
+        mo_strides = (0, 0, 0)
+        ml_strides = (0, 0)
+    else:
+        mid_o = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
+        mo_strides = mid_o.stride()[:3]
+        ml_strides = mid_lse.stride()[:2]
+    sinks_arg = sinks if sinks is not None else q
+    _decode_split_kernel[(bsz, hkv, num_splits)](
+        q, k_cache, v_cache, out, seq_lens_kv, page_table, sinks_arg, mid_o, mid_lse,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0), *mo_strides, *ml_strides,
+        qk_scale, softcap_scale, softcap_log2, window, num_splits,
+        GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=block_n,
+        NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
+        SINGLE=single, UPCAST=interp, IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    if not single:
+        _decode_reduce_kernel[(bsz, hq)](
+            mid_o, mid_lse, sinks_arg, out, *mo_strides, *ml_strides, out.stride(0), out.stride(1), num_splits,
+            HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
+            num_warps=4 if block_d <= 128 else 8,
+        )  # fmt: skip
+
+
+__all__ = ["context_attention", "decode_attention", "pick_num_splits"]

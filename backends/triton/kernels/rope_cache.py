@@ -1,0 +1,241 @@
+"""Fused rotary embedding + paged KV-cache write (Triton).
+
+Why fused: in the cached graph every layer does ``q, k = rope(q, k); cache[slot] = k, v``. Doing the
+rotation and the scatter into the paged cache in one launch reads q/k/v once and writes each result
+once, instead of materialising rotated k and then copying it into the cache.
+
+Conventions (see docs/contracts.md):
+  * q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` in the flattened token layout. They may be strided views
+    (e.g. slices of a fused qkv projection) as long as the last dim has unit stride.
+  * cos/sin ``[T, R]`` (HF NeoX / ``rotate_half`` layout, R <= D, R even). Dims ``>= R`` pass through.
+  * caches ``[num_pages, page_size, Hkv, D]``; token ``t`` goes to flat slot ``slot_mapping[t]``
+    (= page * page_size + row), a negative slot means "padding, do not write".
+
+Numerics: the rotation is computed in fp32 and rounded once to the q/k dtype. HF computes
+``q * cos + rotate_half(q) * sin`` in the q dtype (three roundings), so in bf16/fp16 results agree
+with HF within a couple of ulps of the storage dtype (and exactly, up to fma contraction, with a
+reference that computes in fp32 and rounds once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .rms_norm import cast_rn, emulate_rne
+
+__all__ = ["rope_and_cache_write", "rope", "cache_write"]
+
+# Elements of one [BLOCK_H, BLOCK_D] tile; several tiles (q, its rotate partner, k, v) are live at
+# once, so keep it moderate to avoid register spills on large head dims.
+_TILE_ELEMS = 2048
+
+
+@triton.jit
+def _rotate_tile(base_ptr, stride_h, offs_h, offs_d, partner, mask, rot_mask, cos, sin):
+    """Load one [BLOCK_H, BLOCK_D] tile and apply ``x*cos + rotate_half(x)*sin`` in fp32.
+
+    ``sin`` already carries the rotate_half sign (-1 on the first half); outside the rotary dims
+    cos == 1 and sin == 0, so those dims pass through unchanged.
+    """
+    row = base_ptr + offs_h[:, None] * stride_h
+    x = tl.load(row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row + partner[None, :], mask=mask & rot_mask[None, :], other=0.0).to(tl.float32)
+    return x * cos[None, :] + xp * sin[None, :]
+
+
+@triton.jit
+def _rope_cache_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cos_t, stride_sin_t, stride_qot, stride_qoh,
+    stride_kc_page, stride_kc_row, stride_kc_h,
+    stride_vc_page, stride_vc_row, stride_vc_h,
+    HQ, HKV, page_size,
+    D: tl.constexpr, ROT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    DO_Q: tl.constexpr, DO_KV: tl.constexpr, ROTATE_K: tl.constexpr, NEED_ROT: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+):
+    """One program = one token x one block of heads (q heads and kv heads share the block index)."""
+    t = tl.program_id(0).to(tl.int64)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+
+    if NEED_ROT:  # == DO_Q or ROTATE_K (computed on the host)
+        # rotate_half: dim d < R/2 pairs with d + R/2 (negated), R/2 <= d < R pairs with d - R/2.
+        HALF = ROT // 2
+        rot_mask = offs_d < ROT
+        first = offs_d < HALF
+        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
+        cos = tl.load(cos_ptr + t * stride_cos_t + offs_d, mask=rot_mask, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_sin_t + offs_d, mask=rot_mask, other=0.0).to(tl.float32)
+        sin = tl.where(first, -sin, sin)
+
+    if DO_Q:
+        q_mask = (offs_h < HQ)[:, None] & d_mask[None, :]
+        q = _rotate_tile(q_ptr + t * stride_qt, stride_qh, offs_h, offs_d, partner, q_mask,
+                         rot_mask, cos, sin)
+        q_out = q_out_ptr + t * stride_qot + offs_h[:, None] * stride_qoh + offs_d[None, :]
+        tl.store(q_out, cast_rn(q, q_out_ptr.dtype.element_ty, EMULATE_RNE), mask=q_mask)
+
+    if DO_KV:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        # Clamp so padding tokens never form out-of-range addresses (their stores are masked).
+        safe = tl.maximum(slot, 0)
+        page = safe // page_size
+        row = safe % page_size
+        # Padding tokens (slot < 0) get an empty head range. (Folding the scalar condition into
+        # the head bound also sidesteps an interpreter bug with `block_mask & scalar_bool`.)
+        h_lim = tl.where(slot >= 0, HKV, 0)
+        kv_mask = (offs_h < h_lim)[:, None] & d_mask[None, :]
+        k_base = k_ptr + t * stride_kt
+        if ROTATE_K:
+            k = _rotate_tile(k_base, stride_kh, offs_h, offs_d, partner, kv_mask, rot_mask,
+                             cos, sin)
+            # Round to k's dtype first: same as rope-then-copy into a cache of another dtype.
+            k = cast_rn(k, k_ptr.dtype.element_ty, EMULATE_RNE)
+        else:
+            k = tl.load(k_base + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_mask)
+        v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
+                    mask=kv_mask)
+        kc = (k_cache_ptr + page * stride_kc_page + row * stride_kc_row
+              + offs_h[:, None] * stride_kc_h + offs_d[None, :])
+        vc = (v_cache_ptr + page * stride_vc_page + row * stride_vc_row
+              + offs_h[:, None] * stride_vc_h + offs_d[None, :])
+        # Plain casts: a same-dtype cache gets a bit-exact copy, a wider one an exact widening.
+        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host wrappers
+# ----------------------------------------------------------------------------------------------
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    """Kernels index the last dim densely; copy only if it is not already unit-stride."""
+    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _prep_cos_sin(cos: torch.Tensor, sin: torch.Tensor, T: int, D: int):
+    """Accept ``[T, R]`` or any leading shape with T rows in total (e.g. HF's ``[1, T, R]``)."""
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} differ")
+    R = cos.shape[-1]
+    if R % 2 or R > D or R == 0:
+        raise ValueError(f"rotary dim {R} must be even, > 0 and <= head dim {D}")
+    cos = _unit_last(cos.reshape(-1, R))
+    sin = _unit_last(sin.reshape(-1, R))
+    if cos.shape[0] != T:
+        raise ValueError(f"cos/sin have {cos.shape[0]} rows, expected one per token ({T})")
+    return cos, sin, R
+
+
+def _check_cache(cache: torch.Tensor, hkv: int, d: int, name: str) -> None:
+    if cache.dim() != 4 or cache.shape[2] != hkv or cache.shape[3] != d:
+        raise ValueError(f"{name} must be [num_pages, page_size, {hkv}, {d}], "
+                         f"got {tuple(cache.shape)}")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride on the last dim (it is written in place)")
+
+
+def _blocks(D: int, H: int):
+    block_d = triton.next_power_of_2(D)
+    block_h = max(1, min(triton.next_power_of_2(max(H, 1)), _TILE_ELEMS // block_d))
+    return block_h, block_d
+
+
+def _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, *, D, R, rotate_k):
+    """Launch the kernel; ``q``/``q_out`` None = no q rotation, ``k`` None = no cache write."""
+    do_q, do_kv = q is not None, k is not None
+    T = (q if do_q else k).shape[0]
+    HQ = q.shape[1] if do_q else 0
+    HKV = k.shape[1] if do_kv else 0
+    block_h, block_d = _blocks(D, max(HQ, HKV))
+    grid = (T, triton.cdiv(max(HQ, HKV), block_h))
+
+    # Unused operands are replaced by any real tensor; the disabled branches never touch them.
+    dummy = q if do_q else k
+
+    def arg(x):
+        return dummy if x is None else x
+
+    def st(x, *dims):
+        return [0 if x is None else x.stride(d) for d in dims]
+
+    _rope_cache_kernel[grid](
+        arg(q), arg(k), arg(v), arg(cos), arg(sin), arg(q_out),
+        arg(k_cache), arg(v_cache), arg(slot_mapping),
+        *st(q, 0, 1), *st(k, 0, 1), *st(v, 0, 1), *st(cos, 0), *st(sin, 0), *st(q_out, 0, 1),
+        *st(k_cache, 0, 1, 2), *st(v_cache, 0, 1, 2),
+        HQ, HKV, k_cache.shape[1] if do_kv else 1,
+        D=D, ROT=R, BLOCK_H=block_h, BLOCK_D=block_d,
+        DO_Q=do_q, DO_KV=do_kv, ROTATE_K=rotate_k, NEED_ROT=do_q or rotate_k,
+        EMULATE_RNE=emulate_rne(_rope_cache_kernel,
+                                *(x.dtype for x in (q, k) if x is not None)),
+        num_warps=4 if block_h * block_d >= 1024 else 2,
+    )
+
+
+def _check_kv(k, v, k_cache, v_cache, slot_mapping, T):
+    if k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"k/v must both be [T, Hkv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != T or slot_mapping.numel() != T:
+        raise ValueError(f"expected {T} tokens in k/v/slot_mapping, got {k.shape[0]}, "
+                         f"{slot_mapping.numel()}")
+    _check_cache(k_cache, k.shape[1], k.shape[2], "k_cache")
+    _check_cache(v_cache, k.shape[1], k.shape[2], "v_cache")
+    return slot_mapping.reshape(-1).contiguous()
+
+
+def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         cos: torch.Tensor, sin: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k, write rotated k and raw v into the paged caches; return rotated q.
+
+    q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, cos/sin ``[T, R]``, caches ``[P, page_size, Hkv, D]``
+    (updated in place), slot_mapping ``[T]`` (negative = skip). Returns a new contiguous
+    ``[T, Hq, D]`` tensor in q's dtype.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    T, _, D = q.shape
+    if k.dim() != 3 or k.shape[-1] != D:
+        raise ValueError(f"k must be [T, Hkv, {D}], got {tuple(k.shape)}")
+    slot_mapping = _check_kv(k, v, k_cache, v_cache, slot_mapping, T)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return q_out
+    cos, sin, R = _prep_cos_sin(cos, sin, T, D)
+    _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, D=D, R=R, rotate_k=True)
+    return q_out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of one ``[T, H, D]`` tensor (no cache write); returns a new tensor."""
+    if x.dim() != 3:
+        raise ValueError(f"x must be [T, H, D], got {tuple(x.shape)}")
+    T, _, D = x.shape
+    x = _unit_last(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    cos, sin, R = _prep_cos_sin(cos, sin, T, D)
+    _launch(x, None, None, cos, sin, out, None, None, None, D=D, R=R, rotate_k=False)
+    return out
+
+
+def cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                slot_mapping: torch.Tensor) -> None:
+    """Scatter k/v ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (in place, no rope)."""
+    T = k.shape[0] if k.dim() == 3 else -1
+    slot_mapping = _check_kv(k, v, k_cache, v_cache, slot_mapping, T)
+    if T == 0:
+        return
+    k, v = _unit_last(k), _unit_last(v)
+    _launch(None, k, v, None, None, None, k_cache, v_cache, slot_mapping, D=k.shape[2], R=0,
+            rotate_k=False)

@@ -1,0 +1,54 @@
+"""Remove what export leaves behind and later passes should not have to see: runtime asserts and guard
+calls, casts to the dtype a tensor already has, aliases, identity views and full-range slices, dead code."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from autodeploy.graph_utils import aten, is_op, remove_dead_code, same_shape, static_int, val
+from autodeploy.pass_manager import PassResult, register_pass
+
+_ASSERTS = (aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
+            aten._assert_async)
+_INT64_MAX = 2**63 - 1
+
+
+def _is_noop(node: fx.Node) -> bool:
+    src = node.args[0] if node.args else None
+    out, inp = val(node), val(src)
+    if is_op(node, aten.alias, aten.detach, aten.lift_fresh_copy) and not is_op(node, aten.lift_fresh_copy):
+        return True
+    if out is None or inp is None:
+        return False
+    if is_op(node, aten.to, aten._to_copy, aten.type_as):
+        return out.dtype == inp.dtype and out.device == inp.device and same_shape(out.shape, inp.shape)
+    if is_op(node, aten.view, aten.reshape, aten._unsafe_view, aten.expand, aten.contiguous):
+        return same_shape(out.shape, inp.shape)
+    if is_op(node, aten.slice):
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        return (static_int(start) in (0, None) and (end is None or static_int(end) == _INT64_MAX)
+                and static_int(step) == 1)
+    return False
+
+
+@register_pass("cleanup")
+def cleanup(gm: fx.GraphModule, ctx) -> PassResult:
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+            removed += 1
+        elif is_op(node, *_ASSERTS):
+            gm.graph.erase_node(node)
+            removed += 1
+        elif node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node) and _is_noop(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            removed += 1
+    dead = remove_dead_code(gm)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    notes = [f"{dead} dead nodes removed"] if dead else []
+    return PassResult(removed, notes)

@@ -1,0 +1,95 @@
+"""Turn canonical attention into the selected backend's paged cached attention.
+
+* picks ONE backend for the model (``select_backend``) and records why;
+* adds the step inputs (docs/contracts.md) and one K and one V cache input per layer;
+* inserts exactly ONE ``autodeploy::prepare_metadata`` node right after the inputs, deriving the union of
+  the fields the backend declares; every cached-attention node reads its outputs;
+* reshapes q/k/v into the flattened ``[T, H, D]`` layout around each cached op.
+The mask-building subgraphs die with the canonical attention nodes and are removed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from autodeploy.backends import AttentionSpec, select_backend
+from autodeploy.errors import UnsupportedModelError
+from autodeploy.graph_utils import add_placeholder, aten, getitem, is_op, last_placeholder, placeholders, static_int, val
+from autodeploy.metadata import METADATA_OP_INPUTS, STEP_INPUT_NAMES
+from autodeploy.pass_manager import PassResult, register_pass
+
+
+def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Node, AttentionSpec]]:
+    out = []
+    for node in gm.graph.nodes:
+        if not is_op(node, torch.ops.autodeploy.attention):
+            continue
+        q, k, v, scale, causal, window, softcap, sinks = (list(node.args) + [None] * 8)[:8]
+        vq, vk, vv = val(q), val(k), val(v)
+        if vq is None or vk is None or vv is None:
+            raise UnsupportedModelError(f"attention {node.name}: q/k/v shapes unknown")
+        dims = [static_int(x) for x in (vq.shape[1], vk.shape[1], vq.shape[3], vv.shape[3])]
+        if None in dims:
+            raise UnsupportedModelError(f"attention {node.name}: head counts/dims must be static, got {vq.shape}")
+        hq, hkv, d, dv = dims
+        if hq % hkv:
+            raise UnsupportedModelError(f"attention {node.name}: {hq} query heads not divisible by {hkv} kv heads")
+        spec = AttentionSpec(layer=len(out), num_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=dv,
+                             causal=bool(causal), sliding_window=window, logit_softcap=softcap,
+                             has_sinks=sinks is not None, dtype=dtype)
+        out.append((node, spec))
+    return out
+
+
+def _flatten(graph: fx.Graph, x: fx.Node, heads: int, dim: int) -> fx.Node:
+    """``[1, H, T, D]`` -> ``[T, H, D]``."""
+    t = graph.call_function(aten.transpose.int, (x, 1, 2))
+    return graph.call_function(aten.reshape.default, (t, [-1, heads, dim]))
+
+
+@register_pass("insert_kv_cache")
+def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
+    layers = attention_specs(gm, ctx.dtype)
+    if not layers:
+        detail = "; ".join(f"{n}: {why}" for n, why in ctx.unmatched_attention) or "no attention pattern found"
+        raise UnsupportedModelError(f"no attention layer could be converted to a cached form ({detail})")
+    specs = [s for _, s in layers]
+    backend, reason, rejected = select_backend(specs, ctx.device, ctx.backend)
+    ctx.report.backend, ctx.report.backend_reason, ctx.report.rejected_backends = backend.name, reason, rejected
+    ctx.attention_backend, ctx.attention_specs = backend, specs
+
+    graph = gm.graph
+    inputs = placeholders(gm)
+    for name in STEP_INPUT_NAMES:
+        if name not in inputs:
+            inputs[name] = add_placeholder(gm, name)
+    caches = []
+    for spec in specs:
+        caches.append((add_placeholder(gm, f"k_cache_{spec.layer}"), add_placeholder(gm, f"v_cache_{spec.layer}")))
+    ctx.cache_input_names = [(k.target, v.target) for k, v in caches]
+
+    fields = list(backend.metadata_fields)
+    meta: list[fx.Node] = []
+    if fields:
+        with graph.inserting_after(last_placeholder(gm)):
+            prep = graph.call_function(
+                torch.ops.autodeploy.prepare_metadata.default,
+                tuple(inputs[n] for n in METADATA_OP_INPUTS) + (",".join(fields),),
+            )
+        with graph.inserting_after(prep):
+            meta = [getitem(graph, prep, i) for i in range(len(fields))]
+    op = backend.cached_attention_op()
+    step = [inputs[n] for n in ("cu_seqlens_q", "seq_lens_kv", "page_table", "slot_mapping", "batch_info")]
+    for (node, spec), (kc, vc) in zip(layers, caches):
+        q, k, v, scale, _causal, window, softcap, sinks = (list(node.args) + [None] * 8)[:8]
+        with graph.inserting_before(node):
+            qf = _flatten(graph, q, spec.num_heads, spec.head_dim)
+            kf = _flatten(graph, k, spec.num_kv_heads, spec.head_dim)
+            vf = _flatten(graph, v, spec.num_kv_heads, spec.v_head_dim)
+            out = graph.call_function(op, (qf, kf, vf, kc, vc, *step, meta, scale, window, softcap, sinks))
+            out = graph.call_function(aten.unsqueeze.default, (out, 0))
+            out = graph.call_function(aten.transpose.int, (out, 1, 2))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    return PassResult(len(layers), [f"backend {backend.name}: {reason}", f"metadata fields: {fields}"])

@@ -1,0 +1,23 @@
+"""Shared test utilities."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative RMS error of ``a`` against reference ``b``."""
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def hf_greedy(model, prompt, n):
+    """HF generate with EOS disabled (our side uses ignore_eos), new tokens only."""
+    gen = model.generation_config
+    saved = gen.eos_token_id
+    gen.eos_token_id = None
+    try:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+    finally:
+        gen.eos_token_id = saved
+    return out[0, len(prompt):].tolist()

@@ -1,0 +1,297 @@
+"""Triton paged attention kernels vs a plain-torch paged reference.
+
+Runs on CPU through the Triton interpreter (``TRITON_INTERPRET=1`` is set before triton is imported), so
+shapes are tiny. Every case draws fresh random inputs from its own seed, shuffles the cache pages, and fills
+unused cache slots with NaN so that any read outside the visible range poisons the result.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import autodeploy.backends.triton.kernels.attention as attn_mod  # noqa: E402
+from autodeploy.backends.triton.kernels.attention import (  # noqa: E402
+    context_attention,
+    decode_attention,
+    pick_num_splits,
+)
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reference
+# --------------------------------------------------------------------------------------------------------
+
+
+def paged_attention_reference(
+    q, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, *, scale, sliding_window, logit_softcap, sinks
+):
+    """Per-sequence fp32 attention over the paged cache, straight from docs/contracts.md."""
+    _, page_size, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    group = hq // hkv
+    out = torch.zeros_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens_kv.tolist()
+    for s in range(len(cu) - 1):
+        qs, qe, kv_len = cu[s], cu[s + 1], lens[s]
+        q_len = qe - qs
+        if q_len == 0:
+            continue
+        n_pages = math.ceil(kv_len / page_size)
+        pages = page_table[s, :n_pages].long()
+        k = k_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(group, dim=1)
+        v = v_cache[pages].reshape(-1, hkv, d)[:kv_len].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("thd,lhd->htl", q[qs:qe].float(), k) * scale
+        if logit_softcap is not None and logit_softcap > 0:
+            scores = logit_softcap * torch.tanh(scores / logit_softcap)
+        pos = kv_len - q_len + torch.arange(q_len)
+        j = torch.arange(kv_len)
+        vis = j[None, :] <= pos[:, None]
+        if sliding_window is not None and sliding_window > 0:
+            vis &= (pos[:, None] - j[None, :]) < sliding_window
+        scores = scores.masked_fill(~vis[None], float("-inf"))
+        if sinks is not None:
+            sink_col = sinks.float().view(hq, 1, 1).expand(hq, q_len, 1)
+            scores = torch.cat([scores, sink_col], dim=-1)
+        probs = torch.softmax(scores, dim=-1)
+        if sinks is not None:
+            probs = probs[..., :-1]
+        out[qs:qe] = torch.einsum("htl,lhd->thd", probs, v).to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Case builder
+# --------------------------------------------------------------------------------------------------------
+
+
+def make_case(seqs, hq, hkv, d, page_size, dtype, seed, with_sinks=False, extra_pages=3):
+    """Random paged cache for sequences given as ``(cached_len, new_len)``.
+
+    Pages are assigned from a random permutation (non-contiguous, shuffled order); unused rows and pages
+    hold NaN; page_table padding is 0 (as in the contract).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lens = [c + n for c, n in seqs]
+    n_pages_each = [math.ceil(L / page_size) for L in lens]
+    num_pages = sum(n_pages_each) + extra_pages
+    max_pages = max(n_pages_each) + 1
+    k_cache = torch.full((num_pages, page_size, hkv, d), float("nan"), dtype=dtype)
+    v_cache = torch.full_like(k_cache, float("nan"))
+    perm = torch.randperm(num_pages, generator=g)
+    page_table = torch.zeros((len(seqs), max_pages), dtype=torch.int32)
+    nxt = 0
+    for s, L in enumerate(lens):
+        for p in range(n_pages_each[s]):
+            page = int(perm[nxt])
+            nxt += 1
+            page_table[s, p] = page
+            rows = min(page_size, L - p * page_size)
+            k_cache[page, :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+            v_cache[page, :rows] = torch.randn(rows, hkv, d, generator=g).to(dtype)
+    q_lens = [n for _, n in seqs]
+    cu = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), hq, d, generator=g).to(dtype)
+    sinks = (torch.randn(hq, generator=g) * 2.0).float() if with_sinks else None
+    t = lambda x: x.to(DEVICE) if x is not None else None  # noqa: E731
+    return dict(
+        q=t(q), k_cache=t(k_cache), v_cache=t(v_cache), cu_seqlens_q=t(cu),
+        seq_lens_kv=t(torch.tensor(lens, dtype=torch.int32)), page_table=t(page_table), sinks=t(sinks),
+        max_q_len=max(q_lens),
+    )  # fmt: skip
+
+
+def _ref(c, **kw):
+    return paged_attention_reference(
+        c["q"].cpu(), c["k_cache"].cpu(), c["v_cache"].cpu(), c["cu_seqlens_q"].cpu(), c["seq_lens_kv"].cpu(),
+        c["page_table"].cpu(), sinks=None if c["sinks"] is None else c["sinks"].cpu(), **kw,
+    )  # fmt: skip
+
+
+def _check(out, ref, dtype):
+    rtol, atol = TOL[dtype]
+    assert not torch.isnan(out).any(), "NaN in kernel output (read outside the visible range?)"
+    torch.testing.assert_close(out.cpu().float(), ref.float(), rtol=rtol, atol=atol)
+
+
+def run_context(seqs, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None, softcap=None,
+                sinks=False):  # fmt: skip
+    c = make_case(seqs, hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
+    scale = d**-0.5
+    out = torch.full_like(c["q"], float("nan"))
+    context_attention(
+        c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"], out,
+        num_seqs=len(seqs), max_q_len=c["max_q_len"], scale=scale, sliding_window=window,
+        logit_softcap=softcap, sinks=c["sinks"],
+    )  # fmt: skip
+    ref = _ref(c, scale=scale, sliding_window=window, logit_softcap=softcap)
+    _check(out, ref, dtype)
+
+
+def run_decode(lens, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None, softcap=None,
+               sinks=False, num_splits=None):  # fmt: skip
+    c = make_case([(L - 1, 1) for L in lens], hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
+    scale = d**-0.5
+    out = torch.full_like(c["q"], float("nan"))
+    decode_attention(
+        c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], out,
+        scale=scale, sliding_window=window, logit_softcap=softcap, sinks=c["sinks"], num_splits=num_splits,
+    )  # fmt: skip
+    ref = _ref(c, scale=scale, sliding_window=window, logit_softcap=softcap)
+    _check(out, ref, dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Context attention
+# --------------------------------------------------------------------------------------------------------
+
+# (cached, new): fresh prefill, extend crossing page boundaries, single token, long-ish prefill.
+MIXED = [(0, 7), (21, 5), (3, 1), (0, 40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_context_mixed(dtype):
+    run_context(MIXED, dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (4, 1), (6, 2)])
+def test_context_gqa_mqa(hq, hkv):
+    run_context([(5, 9), (0, 12)], hq=hq, hkv=hkv, seed=10 + hq * 7 + hkv)
+
+
+@pytest.mark.parametrize("d", [80, 96, 128, 256])
+def test_context_head_dims(d):
+    run_context([(9, 6), (0, 11)], d=d, dtype=torch.float16, seed=20 + d)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_context_page_sizes(page_size):
+    run_context([(37, 4), (0, 19), (70, 1)], page_size=page_size, seed=30 + page_size)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 33])
+def test_context_sliding_window(window):
+    # long cached prefix + several new tokens: exercises the masked window-edge phase and the tile skip.
+    run_context([(60, 12), (0, 45), (7, 3)], window=window, seed=40 + window)
+
+
+def test_context_window_tile_edge():
+    # key 32 (a tile start with BLOCK_N=32) is exactly outside the last row's window (75 - 32 == 43):
+    # the "fully inside the window" tile test must not treat that tile as unmasked.
+    run_context([(70, 6), (0, 76)], window=43, seed=45)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(128, 64), (64, 32), (16, 16)])
+def test_gpu_tile_sizes_under_interpreter(monkeypatch, block_m, block_n):
+    """The GPU tile configs (bigger than the interpreter's default) are exercised on CPU too."""
+    monkeypatch.setattr(attn_mod, "_context_config", lambda *a: (block_m, block_n, 4, 1))
+    monkeypatch.setattr(attn_mod, "_decode_config", lambda *a: (block_n, 4, 1))
+    run_context([(70, 6), (130, 9), (0, 70)], hq=8, hkv=2, window=43, sinks=True, seed=46 + block_n)
+    run_context([(100, 21)], hq=8, hkv=1, dtype=torch.float16, seed=47 + block_n)
+    run_decode([1, 64, 200], hq=8, hkv=2, num_splits=3, window=100, sinks=True, seed=48 + block_n)
+
+
+def test_context_softcap_sinks():
+    run_context(MIXED, softcap=5.0, sinks=True, seed=50)
+    run_context([(30, 9), (0, 4)], hq=8, hkv=2, softcap=2.0, sinks=True, window=7, dtype=torch.float16, seed=51)
+
+
+def test_context_zero_tokens_sequence():
+    # a sequence with no new tokens this step must not write anything or break its neighbours
+    run_context([(10, 3), (6, 0), (0, 5)], seed=60)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Decode attention
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_decode_mixed(dtype, num_splits):
+    run_decode([1, 17, 75, 140], dtype=dtype, num_splits=num_splits, seed=100 + (num_splits or 0))
+
+
+@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (8, 1), (6, 2)])
+def test_decode_gqa_mqa(hq, hkv):
+    run_decode([33, 90], hq=hq, hkv=hkv, num_splits=2, seed=110 + hq * 7 + hkv)
+
+
+@pytest.mark.parametrize("d", [80, 96, 128, 256])
+def test_decode_head_dims(d):
+    run_decode([20, 70], d=d, dtype=torch.float16, num_splits=2, seed=120 + d)
+
+
+@pytest.mark.parametrize("page_size", [8, 16, 32])
+def test_decode_page_sizes(page_size):
+    run_decode([5, 64, 129], page_size=page_size, num_splits=4, seed=130 + page_size)
+
+
+@pytest.mark.parametrize("window,num_splits", [(1, 1), (7, 2), (40, 3), (200, 2)])
+def test_decode_sliding_window(window, num_splits):
+    run_decode([3, 50, 150], window=window, num_splits=num_splits, seed=140 + window)
+
+
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_softcap_sinks(num_splits):
+    run_decode([2, 45, 100], softcap=4.0, sinks=True, num_splits=num_splits, seed=150 + num_splits)
+
+
+def test_decode_many_splits_empty():
+    # more splits than tiles: most splits are empty and must drop out of the merge (sinks included)
+    run_decode([1, 9, 40], sinks=True, num_splits=8, seed=160)
+
+
+def test_decode_matches_context():
+    """decode_attention == context_attention on a batch of 1-token steps (same cache)."""
+    c = make_case([(30, 1), (0, 1), (64, 1)], 8, 2, 64, 16, torch.float32, seed=170, with_sinks=True)
+    kw = dict(scale=0.125, sliding_window=20, logit_softcap=3.0, sinks=c["sinks"])
+    o_dec = torch.empty_like(c["q"])
+    o_ctx = torch.empty_like(c["q"])
+    decode_attention(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], o_dec, num_splits=2,
+                     **kw)  # fmt: skip
+    context_attention(c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"],
+                      o_ctx, num_seqs=3, max_q_len=1, **kw)  # fmt: skip
+    torch.testing.assert_close(o_dec, o_ctx, rtol=1e-5, atol=1e-5)
+
+
+def test_pick_num_splits():
+    assert pick_num_splits(64, 8, 32768, 132) == 1  # enough CTAs already
+    assert pick_num_splits(1, 8, 100, 132) == 1  # too short to split
+    s = pick_num_splits(1, 8, 32768, 132)
+    assert 16 <= s <= 64
+    assert pick_num_splits(16, 8, 8192, 132) >= 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU-only sweep (native bf16 dots)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (not the interpreter)")
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_gpu_bf16_sweep(d, page_size):
+    seqs = [(0, 300), (517, 33), (1000, 1), (64, 129)]
+    for hq, hkv in [(32, 8), (8, 1), (4, 4)]:
+        for window, softcap, sinks in [(None, None, False), (128, 30.0, True)]:
+            run_context(seqs, hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=torch.bfloat16, seed=d + page_size,
+                        window=window, softcap=softcap, sinks=sinks)  # fmt: skip
+            run_decode([1, 300, 2049, 5000], hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=torch.bfloat16,
+                       seed=d + page_size + 1, window=window, softcap=softcap, sinks=sinks)  # fmt: skip
