@@ -35,13 +35,16 @@ class CompiledModel:
         self.enable_prefix_caching = enable_prefix_caching
         self.num_pages = self._plan_pages(num_pages, memory_fraction)
         self.caches: dict[str, torch.Tensor] = {}
+        # One extra scratch page, never handed out by the cache manager: CUDA-graph padding rows write there.
+        self.scratch_page = self.num_pages
         for spec, (k_name, v_name) in zip(ctx.attention_specs, ctx.cache_input_names):
-            k, v = self.backend.allocate_cache(self.num_pages, self.page_size, spec, self.dtype, self.device)
+            k, v = self.backend.allocate_cache(self.num_pages + 1, self.page_size, spec, self.dtype, self.device)
             self.caches[k_name], self.caches[v_name] = k, v
         self.report.cache = (f"{self.num_pages} pages x {self.page_size} tokens "
                              f"({self.num_pages * self._bytes_per_page() / 2**20:.1f} MiB) on {self.device}")
         self.packer = SequencePacker(self.page_size, self.device)
         self._runner = gm
+        self.graph_runner = None  # CudaGraphRunner when lowered with "cudagraph"
 
     # -- cache planning --------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
@@ -73,13 +76,18 @@ class CompiledModel:
             self._runner = self.graph_module
 
     def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepBatch:
+        if self.graph_runner is not None and self.graph_runner.handles(chunks, all_logits):
+            return self.graph_runner.pack(chunks)
         return self.packer.pack(chunks, all_logits=all_logits)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        """Run one step; returns logits ``[N, vocab]`` for ``batch.logits_rows``."""
-        out = self._runner(**batch.inputs, **self.caches)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
+        """Run one step; returns logits ``[N, vocab]``, row i for chunk ``batch.logits_rows[i]``."""
+        if batch.bucket:
+            logits = self.graph_runner.run(batch)
+        else:
+            out = self._runner(**batch.inputs, **self.caches)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
         return logits.reshape(-1, logits.shape[-1])
 
     def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
@@ -104,7 +112,11 @@ class CompiledModel:
         return [r.output_ids for r in engine.generate(prompts, sampling)]
 
     def explain(self) -> str:
-        return self.report.render()
+        text = self.report.render()
+        if self.graph_runner is not None and self.graph_runner.captured:
+            caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(self.graph_runner.captured.items()))
+            text += f"\n  cuda graphs captured (bucket: time): {caps}"
+        return text
 
     def num_metadata_nodes(self) -> int:
         return sum(1 for n in self.graph_module.graph.nodes

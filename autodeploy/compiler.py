@@ -97,11 +97,9 @@ def compile(
     t0 = time.perf_counter()
     PassManager(DEFAULT_PASSES, report, dump_dir).run(gm, ctx)
     ctx.page_size = page_size or ctx.attention_backend.default_page_size
-    extra = [p for p in ctx.attention_backend.graph_passes()]
-    for fn in extra:  # backend-specific fusions, recorded like any other pass
-        from autodeploy.pass_manager import PASSES
-
-        PassManager([fn.pass_name], report, dump_dir).run(gm, ctx) if fn.pass_name in PASSES else None
+    backend_passes = [fn.pass_name for fn in ctx.attention_backend.graph_passes()]
+    if backend_passes:  # backend-specific fusions, recorded like any other pass
+        PassManager(backend_passes, report, dump_dir).run(gm, ctx)
     report.stage_seconds["passes"] = time.perf_counter() - t0
 
     cm = CompiledModel(gm, ctx, info, num_pages=num_pages, memory_fraction=memory_fraction,

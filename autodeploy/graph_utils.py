@@ -177,3 +177,16 @@ def remove_dead_code(gm: fx.GraphModule) -> int:
 
 def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def flatten_heads(graph: fx.Graph, x: fx.Node, heads: int, dim: int) -> fx.Node:
+    """``[1, H, T, D]`` -> ``[T, H, D]`` (the cached ops' flattened token layout)."""
+    t = graph.call_function(aten.transpose.int, (x, 1, 2))
+    return graph.call_function(aten.reshape.default, (t, [-1, heads, dim]))
+
+
+def unflatten_source(x: Any) -> Optional[fx.Node]:
+    """Inverse of :func:`flatten_heads` on the graph: the ``[1, H, T, D]`` node a flattened input came from."""
+    if is_op(x, aten.reshape) and is_op(x.args[0], aten.transpose) and tuple(x.args[0].args[1:3]) == (1, 2):
+        return x.args[0].args[0]
+    return None

@@ -49,7 +49,7 @@ class StepBatch:
     num_tokens: int
     num_prefill: int
     num_decode: int
-    host_inputs: dict[str, Tensor] = field(default_factory=dict)
+    bucket: int = 0  # CUDA-graph batch bucket this step replays (0: runs uncaptured)
 
 
 _INT64 = ("input_ids", "position_ids", "slot_mapping", "logits_index")
@@ -73,8 +73,8 @@ class SequencePacker:
             self._host = torch.empty(max(nbytes, 2 * self._host.numel()), dtype=torch.uint8, pin_memory=pin)
         return self._host
 
-    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepBatch:
-        return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self)
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False, **padding) -> StepBatch:
+        return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self, **padding)
 
 
 def nest_sequences(
@@ -83,14 +83,24 @@ def nest_sequences(
     device: torch.device | str = "cpu",
     all_logits: bool = False,
     packer: Optional[SequencePacker] = None,
+    pad_to: int = 0,
+    pad_page: int = 0,
+    pages_width: int = 0,
+    target: Optional[Tensor] = None,
 ) -> StepBatch:
     """Pack sequences into the flattened layout: prefill/extend sequences first, then decodes (1 token).
 
     ``all_logits`` asks for the logits of every token (tests compare them with HF); otherwise only the last
     token of each chunk that wants logits is projected through the LM head.
+
+    CUDA-graph buckets: ``pad_to`` appends dummy one-token sequences (writing into the scratch page
+    ``pad_page``) up to that many sequences, ``pages_width`` fixes the page-table width, and ``target`` is the
+    bucket's fixed-address device buffer that the one host-to-device copy refreshes in place.
     """
     if not chunks:
         raise ValueError("nest_sequences needs at least one sequence")
+    if pad_to > len(chunks):
+        chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
     prefill = [i for i, c in enumerate(chunks) if c.num_new != 1]
     decode = [i for i, c in enumerate(chunks) if c.num_new == 1]
@@ -101,7 +111,7 @@ def nest_sequences(
     cached = np.fromiter((chunks[i].num_cached for i in order), dtype=np.int64, count=len(order))
     n_seq, n_tok = len(order), int(q_lens.sum())
     kv_lens = cached + q_lens
-    max_pages = max(1, int(max(len(chunks[i].pages) for i in order)))
+    max_pages = max(1, pages_width, int(max(len(chunks[i].pages) for i in order)))
     need_pages = (kv_lens + page_size - 1) // page_size
     for row, i in enumerate(order):
         if len(chunks[i].pages) < need_pages[row]:
@@ -133,7 +143,7 @@ def nest_sequences(
         "logits_index": np.asarray(logits_index, dtype=np.int64),
         "cu_seqlens_q": cu, "seq_lens_kv": kv_lens, "page_table": page_table,
     }
-    inputs = _to_device(arrays, device, packer)
+    inputs = _to_device(arrays, device, packer, target)
     inputs["input_ids"] = inputs["input_ids"].view(1, n_tok)
     inputs["position_ids"] = inputs["position_ids"].view(1, n_tok)
     inputs["page_table"] = inputs["page_table"].view(n_seq, max_pages)
@@ -148,8 +158,10 @@ def nest_sequences(
     )
 
 
-def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker]) -> dict[str, Tensor]:
-    """Write every array into one byte buffer (8-byte aligned sections) and copy it to the device once."""
+def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker],
+               target: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """Write every array into one byte buffer (8-byte aligned sections) and copy it to the device once
+    (into ``target``, a fixed-address buffer, when given)."""
     layout, nbytes = [], 0
     for name, arr in arrays.items():
         dtype = np.int32 if name in _INT32 else np.int64
@@ -160,7 +172,15 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Opti
     host_np = host.numpy()
     for (name, dtype, off, n) in layout:
         host_np[off : off + n * np.dtype(dtype).itemsize].view(dtype)[:] = arrays[name].reshape(-1)
-    if device.type == "cpu":
+    if target is not None:
+        if target.numel() < nbytes:
+            raise ValueError(f"static input buffer holds {target.numel()} bytes, step needs {nbytes}")
+        dev = target
+        dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
+        if packer is not None and device.type == "cuda":
+            packer._copy_done = torch.cuda.Event()
+            packer._copy_done.record()
+    elif device.type == "cpu":
         dev = host[:nbytes].clone() if packer is not None else host
     else:
         dev = host[:nbytes].to(device, non_blocking=True)

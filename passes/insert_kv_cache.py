@@ -15,7 +15,9 @@ from torch import fx
 
 from autodeploy.backends import AttentionSpec, select_backend
 from autodeploy.errors import UnsupportedModelError
-from autodeploy.graph_utils import add_placeholder, aten, getitem, is_op, last_placeholder, placeholders, static_int, val
+from autodeploy.graph_utils import (
+    add_placeholder, aten, flatten_heads, getitem, is_op, last_placeholder, placeholders, static_int, val,
+)
 from autodeploy.metadata import METADATA_OP_INPUTS, STEP_INPUT_NAMES
 from autodeploy.pass_manager import PassResult, register_pass
 
@@ -40,12 +42,6 @@ def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Nod
                              has_sinks=sinks is not None, dtype=dtype)
         out.append((node, spec))
     return out
-
-
-def _flatten(graph: fx.Graph, x: fx.Node, heads: int, dim: int) -> fx.Node:
-    """``[1, H, T, D]`` -> ``[T, H, D]``."""
-    t = graph.call_function(aten.transpose.int, (x, 1, 2))
-    return graph.call_function(aten.reshape.default, (t, [-1, heads, dim]))
 
 
 @register_pass("insert_kv_cache")
@@ -84,9 +80,9 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
     for (node, spec), (kc, vc) in zip(layers, caches):
         q, k, v, scale, _causal, window, softcap, sinks = (list(node.args) + [None] * 8)[:8]
         with graph.inserting_before(node):
-            qf = _flatten(graph, q, spec.num_heads, spec.head_dim)
-            kf = _flatten(graph, k, spec.num_kv_heads, spec.head_dim)
-            vf = _flatten(graph, v, spec.num_kv_heads, spec.v_head_dim)
+            qf = flatten_heads(graph, q, spec.num_heads, spec.head_dim)
+            kf = flatten_heads(graph, k, spec.num_kv_heads, spec.head_dim)
+            vf = flatten_heads(graph, v, spec.num_kv_heads, spec.v_head_dim)
             out = graph.call_function(op, (qf, kf, vf, kc, vc, *step, meta, scale, window, softcap, sinks))
             out = graph.call_function(aten.unsqueeze.default, (out, 0))
             out = graph.call_function(aten.transpose.int, (out, 1, 2))

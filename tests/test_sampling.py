@@ -117,7 +117,12 @@ def test_temperature_zero_is_greedy_and_tiny_temperature_is_argmax():
 
 def test_mixed_batch_greedy_rows_unaffected_by_sampling_rows():
     logits = _logits(4, seed=4)
-    cfgs = [SamplingConfig(), SamplingConfig(temperature=1.0, top_k=3), SamplingConfig(), SamplingConfig(temperature=2.0)]
+    cfgs = [
+        SamplingConfig(),
+        SamplingConfig(temperature=1.0, top_k=3),
+        SamplingConfig(),
+        SamplingConfig(temperature=2.0),
+    ]
     gens = [None, make_generator(1), None, make_generator(2)]
     out = Sampler().sample(logits, cfgs, [[0]] * 4, [1] * 4, gens)
     assert out.tokens[0] == logits[0].argmax() and out.tokens[2] == logits[2].argmax()
@@ -311,7 +316,11 @@ def test_user_logits_processor_bans_token():
     logits = _logits(3, seed=9)
     top = logits.argmax(-1)
     bans = [BanToken(int(top[i])) for i in range(3)]
-    cfgs = [SamplingConfig(logits_processors=[bans[0]]), SamplingConfig(temperature=1.0, logits_processors=[bans[1]]), SamplingConfig()]
+    cfgs = [
+        SamplingConfig(logits_processors=[bans[0]]),
+        SamplingConfig(temperature=1.0, logits_processors=[bans[1]]),
+        SamplingConfig(),
+    ]
     original = logits.clone()
     for _ in range(30):
         out = Sampler().sample(logits, cfgs, [[1]] * 3, [1] * 3, [None, make_generator(3), None])
@@ -325,7 +334,8 @@ def test_user_logits_processor_bans_token():
 def test_batched_logits_processor_called_once_for_its_rows():
     logits = _logits(4, seed=10)
     proc = BatchedBan(int(logits[0].argmax()))
-    cfgs = [SamplingConfig(logits_processors=[proc]), SamplingConfig(), SamplingConfig(logits_processors=[proc]), SamplingConfig()]
+    with_proc = SamplingConfig(logits_processors=[proc])
+    cfgs = [with_proc, SamplingConfig(), SamplingConfig(logits_processors=[proc]), SamplingConfig()]
     out = Sampler().sample(logits, cfgs, [[1]] * 4, [1] * 4)
     assert proc.batch_sizes == [2]
     assert out.tokens[0] != proc.token and out.tokens[2] != proc.token
@@ -364,10 +374,12 @@ class StopAfterToken(StoppingCriteria):
 def test_user_stopping_criteria_and_builtins_stop_generation():
     base = SamplingConfig(max_new_tokens=10)
     assert _generate(_counting_model, [10], base) == list(range(11, 21))
-    assert _generate(_counting_model, [10], SamplingConfig(max_new_tokens=10, stopping_criteria=[StopAfterToken(14)])) == [11, 12, 13, 14]
+    user = SamplingConfig(max_new_tokens=10, stopping_criteria=[StopAfterToken(14)])
+    assert _generate(_counting_model, [10], user) == [11, 12, 13, 14]
     assert _generate(_counting_model, [10], SamplingConfig(max_new_tokens=10, stop_token_ids=[13])) == [11, 12, 13]
     assert _generate(_counting_model, [10], base, eos=[12]) == [11, 12]
-    assert _generate(_counting_model, [10], SamplingConfig(max_new_tokens=10, ignore_eos=True), eos=[12]) == list(range(11, 21))
+    no_eos = SamplingConfig(max_new_tokens=10, ignore_eos=True)
+    assert _generate(_counting_model, [10], no_eos, eos=[12]) == list(range(11, 21))
 
 
 def test_stop_on_strings_checks_generated_tail_and_trims():
@@ -432,7 +444,9 @@ def test_invalid_config_raises_naming_field(field_name, kwargs):
 
 def test_valid_configs_pass():
     SamplingConfig().validate(V)
-    SamplingConfig(temperature=1, top_k=V + 10, top_p=1, min_p=0, n=4, seed=2**64 - 1, stop_token_ids=[V - 1]).validate(V)
+    SamplingConfig(
+        temperature=1, top_k=V + 10, top_p=1, min_p=0, n=4, seed=2**64 - 1, stop_token_ids=[V - 1]
+    ).validate(V)
     SamplingConfig(beam_width=4, n=4, length_penalty=-1.0).validate()
 
 
@@ -444,7 +458,8 @@ def test_from_generation_config_honours_do_sample():
     assert greedy2.is_greedy and greedy2.top_k == 0
     sampled = SamplingConfig.from_generation_config(GenerationConfig(do_sample=True, top_p=0.9))
     assert sampled.temperature == 1.0 and sampled.top_k == 50 and sampled.top_p == 0.9
-    beams = SamplingConfig.from_generation_config(GenerationConfig(num_beams=4, num_return_sequences=2), max_new_tokens=3)
+    beam_cfg = GenerationConfig(num_beams=4, num_return_sequences=2)
+    beams = SamplingConfig.from_generation_config(beam_cfg, max_new_tokens=3)
     assert beams.beam_width == 4 and beams.n == 2 and beams.max_new_tokens == 3 and beams.is_greedy
     with pytest.raises(SamplingConfigError, match="temperature"):
         SamplingConfig.from_generation_config(GenerationConfig(do_sample=True, num_beams=2))

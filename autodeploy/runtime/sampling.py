@@ -205,10 +205,12 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
     return g
 
 
-def _row_tensor(values: Sequence[float] | torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _row_params(values: Sequence[float] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per-row parameters as a small CPU tensor: "is this filter used at all?" checks then
+    cost no device synchronisation; only the tensors actually needed are copied over."""
     if isinstance(values, torch.Tensor):
-        return values.to(device=device, dtype=dtype)
-    return torch.tensor(list(values), dtype=dtype, device=device)
+        return values.detach().to(device="cpu", dtype=dtype)
+    return torch.tensor(list(values), dtype=dtype)
 
 
 def apply_logits_processors(
@@ -283,17 +285,18 @@ def apply_penalties(
     """
     dev = logits.device
     v = logits.shape[1]
-    rep = _row_tensor(repetition_penalty, torch.float32, dev)[:, None]
-    pres = _row_tensor(presence_penalty, torch.float32, dev)[:, None]
-    freq = _row_tensor(frequency_penalty, torch.float32, dev)[:, None]
+    rep = _row_params(repetition_penalty, torch.float32)
+    pres = _row_params(presence_penalty, torch.float32)
+    freq = _row_params(frequency_penalty, torch.float32)
     all_counts, out_counts = token_counts(token_ids, prompt_lens, v, dev)
     if bool((rep != 1.0).any()):
-        penalized = torch.where(logits < 0, logits * rep, logits / rep)
+        r = rep.to(dev)[:, None]
+        penalized = torch.where(logits < 0, logits * r, logits / r)
         logits = torch.where(all_counts > 0, penalized, logits)
     if bool((freq != 0).any()):
-        logits = logits - freq * out_counts
+        logits = logits - freq.to(dev)[:, None] * out_counts
     if bool((pres != 0).any()):
-        logits = logits - pres * (out_counts > 0).to(logits.dtype)
+        logits = logits - pres.to(dev)[:, None] * (out_counts > 0).to(logits.dtype)
     return logits
 
 
@@ -312,17 +315,17 @@ def apply_sampling_masks(
     batch; every temperature must be > 0.
     """
     dev = logits.device
-    b, v = logits.shape
-    temp = _row_tensor(temperature, torch.float32, dev)
-    k = _row_tensor(top_k, torch.long, dev)
-    p = _row_tensor(top_p, torch.float64, dev)
-    mp = _row_tensor(min_p, torch.float32, dev)
-    logits = logits / temp[:, None]
+    v = logits.shape[1]
+    temp = _row_params(temperature, torch.float32)
+    k = _row_params(top_k, torch.long)
+    p = _row_params(top_p, torch.float64)
+    mp = _row_params(min_p, torch.float32)
+    logits = logits / temp.to(dev)[:, None]
 
     k_on = (k > 0) & (k < v)
     p_on = p < 1.0
     mp_on = mp > 0
-    if not bool(k_on.any() | p_on.any() | mp_on.any()):
+    if not bool(k_on.any() or p_on.any() or mp_on.any()):
         return logits
 
     neg_inf = float("-inf")
@@ -330,19 +333,19 @@ def apply_sampling_masks(
     if bool(k_on.any()):
         k_eff = torch.where(k_on, k, torch.full_like(k, v))
         # HF keeps every token whose logit ties the k-th largest value.
-        kth = sorted_logits.gather(1, (v - k_eff)[:, None])
+        kth = sorted_logits.gather(1, (v - k_eff).to(dev)[:, None])
         sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, neg_inf)
     if bool(p_on.any()):
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # HF compares against the Python double (1 - top_p) cast to fp32, not 1 - fp32(top_p).
-        remove = cum <= (1.0 - p).to(torch.float32)[:, None]
+        remove = cum <= (1.0 - p).to(torch.float32).to(dev)[:, None]
         remove[:, -1] = False
-        remove &= p_on[:, None]
+        remove &= p_on.to(dev)[:, None]
         sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
     if bool(mp_on.any()):
         probs = sorted_logits.softmax(dim=-1)
         top = probs.amax(dim=-1, keepdim=True)
-        remove = probs < mp[:, None] * top
+        remove = probs < mp.to(dev)[:, None] * top
         sorted_logits = sorted_logits.masked_fill(remove, neg_inf)
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
 
@@ -386,15 +389,19 @@ class Sampler:
         ``token_ids[i]`` is request i's prompt followed by its generated tokens and
         ``prompt_lens[i]`` the prompt part's length. ``generators[i]`` (see
         :func:`make_generator`) supplies row i's randomness; None uses the global RNG.
+        Configs are assumed validated (``SamplingConfig.validate``) when the request was
+        admitted; the sampler does not re-check them every step.
         """
-        b, v = logits.shape
-        if not (len(configs) == len(token_ids) == len(prompt_lens) == b):
-            raise ValueError(
-                f"batch mismatch: logits has {b} rows, configs {len(configs)}, "
-                f"token_ids {len(token_ids)}, prompt_lens {len(prompt_lens)}"
-            )
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, V], got shape {tuple(logits.shape)}")
+        b = logits.shape[0]
         if generators is None:
             generators = [None] * b
+        if not (len(configs) == len(token_ids) == len(prompt_lens) == len(generators) == b):
+            raise ValueError(
+                f"batch mismatch: logits has {b} rows, configs {len(configs)}, token_ids {len(token_ids)}, "
+                f"prompt_lens {len(prompt_lens)}, generators {len(generators)}"
+            )
         # A private fp32 copy: processors may edit in place without touching the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
 
@@ -412,15 +419,14 @@ class Sampler:
 
         sample_rows = [i for i, c in enumerate(configs) if not c.is_greedy]
         if not sample_rows:
-            tokens = logits.argmax(dim=-1)
-            final = logits
+            # Fast path: nothing random in the batch.
+            tokens, final = logits.argmax(dim=-1), logits
         else:
-            tokens = logits.argmax(dim=-1) if len(sample_rows) < b else torch.empty(b, dtype=torch.long, device=logits.device)
             sub_cfg = [configs[i] for i in sample_rows]
             all_rows = len(sample_rows) == b
-            sub = logits if all_rows else logits[torch.tensor(sample_rows, device=logits.device)]
+            idx = None if all_rows else torch.tensor(sample_rows, device=logits.device)
             masked = apply_sampling_masks(
-                sub,
+                logits if all_rows else logits[idx],
                 [c.temperature for c in sub_cfg],
                 [c.top_k for c in sub_cfg],
                 [c.top_p for c in sub_cfg],
@@ -430,7 +436,7 @@ class Sampler:
             if all_rows:
                 tokens, final = chosen, masked
             else:
-                idx = torch.tensor(sample_rows, device=logits.device)
+                tokens = logits.argmax(dim=-1)  # greedy rows use the penalized, untempered logits
                 tokens[idx] = chosen
                 final = logits.clone()
                 final[idx] = masked

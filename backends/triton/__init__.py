@@ -1,0 +1,56 @@
+"""The triton backend: paged flash/flash-decoding attention, RoPE fused with the KV-cache write, RMSNorm fused
+with the residual add. Chosen automatically on CUDA; on CPU only when asked for under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from autodeploy.backends.base import AttentionBackend, AttentionSpec
+from autodeploy.backends.registry import register_backend
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+class TritonBackend(AttentionBackend):
+    name = "triton"
+    devices = ("cuda",)
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    metadata_fields = ()  # reads only the step inputs; split-K sizing comes from host ints (CUDA-graph safe)
+    priority = 10
+    default_page_size = 64
+
+    def available(self, device: torch.device, explicit: bool) -> tuple[bool, str]:
+        if not _HAS_TRITON:
+            return False, "the triton package is not installed"
+        if device.type == "cuda":
+            return True, "available"
+        if explicit and os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "CPU under TRITON_INTERPRET=1 (slow; for testing)"
+        return False, "needs a CUDA device (on CPU only when requested explicitly under TRITON_INTERPRET=1)"
+
+    def supports(self, spec: AttentionSpec) -> tuple[bool, str]:
+        ok, why = super().supports(spec)
+        if not ok:
+            return ok, why
+        if spec.head_dim > 256 or spec.head_dim % 8:
+            return False, f"head_dim {spec.head_dim} unsupported (multiples of 8 up to 256)"
+        if spec.v_head_dim != spec.head_dim:
+            return False, "different K and V head dims"
+        return True, "supported"
+
+    def cached_attention_op(self):
+        from autodeploy.backends.triton import ops  # noqa: F401  (registers the ops; imports triton)
+
+        return torch.ops.autodeploy.triton_cached_attention.default
+
+    def graph_passes(self):
+        from autodeploy.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+        from autodeploy.passes.fuse_rope_cache_write import fuse_rope_cache_write
+
+        return [fuse_rope_cache_write, fuse_add_rmsnorm]
+
+
+register_backend(TritonBackend())

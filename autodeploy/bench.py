@@ -1,0 +1,143 @@
+"""``autodeploy bench``: a synthetic serving workload through the real engine.
+
+Requests with uniform random input/output lengths arrive as a Poisson process (or all at once); the engine
+runs in-flight batching. Reports throughput, TTFT/TPOT percentiles and the host-side overhead per step
+(scheduling, nest_sequences, sampling, bookkeeping), as a table and as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def _range(spec: str) -> tuple[int, int]:
+    lo, _, hi = spec.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict[str, float]:
+    if not xs:
+        return {f"p{p}": float("nan") for p in ps}
+    xs = sorted(xs)
+    return {f"p{p}": xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] for p in ps}
+
+
+def make_workload(num: int, input_len: str, output_len: str, rate: float, vocab: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    (ilo, ihi), (olo, ohi) = _range(input_len), _range(output_len)
+    t, out = 0.0, []
+    for _ in range(num):
+        if rate != float("inf"):
+            t += rng.expovariate(rate)
+        out.append({"arrival": t, "prompt": [rng.randrange(vocab) for _ in range(rng.randint(ilo, ihi))],
+                    "max_new_tokens": rng.randint(olo, ohi)})
+    return out
+
+
+def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from autodeploy.runtime.sampling import SamplingConfig
+
+    engine.record_stats = True
+    pending = list(workload)
+    reqs = []
+    bar = tqdm(total=len(workload), desc="requests", disable=not progress, unit="req")
+    t0 = time.perf_counter()
+    done = 0
+    while pending or engine.has_work():
+        now = time.perf_counter() - t0
+        while pending and pending[0]["arrival"] <= now:
+            w = pending.pop(0)
+            req = engine.add_request(w["prompt"], SamplingConfig(max_new_tokens=w["max_new_tokens"], ignore_eos=True))
+            req.metrics.arrival = t0 + w["arrival"]
+            reqs.append(req)
+        if not engine.has_work():
+            time.sleep(min(0.01, max(0.0, pending[0]["arrival"] - now)))
+            continue
+        engine.step()
+        finished = sum(1 for r in reqs if r.finished)
+        bar.update(finished - done)
+        done = finished
+    elapsed = time.perf_counter() - t0
+    bar.close()
+    steps = engine.stats.steps
+    out_tokens = sum(r.metrics.num_generated for r in reqs)
+    in_tokens = sum(r.metrics.num_prompt_tokens for r in reqs)
+    max_running = max((s.num_seqs for s in steps), default=0)
+    busy = [s.host_overhead for s in steps if s.num_seqs >= max(1, int(0.9 * max_running))]
+    return {
+        "requests": len(reqs), "errors": sum(1 for r in reqs if r.error), "elapsed_s": elapsed,
+        "output_tokens": out_tokens, "input_tokens": in_tokens,
+        "output_tok_per_s": out_tokens / elapsed, "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
+        "ttft_s": percentiles([r.metrics.ttft for r in reqs if r.metrics.ttft is not None]),
+        "tpot_s": percentiles([r.metrics.tpot for r in reqs if r.metrics.tpot is not None]),
+        "steps": len(steps), "preemptions": engine.stats.num_preemptions, "max_running_seqs": max_running,
+        "host_overhead_per_step_s": {
+            **percentiles([s.host_overhead for s in steps]),
+            "at_max_batch_median": statistics.median(busy) if busy else float("nan"),
+            "schedule_median": statistics.median(s.schedule for s in steps) if steps else float("nan"),
+            "pack_median": statistics.median(s.pack for s in steps) if steps else float("nan"),
+            "sample_median": statistics.median(s.sample for s in steps) if steps else float("nan"),
+            "bookkeeping_median": statistics.median(s.bookkeeping for s in steps) if steps else float("nan"),
+        },
+        "forward_median_s": statistics.median(s.forward for s in steps) if steps else float("nan"),
+    }
+
+
+def render(results: dict, console: Any) -> None:
+    from rich.table import Table
+
+    t = Table(title="autodeploy bench")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("requests (errors)", f"{results['requests']} ({results['errors']})")
+    t.add_row("elapsed", f"{results['elapsed_s']:.2f} s")
+    t.add_row("output tokens/s", f"{results['output_tok_per_s']:.1f}")
+    t.add_row("total tokens/s", f"{results['total_tok_per_s']:.1f}")
+    for name in ("ttft_s", "tpot_s"):
+        t.add_row(name.replace("_s", " p50/p90/p99"), " / ".join(f"{v * 1e3:.2f}" for v in results[name].values())
+                  + " ms")
+    h = results["host_overhead_per_step_s"]
+    t.add_row("host overhead/step p50/p90/p99", f"{h['p50'] * 1e3:.3f} / {h['p90'] * 1e3:.3f} / {h['p99'] * 1e3:.3f} ms")
+    t.add_row(f"host overhead/step at {results['max_running_seqs']} running", f"{h['at_max_batch_median'] * 1e3:.3f} ms")
+    t.add_row("  schedule / pack / sample / bookkeeping", " / ".join(
+        f"{h[k] * 1e3:.3f}" for k in ("schedule_median", "pack_median", "sample_median", "bookkeeping_median")) + " ms")
+    t.add_row("forward median", f"{results['forward_median_s'] * 1e3:.2f} ms")
+    t.add_row("steps / preemptions", f"{results['steps']} / {results['preemptions']}")
+    console.print(t)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from autodeploy.cli import _compile
+    from autodeploy.runtime.engine import Engine
+
+    console = Console(stderr=True)
+    t0 = time.perf_counter()
+    extra = {"max_num_tokens": args.max_num_tokens} if args.max_num_tokens else {}
+    _model, cm = _compile(args, **extra)
+    compile_s = time.perf_counter() - t0
+    workload = make_workload(args.num_requests, args.input_len, args.output_len, args.arrival_rate,
+                             cm.vocab_size, args.seed)
+    warm = Engine(cm)  # one warm-up pass so first-call costs are not billed to the workload
+    warm.generate([workload[0]["prompt"]], None)
+    results = run_workload(Engine(cm), workload, progress=not args.no_progress)
+    results.update(compile_s=compile_s, model=args.model, device=str(cm.device), dtype=str(cm.dtype),
+                   backend=cm.report.backend, lowering=cm.report.lowering,
+                   workload=dict(num_requests=args.num_requests, input_len=args.input_len,
+                                 output_len=args.output_len, arrival_rate=args.arrival_rate))
+    render(results, console)
+    print(json.dumps(results, indent=2, default=str))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    return 0

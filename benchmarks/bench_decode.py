@@ -1,0 +1,189 @@
+"""GPU serving benchmark for one builtin config: decode tok/s per batch size against the memory-bandwidth floor,
+prefill tok/s, a continuous-batching workload, compile time, and a per-step time breakdown from the profiler.
+
+    python benchmarks/bench_decode.py --model llama-3.2-1b --lowering cudagraph --json out.json
+
+Floor: every decode step reads all weight bytes plus the KV bytes of every sequence; divided by the device
+bandwidth measured in the same run (a large device-to-device copy), that is the fastest a step can be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def measure_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
+    """Bytes/s of a large D2D copy (read + write counted)."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return nbytes / statistics.median(times)
+
+
+def kv_bytes_per_token(cm) -> int:
+    item = torch.empty((), dtype=cm.dtype).element_size()
+    return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * item for s in cm.ctx.attention_specs)
+
+
+def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int):
+    """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding)."""
+    from autodeploy.runtime.engine import Engine
+    from autodeploy.runtime.sampling import SamplingConfig
+
+    engine = Engine(cm, record_stats=True)
+    g = torch.Generator().manual_seed(batch)
+    for _ in range(batch):
+        engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(),
+                           SamplingConfig(max_new_tokens=steps + 8, ignore_eos=True))
+    while any(s.num_computed < s.prompt_len for r in engine.scheduler.running + list(engine.scheduler.waiting)
+              for s in r.seqs) or engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()  # warm-up (captures the bucket's graph)
+    torch.cuda.synchronize()
+    engine.stats.steps.clear()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    st = engine.stats.steps
+    for r in list(engine.scheduler.running):
+        engine.scheduler.finish(r)
+    return dt / steps, statistics.median(s.host_overhead for s in st), statistics.median(s.forward for s in st)
+
+
+def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
+    """Per-step GPU time by category from the torch profiler (eager steps, so kernels are attributable)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from autodeploy.metadata import SequenceChunk
+
+    pages_per = -(-(ctx + 1) // cm.page_size)
+    chunks = [SequenceChunk([1], ctx, list(range(i * pages_per, (i + 1) * pages_per))) for i in range(batch)]
+    batch_in = cm.packer.pack(chunks)
+    for _ in range(3):
+        cm.forward(batch_in)
+    torch.cuda.synchronize()
+    n = 5
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            cm.forward(batch_in)
+        torch.cuda.synchronize()
+    cats = {"attention": 0.0, "gemm": 0.0, "norm_rope": 0.0, "metadata": 0.0, "other": 0.0}
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
+        if t <= 0 or evt.key.startswith("autodeploy::") or evt.key.startswith("aten::"):
+            continue
+        name = evt.key.lower()
+        if "attn" in name or "decode" in name or "rope_cache" in name:
+            cats["attention"] += t
+        elif any(k in name for k in ("gemm", "cutlass", "xmma", "nvjet", "sm90", "matmul", "splitk")):
+            cats["gemm"] += t
+        elif "rms" in name or "norm" in name:
+            cats["norm_rope"] += t
+        elif "searchsorted" in name or "index" in name:
+            cats["metadata"] += t
+        else:
+            cats["other"] += t
+    return {k: v / n / 1e3 for k, v in cats.items()}  # ms per step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-3.2-1b")
+    p.add_argument("--lowering", default="cudagraph")
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--batches", default="1,8,32,64")
+    p.add_argument("--ctx", type=int, default=512, help="context length of each decoding sequence")
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--cb-requests", type=int, default=0, help="continuous-batching workload size (0: skip)")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+
+    import autodeploy
+    from autodeploy.models.builtin import build_builtin
+
+    bw = measure_bandwidth()
+    batches = [int(b) for b in args.batches.split(",")]
+    t0 = time.perf_counter()
+    model = build_builtin(args.model, dtype=torch.bfloat16, device="cuda")
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cm = autodeploy.compile(model, max_batch_size=max(batches + [64]), max_seq_len=args.max_seq_len,
+                            backend=args.backend, lowering=args.lowering, max_num_tokens=8192)
+    compile_s = time.perf_counter() - t0
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_tok = kv_bytes_per_token(cm)
+    vocab = cm.vocab_size
+    res = {"model": args.model, "lowering": cm.report.lowering, "backend": cm.report.backend,
+           "device_bw_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9, "compile_s": compile_s,
+           "model_init_s": build_s, "decode": []}
+    print(f"device copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; compile {compile_s:.1f} s")
+    print(f"{'batch':>5} {'ctx':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} {'host ms':>7}")
+    for b in batches:
+        step, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab)
+        floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
+        row = {"batch": b, "ctx": args.ctx, "step_ms": step * 1e3, "tok_per_s": b / step, "floor_ms": floor * 1e3,
+               "pct_of_floor": 100 * floor / step, "host_overhead_ms": host * 1e3, "forward_ms": fwd * 1e3}
+        res["decode"].append(row)
+        print(f"{b:>5} {args.ctx:>5} {step * 1e3:8.2f} {b / step:9.1f} {floor * 1e3:8.2f} {100 * floor / step:6.1f}% "
+              f"{host * 1e3:7.3f}")
+
+    # prefill throughput: 8 prompts of prefill_len tokens in one step
+    from autodeploy.metadata import SequenceChunk
+
+    n_pre = max(1, 8192 // args.prefill_len)
+    pages_per = -(-args.prefill_len // cm.page_size)
+    g = torch.Generator().manual_seed(0)
+    chunks = [SequenceChunk(torch.randint(0, vocab, (args.prefill_len,), generator=g).tolist(), 0,
+                            list(range(i * pages_per, (i + 1) * pages_per))) for i in range(n_pre)]
+    batch_in = cm.pack(chunks)
+    for _ in range(2):
+        cm.forward(batch_in)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        cm.forward(batch_in)
+    torch.cuda.synchronize()
+    pre = (time.perf_counter() - t0) / 5
+    res["prefill"] = {"tokens": n_pre * args.prefill_len, "step_ms": pre * 1e3,
+                      "tok_per_s": n_pre * args.prefill_len / pre}
+    print(f"prefill {n_pre}x{args.prefill_len}: {pre * 1e3:.1f} ms, {n_pre * args.prefill_len / pre:,.0f} tok/s")
+
+    res["breakdown_ms_per_step"] = {str(b): profile_breakdown(cm, b, args.ctx, vocab) for b in (1, batches[-1])}
+    print("per-step GPU time by category (eager step, ms):", json.dumps(res["breakdown_ms_per_step"]))
+
+    if args.cb_requests:
+        from autodeploy.bench import make_workload, run_workload
+        from autodeploy.runtime.engine import Engine
+
+        wl = make_workload(args.cb_requests, "128:1024", "128", float("inf"), vocab, 0)
+        cb = run_workload(Engine(cm, max_num_tokens=8192), wl, progress=False)
+        res["continuous_batching"] = {k: cb[k] for k in ("output_tok_per_s", "total_tok_per_s", "elapsed_s",
+                                                          "ttft_s", "tpot_s", "steps", "preemptions",
+                                                          "max_running_seqs", "host_overhead_per_step_s")}
+        print(f"continuous batching {args.cb_requests} req: {cb['output_tok_per_s']:,.0f} output tok/s "
+              f"({cb['elapsed_s']:.1f} s, max running {cb['max_running_seqs']}, preemptions {cb['preemptions']})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()

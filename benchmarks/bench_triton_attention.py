@@ -1,0 +1,191 @@
+"""GPU microbenchmark for the Triton paged attention kernels.
+
+Decode (flash-decoding over the paged cache) is memory bound, so it is reported as achieved HBM bandwidth
+(bytes of K+V read plus q/out) and as a fraction of a measured device-to-device copy bandwidth. Prefill
+(context_attention, one causal sequence) is compute bound and reported in TFLOP/s. PyTorch SDPA on equivalent
+contiguous tensors is timed alongside for reference.
+
+Usage: python benchmarks/bench_triton_attention.py [--page-size 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+
+# Llama-3-8B attention shapes
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def time_cuda(fn, reps: int, warmup: int, flush: torch.Tensor | None = None) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events; L2 flushed before each run if given)."""
+    for _ in range(warmup):
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if flush is not None:
+            flush.zero_()  # evict K/V from L2 so small decode cases measure HBM, not cache
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth(nbytes: int, reps: int) -> float:
+    """Device-to-device copy bandwidth in GB/s (read + write bytes), the practical HBM ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = time_cuda(lambda: dst.copy_(src), reps, warmup=3)
+    del src, dst
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def make_paged(batch: int, ctx: int, page_size: int, gen: torch.Generator):
+    """Random paged cache holding ``batch`` sequences of ``ctx`` tokens in shuffled pages."""
+    pages_per_seq = math.ceil(ctx / page_size)
+    num_pages = batch * pages_per_seq
+    k_cache = torch.randn(num_pages, page_size, HKV, D, device="cuda", dtype=DTYPE, generator=gen)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    page_table = perm.view(batch, pages_per_seq).contiguous()
+    seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, page_table, seq_lens
+
+
+def gather_contiguous(cache: torch.Tensor, page_table: torch.Tensor, ctx: int) -> torch.Tensor:
+    """Paged cache -> SDPA layout ``[B, Hkv, ctx, D]`` (also used to check the kernel's output)."""
+    b = page_table.shape[0]
+    return cache[page_table.long()].reshape(b, -1, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
+
+
+def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
+    from autodeploy.backends.triton.kernels.attention import _device_sms, decode_attention, pick_num_splits
+
+    scale = D**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for batch in args.batches:
+        for ctx in args.contexts:
+            k_cache, v_cache, page_table, seq_lens = make_paged(batch, ctx, args.page_size, gen)
+            q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+            out = torch.empty_like(q)
+            splits = pick_num_splits(batch, HKV, ctx, _device_sms(q.device))
+
+            def run():
+                decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, scale=scale, sliding_window=None,
+                                 logit_softcap=None, sinks=None, max_seq_len=ctx)  # fmt: skip
+
+            ms = time_cuda(run, args.reps, args.warmup, flush)
+            nbytes = 2 * batch * ctx * HKV * D * DTYPE.itemsize + 2 * batch * HQ * D * DTYPE.itemsize
+            gbs = nbytes / (ms * 1e-3) / 1e9
+            row = dict(kind="decode", batch=batch, ctx=ctx, page_size=args.page_size, num_splits=splits,
+                       ms=ms, gb_s=gbs, pct_copy_bw=100 * gbs / copy_gbs)  # fmt: skip
+
+            if not args.no_sdpa:
+                k = gather_contiguous(k_cache, page_table, ctx)
+                v = gather_contiguous(v_cache, page_table, ctx)
+                q4 = q.unsqueeze(2)  # [B, Hq, 1, D]
+                sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                    q4, k, v, scale=scale, enable_gqa=True
+                )
+                ref = sdpa().squeeze(2)
+                run()
+                row["max_abs_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
+                sdpa_ms = time_cuda(sdpa, args.reps, args.warmup, flush)
+                row["sdpa_ms"] = sdpa_ms
+                row["sdpa_gb_s"] = nbytes / (sdpa_ms * 1e-3) / 1e9
+                del k, v, ref
+            rows.append(row)
+            print(
+                f"decode  B={batch:<3d} ctx={ctx:<6d} splits={splits:<3d} {ms * 1e3:9.1f} us  "
+                f"{gbs:7.0f} GB/s  {row['pct_copy_bw']:5.1f}% of copy"
+                + (f" | sdpa {row['sdpa_ms'] * 1e3:9.1f} us {row['sdpa_gb_s']:7.0f} GB/s"
+                   f"  err {row['max_abs_err_vs_sdpa']:.2e}" if "sdpa_ms" in row else ""),  # fmt: skip
+                flush=True,
+            )
+            del k_cache, v_cache, page_table, seq_lens, q, out
+            torch.cuda.empty_cache()
+
+
+def bench_prefill(args, rows: list) -> None:
+    from autodeploy.backends.triton.kernels.attention import context_attention
+
+    s = args.prefill_len
+    scale = D**-0.5
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    k_cache, v_cache, page_table, seq_lens = make_paged(1, s, args.page_size, gen)
+    q = torch.randn(s, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    out = torch.empty_like(q)
+    cu = torch.tensor([0, s], dtype=torch.int32, device="cuda")
+
+    def run():
+        context_attention(q, k_cache, v_cache, cu, seq_lens, page_table, out, num_seqs=1, max_q_len=s, scale=scale,
+                          sliding_window=None, logit_softcap=None, sinks=None)  # fmt: skip
+
+    flops = 4 * s * s * HQ * D / 2  # causal: half of the QK^T and PV products
+    ms = time_cuda(run, args.reps, args.warmup)
+    row = dict(kind="prefill", seq_len=s, page_size=args.page_size, ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    if not args.no_sdpa:
+        q4 = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, S, D]
+        k = gather_contiguous(k_cache, page_table, s)
+        v = gather_contiguous(v_cache, page_table, s)
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+            q4, k, v, is_causal=True, scale=scale, enable_gqa=True
+        )
+        ref = sdpa()[0].transpose(0, 1)
+        run()
+        row["max_abs_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
+        sdpa_ms = time_cuda(sdpa, args.reps, args.warmup)
+        row["sdpa_ms"] = sdpa_ms
+        row["sdpa_tflops"] = flops / (sdpa_ms * 1e-3) / 1e12
+    rows.append(row)
+    print(
+        f"prefill S={s:<6d} causal          {ms * 1e3:9.1f} us  {row['tflops']:7.1f} TFLOP/s"
+        + (f" | sdpa {row['sdpa_ms'] * 1e3:9.1f} us {row['sdpa_tflops']:7.1f} TFLOP/s"
+           f"  err {row['max_abs_err_vs_sdpa']:.2e}" if "sdpa_ms" in row else ""),  # fmt: skip
+        flush=True,
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--page-size", type=int, default=16, help="KV cache page size (16 or 64 are typical)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--prefill-len", type=int, default=4096)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth-probe copy")
+    p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA reference timings")
+    p.add_argument("--json", type=str, default=None, help="write the results here")
+    args = p.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_triton_attention: CUDA is not available; this benchmark needs an NVIDIA GPU.", file=sys.stderr)
+        return 2
+
+    dev = torch.cuda.get_device_name()
+    copy_gbs = copy_bandwidth(args.copy_mib << 20, reps=20)
+    print(f"device: {dev}   measured D2D copy bandwidth: {copy_gbs:.0f} GB/s")
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    rows: list = []
+    bench_decode(args, copy_gbs, flush, rows)
+    del flush
+    bench_prefill(args, rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=dev, dtype=str(DTYPE), hq=HQ, hkv=HKV, head_dim=D, copy_gb_s=copy_gbs,
+                           torch=torch.__version__, results=rows), f, indent=2)  # fmt: skip
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Triton backend: fold ``autodeploy::rope`` into the cached attention so one kernel rotates q/k and writes
+K/V into the paged cache (the rotated K never round-trips through memory before the cache write)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from autodeploy.graph_utils import aten, flatten_heads, is_op, unflatten_source, val
+from autodeploy.pass_manager import PassResult, register_pass
+
+
+def _rope_output(x, index: int):
+    src = unflatten_source(x)
+    if is_op(src, operator.getitem) and src.args[1] == index and is_op(src.args[0], torch.ops.autodeploy.rope):
+        return src.args[0]
+    return None
+
+
+@register_pass("fuse_rope_cache_write")
+def fuse_rope_cache_write(gm: fx.GraphModule, ctx) -> PassResult:
+    from autodeploy.backends.triton import ops  # noqa: F401
+
+    result = PassResult()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if not is_op(node, torch.ops.autodeploy.triton_cached_attention):
+            continue
+        qf, kf, vf = node.args[:3]
+        rope_q, rope_k = _rope_output(qf, 0), _rope_output(kf, 1)
+        if rope_q is None or rope_q is not rope_k:
+            continue
+        q_raw, k_raw, cos, sin = rope_q.args
+        hq, d = qf.args[1][1], qf.args[1][2]
+        hkv = kf.args[1][1]
+        rot = val(cos).shape[-1] if val(cos) is not None else d
+        with graph.inserting_before(node):
+            q2 = flatten_heads(graph, q_raw, hq, d)
+            k2 = flatten_heads(graph, k_raw, hkv, d)
+            cos2 = graph.call_function(aten.reshape.default, (cos, [-1, rot]))
+            sin2 = graph.call_function(aten.reshape.default, (sin, [-1, rot]))
+            new = graph.call_function(torch.ops.autodeploy.triton_cached_attention_rope.default,
+                                      (q2, k2, vf, cos2, sin2, *node.args[3:]))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        result.num_matches += 1
+    return result
