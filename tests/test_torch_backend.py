@@ -8,7 +8,7 @@ import torch
 
 from autodeploy.metadata import SequenceChunk, nest_sequences
 from autodeploy.ops.attention import attention_reference
-from backends.torch.attention import torch_cached_attention
+from autodeploy.backends.torch.attention import torch_cached_attention
 from helpers import rel_rms
 
 

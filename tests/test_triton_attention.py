@@ -24,8 +24,15 @@ import autodeploy.backends.triton.kernels.attention as attn_mod  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
+    import triton.language.standard as _tl_std
     from triton.runtime.interpreter import InterpretedFunction
 
+    if not isinstance(_tl_std.cdiv, InterpretedFunction):
+        # triton's own @jit helpers were built before TRITON_INTERPRET=1 was set; the interpreter cannot work.
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 was set; export TRITON_INTERPRET=1 or run this file alone",
+            allow_module_level=True,
+        )
     if not isinstance(attn_mod._context_attn_kernel, InterpretedFunction):
         # Another module imported the kernels before TRITON_INTERPRET was set: re-decorate them.
         attn_mod = importlib.reload(attn_mod)
