@@ -10,6 +10,7 @@ all of them run inside that one node, once per forward, whatever the number of l
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -111,21 +112,21 @@ def nest_sequences(
     cached = np.fromiter((chunks[i].num_cached for i in order), dtype=np.int64, count=len(order))
     n_seq, n_tok = len(order), int(q_lens.sum())
     kv_lens = cached + q_lens
-    max_pages = max(1, pages_width, int(max(len(chunks[i].pages) for i in order)))
     need_pages = (kv_lens + page_size - 1) // page_size
-    for row, i in enumerate(order):
-        if len(chunks[i].pages) < need_pages[row]:
-            raise ValueError(f"sequence {i} holds {len(chunks[i].pages)} pages but needs {need_pages[row]}")
-
+    n_pages = np.fromiter((len(chunks[i].pages) for i in order), dtype=np.int64, count=n_seq)
+    max_pages = max(1, pages_width, int(n_pages.max()))
+    if (n_pages < need_pages).any():
+        row = int(np.argmax(n_pages < need_pages))
+        raise ValueError(f"sequence {order[row]} holds {n_pages[row]} pages but needs {need_pages[row]}")
     cu = np.zeros(n_seq + 1, dtype=np.int64)
     np.cumsum(q_lens, out=cu[1:])
     seq_of_tok = np.repeat(np.arange(n_seq), q_lens)
     offset_in_chunk = np.arange(n_tok) - cu[seq_of_tok]
     positions = cached[seq_of_tok] + offset_in_chunk
     page_table = np.zeros((n_seq, max_pages), dtype=np.int64)
-    for row, i in enumerate(order):
-        pages = chunks[i].pages
-        page_table[row, : len(pages)] = pages
+    flat_pages = np.fromiter(itertools.chain.from_iterable(chunks[i].pages for i in order), dtype=np.int64,
+                             count=int(n_pages.sum()))
+    page_table[np.arange(max_pages)[None, :] < n_pages[:, None]] = flat_pages
     slots = page_table[seq_of_tok, positions // page_size] * page_size + positions % page_size
     if all_logits:
         logits_index = np.arange(n_tok)

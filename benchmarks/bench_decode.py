@@ -113,6 +113,7 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--cb-requests", type=int, default=0, help="continuous-batching workload size (0: skip)")
     p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
 
@@ -125,7 +126,8 @@ def main() -> None:
     model = build_builtin(args.model, dtype=torch.bfloat16, device="cuda")
     build_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    cm = autodeploy.compile(model, max_batch_size=max(batches + [64]), max_seq_len=args.max_seq_len,
+    cm = autodeploy.compile(model, max_batch_size=args.max_batch_size or max(batches + [64]),
+                            max_seq_len=args.max_seq_len,
                             backend=args.backend, lowering=args.lowering, max_num_tokens=8192)
     compile_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

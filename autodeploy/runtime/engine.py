@@ -162,14 +162,16 @@ class Engine:
             return touched
         self.cm.copy_pages(self.kv.take_pending_copies())
         chunks = [SequenceChunk(s.token_ids[s.num_computed:s.num_computed + n], s.num_computed,
-                                self.kv.page_table(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids))
+                                self.kv.pages_view(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids))
                   for s, n in sched.items]
         t1 = time.perf_counter()
         batch = self.cm.pack(chunks)
         t2 = time.perf_counter()
-        logits = self.cm.forward(batch)
-        if logits.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
+        logits = self.cm.forward(batch)  # asynchronous on a GPU: bookkeeping below overlaps with it
+        done = None
+        if self.record_stats and logits.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
         t3 = time.perf_counter()
         for s, n in sched.items:
             s.num_computed += n
@@ -177,11 +179,15 @@ class Engine:
         rows = {batch.logits_rows[i]: i for i in range(len(batch.logits_rows))}
         ready = [(s, rows[i]) for i, (s, _) in enumerate(sched.items) if i in rows]
         t4 = time.perf_counter()
+        gpu_wait = 0.0
+        if done is not None:  # attribute the wait for the GPU to the forward, not to sampling
+            done.synchronize()
+            gpu_wait = time.perf_counter() - t4
         touched += self._advance(ready, logits)
         t5 = time.perf_counter()
         if self.record_stats:
-            st.schedule, st.pack, st.forward = t1 - t0, t2 - t1, t3 - t2
-            st.sample, st.bookkeeping = t5 - t4, t4 - t3
+            st.schedule, st.pack, st.forward = t1 - t0, t2 - t1, t3 - t2 + gpu_wait
+            st.sample, st.bookkeeping = t5 - t4 - gpu_wait, t4 - t3
             st.num_seqs, st.num_tokens = len(sched.items), sched.num_tokens
             self.stats.steps.append(st)
         return touched
@@ -191,11 +197,13 @@ class Engine:
         touched: dict[int, Request] = {}
         plain = [(s, r) for s, r in ready if s.request.beam is None]
         if plain:
-            idx = torch.tensor([r for _, r in plain], device=logits.device)
+            rows = [r for _, r in plain]
+            picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
+                logits.index_select(0, torch.tensor(rows, device=logits.device))
             out = self.sampler.sample(
-                logits.index_select(0, idx), [s.request.sampling for s, _ in plain],
+                picked, [s.request.sampling for s, _ in plain],
                 [s.token_ids for s, _ in plain], [s.prompt_len for s, _ in plain],
-                [s.generator for s, _ in plain])
+                [s.generator for s, _ in plain], return_logprobs=False)
             for (s, _), tok in zip(plain, out.tokens.tolist()):
                 self._append(s, tok)
                 touched[id(s.request)] = s.request

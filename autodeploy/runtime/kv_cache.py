@@ -127,6 +127,10 @@ class KVCacheManager:
         """The sequence's pages in position order (a copy)."""
         return list(self._seq(seq_id).pages)
 
+    def pages_view(self, seq_id: Hashable) -> Sequence[int]:
+        """The sequence's page list itself, not a copy: read it, never modify it (hot path)."""
+        return self._seq(seq_id).pages
+
     def num_pages_of(self, seq_id: Hashable) -> int:
         return len(self._seq(seq_id).pages)
 

@@ -193,7 +193,7 @@ class SampleOutput:
     """Chosen tokens ``[B]`` (int64) and their log-probabilities ``[B]`` (fp32)."""
 
     tokens: torch.Tensor
-    logprobs: torch.Tensor
+    logprobs: torch.Tensor | None = None  # None when the caller did not ask for them
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -383,6 +383,7 @@ class Sampler:
         token_ids: Sequence[Sequence[int]],
         prompt_lens: Sequence[int],
         generators: Sequence[torch.Generator | None] | None = None,
+        return_logprobs: bool = True,
     ) -> SampleOutput:
         """Pick one token per row of ``logits`` [B, V].
 
@@ -440,6 +441,8 @@ class Sampler:
                 tokens[idx] = chosen
                 final = logits.clone()
                 final[idx] = masked
+        if not return_logprobs:
+            return SampleOutput(tokens=tokens)
         logprobs = torch.log_softmax(final, dim=-1).gather(1, tokens[:, None]).squeeze(1)
         return SampleOutput(tokens=tokens, logprobs=logprobs)
 

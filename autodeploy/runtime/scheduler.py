@@ -9,6 +9,7 @@ A request's sequences (n samples, beams) are scheduled together or not at all.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from dataclasses import dataclass, field
@@ -56,22 +57,25 @@ class Scheduler:
         step = ScheduledStep()
         budget = self.max_num_tokens
         scheduled: set[int] = set()
-        for req in sorted(self.running, key=lambda r: r.order):
-            if req not in self.running:  # preempted earlier in this loop
+        preempted: set[int] = set()
+        for req in list(self.running):  # kept in arrival order (see _admit)
+            if req.order in preempted:
                 continue
             seqs = req.live_seqs()
             want = [min(s.num_pending, budget) for s in seqs]
-            if sum(want) > budget or any(w == 0 for w in want):
+            total = sum(want)
+            if total > budget or 0 in want:
                 continue  # out of budget this step; it keeps its pages
-            if not self._reserve(req, seqs, want, scheduled, step):
+            if not self._reserve(req, seqs, want, scheduled, step, preempted):
                 continue
             step.items.extend(zip(seqs, want))
             scheduled.add(req.order)
-            budget -= sum(want)
-        while self.waiting and budget > 0 and self._num_seqs_scheduled(step) < self.max_batch_size:
+            budget -= total
+        n_seqs = sum(len(r.live_seqs()) for r in self.running)
+        while self.waiting and budget > 0 and n_seqs < self.max_batch_size:
             req = self.waiting[0]
             seq = req.live_seqs()
-            if len(self.running) + 1 > self.max_batch_size or self.num_running_seqs() + len(seq) > self.max_batch_size:
+            if n_seqs + len(seq) > self.max_batch_size:
                 break
             if not all(self.kv.can_allocate(s.token_ids) for s in seq) or \
                     sum(self.kv.pages_needed(len(s.token_ids)) for s in seq) > self.kv.num_free_pages:
@@ -97,7 +101,8 @@ class Scheduler:
                 break
             if req.metrics.num_preemptions == 0:
                 req.metrics.num_cached_prompt_tokens = max(s.num_computed for s in seq)
-            self.running.append(req)
+            self._admit(req)
+            n_seqs += len(seq)
             want = [min(s.num_pending, budget) for s in seq]
             if sum(want) > budget:
                 break  # admitted; it runs next step
@@ -109,11 +114,15 @@ class Scheduler:
             budget -= sum(want)
         return step
 
-    def _num_seqs_scheduled(self, step: ScheduledStep) -> int:
-        return len({id(s) for s, _ in step.items})
+    def _admit(self, req: Request) -> None:
+        """Insert into ``running`` keeping arrival order (a resumed request goes back to its place)."""
+        if not self.running or self.running[-1].order < req.order:
+            self.running.append(req)
+        else:
+            bisect.insort(self.running, req, key=lambda r: r.order)
 
     def _reserve(self, req: Request, seqs: list[Sequence], want: list[int], scheduled: set[int],
-                 step: ScheduledStep) -> bool:
+                 step: ScheduledStep, preempted: set[int]) -> bool:
         """Make room for ``req``'s tokens, preempting the newest other running requests if needed."""
         while True:
             if all(self.kv.ensure_slots(s.seq_id, s.num_computed + w) for s, w in zip(seqs, want)):
@@ -121,6 +130,7 @@ class Scheduler:
             victims = [r for r in self.running if r is not req and r.order not in scheduled]
             victim = max(victims, key=lambda r: r.order) if victims else req
             self.preempt(victim)
+            preempted.add(victim.order)
             step.preempted.append(victim)
             if victim is req:
                 return False
