@@ -73,6 +73,8 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
     in_tokens = sum(r.metrics.num_prompt_tokens for r in reqs)
     max_running = max((s.num_seqs for s in steps), default=0)
     busy = [s.host_overhead for s in steps if s.num_seqs >= max(1, int(0.9 * max_running))]
+    busy_decode = [s.host_overhead for s in steps
+                   if s.num_seqs >= max(1, int(0.9 * max_running)) and s.num_tokens == s.num_seqs]
     return {
         "requests": len(reqs), "errors": sum(1 for r in reqs if r.error), "elapsed_s": elapsed,
         "output_tokens": out_tokens, "input_tokens": in_tokens,
@@ -83,6 +85,7 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
         "host_overhead_per_step_s": {
             **percentiles([s.host_overhead for s in steps]),
             "at_max_batch_median": statistics.median(busy) if busy else float("nan"),
+            "decode_only_at_max_batch_median": statistics.median(busy_decode) if busy_decode else float("nan"),
             "schedule_median": statistics.median(s.schedule for s in steps) if steps else float("nan"),
             "pack_median": statistics.median(s.pack for s in steps) if steps else float("nan"),
             "sample_median": statistics.median(s.sample for s in steps) if steps else float("nan"),
@@ -108,6 +111,8 @@ def render(results: dict, console: Any) -> None:
     h = results["host_overhead_per_step_s"]
     t.add_row("host overhead/step p50/p90/p99", f"{h['p50'] * 1e3:.3f} / {h['p90'] * 1e3:.3f} / {h['p99'] * 1e3:.3f} ms")
     t.add_row(f"host overhead/step at {results['max_running_seqs']} running", f"{h['at_max_batch_median'] * 1e3:.3f} ms")
+    t.add_row(f"  decode-only steps at {results['max_running_seqs']} running",
+              f"{h['decode_only_at_max_batch_median'] * 1e3:.3f} ms")
     t.add_row("  schedule / pack / sample / bookkeeping", " / ".join(
         f"{h[k] * 1e3:.3f}" for k in ("schedule_median", "pack_median", "sample_median", "bookkeeping_median")) + " ms")
     t.add_row("forward median", f"{results['forward_median_s'] * 1e3:.2f} ms")

@@ -103,10 +103,11 @@ def nest_sequences(
     if pad_to > len(chunks):
         chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
-    prefill = [i for i, c in enumerate(chunks) if c.num_new != 1]
-    decode = [i for i, c in enumerate(chunks) if c.num_new == 1]
+    new_counts = [len(c.token_ids) for c in chunks]
+    prefill = [i for i, n in enumerate(new_counts) if n != 1]
+    decode = [i for i, n in enumerate(new_counts) if n == 1] if prefill else list(range(len(chunks)))
     order = prefill + decode
-    q_lens = np.fromiter((chunks[i].num_new for i in order), dtype=np.int64, count=len(order))
+    q_lens = np.fromiter((new_counts[i] for i in order), dtype=np.int64, count=len(order))
     if (q_lens <= 0).any():
         raise ValueError("every scheduled sequence needs at least one new token")
     cached = np.fromiter((chunks[i].num_cached for i in order), dtype=np.int64, count=len(order))
@@ -135,9 +136,8 @@ def nest_sequences(
         want = [row for row, i in enumerate(order) if chunks[i].want_logits]
         logits_index = cu[1:][want] - 1
         logits_rows = [order[row] for row in want]
-    token_ids = np.fromiter(
-        (t for i in order for t in chunks[i].token_ids), dtype=np.int64, count=n_tok
-    )
+    token_ids = np.fromiter(itertools.chain.from_iterable(chunks[i].token_ids for i in order), dtype=np.int64,
+                            count=n_tok)
 
     arrays = {
         "input_ids": token_ids, "position_ids": positions, "slot_mapping": slots,

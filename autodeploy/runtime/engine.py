@@ -17,6 +17,7 @@ import torch
 from autodeploy.errors import InvalidRequestError
 from autodeploy.metadata import SequenceChunk
 from autodeploy.runtime.beam_search import BeamSearchState
+from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.request import Request, RequestOutput, Sequence as Seq, SeqState
 from autodeploy.runtime.sampling import Sampler, SamplingConfig, build_stopping_criteria, make_generator
@@ -113,10 +114,12 @@ class Engine:
         if self.global_processors:
             sampling = _with(sampling, logits_processors=list(sampling.logits_processors) + self.global_processors)
         req = Request(request_id, ids, sampling)
+        req.plain_greedy = sampling.is_greedy and not sampling.logits_processors and not sampling.needs_penalties
         req.metrics.num_prompt_tokens = len(ids)
         detok = self.tokenizer.decode if self.tokenizer is not None else None
-        req.stop_checkers = build_stopping_criteria(sampling, self.eos_token_ids, len(ids), detok)
-        req.stop_checkers += self.global_stopping
+        checkers = build_stopping_criteria(sampling, self.eos_token_ids, len(ids), detok) + self.global_stopping
+        req.stop_ids = frozenset().union(*(c.ids for c in checkers if isinstance(c, StopOnTokens)))
+        req.stop_checkers = [c for c in checkers if not isinstance(c, StopOnTokens)]
         self._init_seqs(req)
         self.requests[request_id] = req
         self.scheduler.add(req)
@@ -200,11 +203,14 @@ class Engine:
             rows = [r for _, r in plain]
             picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
                 logits.index_select(0, torch.tensor(rows, device=logits.device))
-            out = self.sampler.sample(
-                picked, [s.request.sampling for s, _ in plain],
-                [s.token_ids for s, _ in plain], [s.prompt_len for s, _ in plain],
-                [s.generator for s, _ in plain], return_logprobs=False)
-            for (s, _), tok in zip(plain, out.tokens.tolist()):
+            if all(s.request.plain_greedy for s, _ in plain):  # hot path: one argmax, no per-row lists
+                tokens = picked.argmax(dim=-1).tolist()
+            else:
+                tokens = self.sampler.sample(
+                    picked, [s.request.sampling for s, _ in plain], [s.token_ids for s, _ in plain],
+                    [s.prompt_len for s, _ in plain], [s.generator for s, _ in plain],
+                    return_logprobs=False).tokens.tolist()
+            for (s, _), tok in zip(plain, tokens):
                 self._append(s, tok)
                 touched[id(s.request)] = s.request
         beams: dict[int, list[tuple[Seq, int]]] = {}
@@ -228,15 +234,20 @@ class Engine:
 
     def _append(self, s: Seq, tok: int) -> None:
         req = s.request
-        s.token_ids.append(tok)
-        req.metrics.num_generated = max(req.metrics.num_generated, len(s.output_ids))
-        req.new_tokens.append((req.seqs.index(s), tok))
+        tokens = s.token_ids
+        tokens.append(tok)
+        n_out = len(tokens) - s.prompt_len
+        if n_out > req.metrics.num_generated:
+            req.metrics.num_generated = n_out
+        req.new_tokens.append((0 if len(req.seqs) == 1 else req.seqs.index(s), tok))
         reason = None
-        if any(check(s.token_ids, tok) for check in req.stop_checkers):
+        if tok in req.stop_ids:
             reason = "stop"
-        elif len(s.output_ids) >= req.sampling.max_new_tokens:
+        elif req.stop_checkers and any(check(tokens, tok) for check in req.stop_checkers):
+            reason = "stop"
+        elif n_out >= req.sampling.max_new_tokens:
             reason = "length"
-        elif len(s.token_ids) >= self.cm.max_seq_len:
+        elif len(tokens) >= self.cm.max_seq_len:
             reason = "max_seq_len"
         if reason is not None:
             s.state, s.finish_reason = SeqState.FINISHED, reason

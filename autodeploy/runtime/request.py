@@ -84,15 +84,25 @@ class Request:
     metrics: RequestMetrics = field(default_factory=RequestMetrics)
     order: int = field(default_factory=lambda: next(_ids))
     error: Optional[str] = None
-    stop_checkers: list = field(default_factory=list)
+    stop_checkers: list = field(default_factory=list)  # generic StoppingCriteria (called per token)
+    stop_ids: frozenset = frozenset()
+    plain_greedy: bool = False  # greedy with no processors/penalties: sampled by one batched argmax  # token-id stops, checked by set membership on the hot path
     new_tokens: list = field(default_factory=list)  # (sample index, token) produced in the current step
 
     @property
     def finished(self) -> bool:
-        return self.error is not None or all(s.state is SeqState.FINISHED for s in self.seqs)
+        if self.error is not None:
+            return True
+        for s in self.seqs:
+            if s.state is not SeqState.FINISHED:
+                return False
+        return True
 
     def live_seqs(self) -> list[Sequence]:
-        return [s for s in self.seqs if s.state is not SeqState.FINISHED]
+        seqs = self.seqs
+        if len(seqs) == 1:  # the common case, without building a filtered list
+            return seqs if seqs[0].state is not SeqState.FINISHED else []
+        return [s for s in seqs if s.state is not SeqState.FINISHED]
 
 
 @dataclass

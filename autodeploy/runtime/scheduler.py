@@ -58,20 +58,37 @@ class Scheduler:
         budget = self.max_num_tokens
         scheduled: set[int] = set()
         preempted: set[int] = set()
+        items = step.items
+        n_seqs = 0
         for req in list(self.running):  # kept in arrival order (see _admit)
             if req.order in preempted:
                 continue
             seqs = req.live_seqs()
+            if len(seqs) == 1:  # fast path: one sequence (decode: one token)
+                seq = seqs[0]
+                n = seq.num_pending
+                if n > budget:
+                    n = budget
+                if n == 0:
+                    continue
+                if not self.kv.ensure_slots(seq.seq_id, seq.num_computed + n) and \
+                        not self._reserve(req, seqs, [n], scheduled, step, preempted):
+                    continue
+                items.append((seq, n))
+                scheduled.add(req.order)
+                budget -= n
+                continue
             want = [min(s.num_pending, budget) for s in seqs]
             total = sum(want)
             if total > budget or 0 in want:
                 continue  # out of budget this step; it keeps its pages
             if not self._reserve(req, seqs, want, scheduled, step, preempted):
                 continue
-            step.items.extend(zip(seqs, want))
+            items.extend(zip(seqs, want))
             scheduled.add(req.order)
             budget -= total
-        n_seqs = sum(len(r.live_seqs()) for r in self.running)
+        for req in self.running:
+            n_seqs += len(req.seqs) if len(req.seqs) == 1 else len(req.live_seqs())
         while self.waiting and budget > 0 and n_seqs < self.max_batch_size:
             req = self.waiting[0]
             seq = req.live_seqs()
