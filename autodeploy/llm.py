@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 from autodeploy.errors import AutoDeployError, InvalidRequestError
-from autodeploy.runtime.engine import Engine
+from autodeploy.runtime.engine import Engine, per_prompt_configs
 from autodeploy.runtime.request import RequestMetrics, RequestOutput
 from autodeploy.runtime.sampling import SamplingConfig
 
@@ -53,22 +53,12 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return prompt
 
-    def _configs(self, sampling: Any, n: int) -> list[SamplingConfig]:
-        if sampling is None:
-            return [self.default_sampling] * n
-        if isinstance(sampling, SamplingConfig):
-            return [sampling] * n
-        sampling = list(sampling)
-        if len(sampling) != n:
-            raise InvalidRequestError(f"got {len(sampling)} sampling configs for {n} prompts")
-        return sampling
-
     def _submit(self, prompts: Sequence[Any], sampling: Any) -> list[Any]:
         """Add every valid request; invalid ones become finished outputs with their error."""
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         handles: list[Any] = []
-        for prompt, cfg in zip(prompts, self._configs(sampling, len(prompts))):
+        for prompt, cfg in zip(prompts, per_prompt_configs(sampling, len(prompts), self.default_sampling)):
             try:
                 handles.append(self.engine.add_request(self._encode(prompt), cfg))
             except AutoDeployError as exc:

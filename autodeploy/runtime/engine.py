@@ -315,7 +315,7 @@ class Engine:
     def generate(self, prompts: Sequence[Any], sampling: Any = None) -> list[RequestOutput]:
         """Run ``prompts`` to completion. ``sampling``: one config for all, or one per prompt.
         Invalid requests raise before any work starts."""
-        configs = _per_prompt(sampling, len(prompts))
+        configs = per_prompt_configs(sampling, len(prompts))
         for p, c in zip(prompts, configs):
             self.validate(p, c)
         reqs = [self.add_request(p, c) for p, c in zip(prompts, configs)]
@@ -334,9 +334,10 @@ class Engine:
                     yield req, i, tok, req.finished and j == len(new) - 1
 
 
-def _per_prompt(sampling: Any, n: int) -> list[SamplingConfig]:
+def per_prompt_configs(sampling: Any, n: int, default: Optional[SamplingConfig] = None) -> list[SamplingConfig]:
+    """One config for all prompts, one per prompt, or ``default`` (a fresh SamplingConfig) when None."""
     if sampling is None:
-        return [SamplingConfig() for _ in range(n)]
+        return [default or SamplingConfig() for _ in range(n)]
     if isinstance(sampling, SamplingConfig):
         return [sampling] * n
     sampling = list(sampling)
