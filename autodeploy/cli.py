@@ -33,6 +33,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--page-size", type=int, default=None)
+    p.add_argument("--cache-dir", default=None,
+                   help="compile cache (default: $AUTODEPLOY_CACHE_DIR or ~/.cache/autodeploy); 'none' disables")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
     p.add_argument("-v", "--verbose", action="store_true")
 
@@ -43,13 +45,22 @@ def _dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
 
 
+def _cache_dir(args: argparse.Namespace) -> Optional[str]:
+    if args.cache_dir == "none":
+        return None
+    from autodeploy.compile_cache import default_cache_dir
+
+    return args.cache_dir or str(default_cache_dir())
+
+
 def _compile(args: argparse.Namespace, **extra: Any):
     import autodeploy
 
     model = _model_arg(args.model, _dtype(args), args.device)
     return model, autodeploy.compile(
         model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
-        lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size, **extra)
+        lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size,
+        cache_dir=_cache_dir(args), **extra)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -65,7 +76,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model = _model_arg(args.model, _dtype(args), args.device)
     llm = LLM(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
-              lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size)
+              lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size,
+              cache_dir=_cache_dir(args))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     prompt: Any = args.prompt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 import autodeploy.ops  # noqa: F401  (registers the canonical ops)
+from autodeploy import compile_cache
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.pass_manager import PassManager
 from autodeploy.report import CompileReport
@@ -42,6 +44,21 @@ class CompileContext:
     cache_input_names: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _restore(ctx: CompileContext, state: dict, page_size: Optional[int]):
+    """Fill the context from a compile-cache entry (what the passes would have recorded)."""
+    from autodeploy.backends import AttentionSpec
+    from autodeploy.report import PassRecord
+
+    ctx.attention_backend = state["backend_obj"]
+    ctx.attention_specs = [AttentionSpec(**{**s, "dtype": ctx.dtype}) for s in state["specs"]]
+    ctx.cache_input_names = [tuple(x) for x in state["cache_input_names"]]
+    ctx.page_size = page_size or state["page_size"]
+    ctx.report.backend, ctx.report.backend_reason = state["backend"], state["backend_reason"]
+    ctx.report.rejected_backends = state["rejected"]
+    ctx.report.passes = [PassRecord(**p) for p in state["passes"]]
+    return state["graph"]
+
+
 def _import_passes() -> None:
     import importlib
 
@@ -64,11 +81,14 @@ def compile(
     memory_fraction: float = 0.85,
     enable_prefix_caching: bool = True,
     dump_dir: Optional[str | Path] = None,
+    cache_dir: Optional[str | Path] = None,
 ) -> "CompiledModel":
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
     ``backend``: attention backend name or ``"auto"`` (chosen per model, see ``explain()``).
     ``lowering``: ``"eager"``, ``"torch-compile"`` or ``"cudagraph"``.
+    ``cache_dir``: reuse/store the compiled graph there (default: ``$AUTODEPLOY_CACHE_DIR`` if set, else no
+    cache); a hit skips export and the passes.
     """
     from autodeploy.compiled_model import CompiledModel
     from autodeploy.models import export_model, load_model, model_info
@@ -86,21 +106,34 @@ def compile(
     max_num_tokens = max_num_tokens or max(max_seq_len, 2048)
     report.stage_seconds["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
-    report.stage_seconds["export"] = time.perf_counter() - t0
-
     ctx = CompileContext(
         max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
         page_size=page_size or 0, device=info.device, dtype=info.dtype, backend=backend, report=report,
     )
+    cache_dir = cache_dir if cache_dir is not None else os.environ.get("AUTODEPLOY_CACHE_DIR")
+    entry_path = None
+    if cache_dir:
+        options = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
+                       backend=backend, page_size=page_size)
+        entry_path = Path(cache_dir) / f"{compile_cache.cache_key(hf_model, options)}.pt"
     t0 = time.perf_counter()
-    PassManager(DEFAULT_PASSES, report, dump_dir).run(gm, ctx)
-    ctx.page_size = page_size or ctx.attention_backend.default_page_size
-    backend_passes = [fn.pass_name for fn in ctx.attention_backend.graph_passes()]
-    if backend_passes:  # backend-specific fusions, recorded like any other pass
-        PassManager(backend_passes, report, dump_dir).run(gm, ctx)
-    report.stage_seconds["passes"] = time.perf_counter() - t0
+    state = compile_cache.load(entry_path, hf_model) if entry_path is not None else None
+    if state is not None:
+        gm = _restore(ctx, state, page_size)
+        report.cache_hit = str(entry_path)
+        report.stage_seconds["cache load"] = time.perf_counter() - t0
+    else:
+        gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
+        report.stage_seconds["export"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        PassManager(DEFAULT_PASSES, report, dump_dir).run(gm, ctx)
+        ctx.page_size = page_size or ctx.attention_backend.default_page_size
+        backend_passes = [fn.pass_name for fn in ctx.attention_backend.graph_passes()]
+        if backend_passes:  # backend-specific fusions, recorded like any other pass
+            PassManager(backend_passes, report, dump_dir).run(gm, ctx)
+        report.stage_seconds["passes"] = time.perf_counter() - t0
+        if entry_path is not None:
+            compile_cache.save(entry_path, gm, hf_model, ctx)
 
     cm = CompiledModel(gm, ctx, info, num_pages=num_pages, memory_fraction=memory_fraction,
                        enable_prefix_caching=enable_prefix_caching)

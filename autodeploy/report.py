@@ -25,6 +25,7 @@ class CompileReport:
     lowering_reason: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
     cache: str = ""
+    cache_hit: str = ""  # compile-cache entry this graph was loaded from (export and passes skipped)
 
     def to_dict(self) -> dict:
         return {
@@ -34,12 +35,15 @@ class CompileReport:
             "lowering": {"name": self.lowering, "reason": self.lowering_reason},
             "stage_seconds": self.stage_seconds,
             "cache": self.cache,
+            "compile_cache_hit": self.cache_hit,
         }
 
     def render(self) -> str:
         lines = [f"autodeploy compile report: {self.model}"]
         for stage, secs in self.stage_seconds.items():
             lines.append(f"  stage {stage:<12} {secs * 1e3:9.1f} ms")
+        if self.cache_hit:
+            lines.append(f"  loaded from compile cache {self.cache_hit} (pass records below are from the original compile)")
         lines.append("  passes:")
         width = max((len(p.name) for p in self.passes), default=10)
         for p in self.passes:

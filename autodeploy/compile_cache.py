@@ -1,0 +1,135 @@
+"""On-disk cache of compiled graphs, so a second start skips export and the passes.
+
+An entry holds the final cached GraphModule *without weights* (every parameter/buffer replaced by a meta
+tensor) plus what the runtime needs to know (backend, attention specs, cache inputs, page size). On a hit the
+graph is re-bound to the caller's model tensors by name, so one entry serves any weights of the same
+architecture. The key covers the model class and config, dtype, device type, compile options, library
+versions and a hash of autodeploy's own sources (a code change invalidates every entry).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from autodeploy.graph_utils import getattr_path
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_SOURCE_HASH: Optional[str] = None
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("AUTODEPLOY_CACHE_DIR", Path.home() / ".cache" / "autodeploy"))
+
+
+def _source_hash() -> str:
+    global _SOURCE_HASH
+    if _SOURCE_HASH is None:
+        import autodeploy
+
+        h = hashlib.sha256()
+        roots = [Path(p) for p in autodeploy.__path__]
+        for sub in ("passes", "backends", "models"):
+            mod = __import__(f"autodeploy.{sub}", fromlist=["_"])
+            roots += [Path(p) for p in mod.__path__]
+        for root in roots:
+            for f in sorted(root.rglob("*.py")):
+                h.update(f.read_bytes())
+        _SOURCE_HASH = h.hexdigest()[:16]
+    return _SOURCE_HASH
+
+
+def cache_key(model: torch.nn.Module, options: dict) -> str:
+    import transformers
+
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "transformers_version")}
+    payload = {
+        "format": FORMAT_VERSION, "class": type(model).__name__, "config": config,
+        "attn": getattr(model.config, "_attn_implementation", None),
+        "dtype": str(next(model.parameters()).dtype), "device": next(model.parameters()).device.type,
+        "options": options, "torch": torch.__version__, "transformers": transformers.__version__,
+        "source": _source_hash(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _model_tensor(model: torch.nn.Module, target: str) -> Optional[torch.Tensor]:
+    """The model tensor a graph ``get_attr`` refers to (export names it ``m.<param path>``)."""
+    if not target.startswith("m."):
+        return None
+    try:
+        obj = getattr_path(model, target[2:])
+    except AttributeError:
+        return None
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> None:
+    """Write ``gm`` with model tensors swapped for meta tensors (graph-only constants are kept)."""
+    attrs: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr_path(gm, node.target)
+        if isinstance(value, torch.Tensor) and _model_tensor(model, node.target) is not None:
+            value = torch.empty_like(value, device="meta")
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+        attrs[node.target] = value
+    skeleton = fx.GraphModule(attrs, gm.graph)
+    state = {
+        "format": FORMAT_VERSION, "graph": skeleton,
+        "backend": ctx.attention_backend.name,
+        "specs": [dataclasses.asdict(s) for s in ctx.attention_specs],
+        "cache_input_names": ctx.cache_input_names, "page_size": ctx.page_size,
+        "passes": [dataclasses.asdict(p) for p in ctx.report.passes],
+        "backend_reason": ctx.report.backend_reason, "rejected": ctx.report.rejected_backends,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    log.info("saved compiled graph to %s", path)
+
+
+def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
+    """Load an entry and bind it to ``model``'s tensors; None if absent or not bindable."""
+    if not path.exists():
+        return None
+    from autodeploy.backends import get_backend
+
+    try:
+        state = torch.load(path, weights_only=False)
+        backend = get_backend(state["backend"])
+        backend.cached_attention_op()  # imports the backend's ops before the graph code runs
+        gm: fx.GraphModule = state["graph"]
+        device = next(model.parameters()).device
+        for node in gm.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            current = getattr_path(gm, node.target)
+            if not isinstance(current, torch.Tensor):
+                continue
+            real = _model_tensor(model, node.target) if current.device.type == "meta" else current.to(device)
+            if real is None or real.shape != current.shape or real.dtype != current.dtype:
+                log.warning("compile cache entry %s does not fit this model (%s); recompiling", path.name,
+                            node.target)
+                return None
+            owner, _, name = node.target.rpartition(".")
+            setattr(gm.get_submodule(owner) if owner else gm, name, real)
+        state["graph"] = gm
+        state["backend_obj"] = backend
+        return state
+    except Exception as exc:  # a stale or corrupt entry must never break compile
+        log.warning("compile cache entry %s unusable (%s: %s); recompiling", path, type(exc).__name__, exc)
+        return None
