@@ -115,7 +115,7 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
         gm: fx.GraphModule = state["graph"]
         device = next(model.parameters()).device
         for node in gm.graph.nodes:
-            if node.op != "get_attr":
+            if node.op != "get_attr" or not node.users:
                 continue
             current = getattr_path(gm, node.target)
             if not isinstance(current, torch.Tensor):

@@ -168,7 +168,9 @@ def remove_dead_code(gm: fx.GraphModule) -> int:
     keep every replaced attention's mask subgraph alive."""
     removed = 0
     for node in reversed(list(gm.graph.nodes)):
-        if node.op not in ("call_function", "call_method") or node.users or _has_side_effects(node):
+        if node.op not in ("call_function", "call_method", "get_attr") or node.users:
+            continue
+        if node.op != "get_attr" and _has_side_effects(node):
             continue
         gm.graph.erase_node(node)
         removed += 1
