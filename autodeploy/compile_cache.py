@@ -77,18 +77,20 @@ def _model_tensor(model: torch.nn.Module, target: str) -> Optional[torch.Tensor]
 def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> None:
     """Write ``gm`` with model tensors swapped for meta tensors (graph-only constants are kept)."""
     attrs: dict[str, Any] = {}
+    bound: list[str] = []  # targets re-bound to the caller's model on load
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
         value = getattr_path(gm, node.target)
         if isinstance(value, torch.Tensor) and _model_tensor(model, node.target) is not None:
             value = torch.empty_like(value, device="meta")
-        elif isinstance(value, torch.Tensor):
+            bound.append(node.target)
+        elif isinstance(value, torch.Tensor) and value.device.type != "meta":
             value = value.detach().cpu()
         attrs[node.target] = value
     skeleton = fx.GraphModule(attrs, gm.graph)
     state = {
-        "format": FORMAT_VERSION, "graph": skeleton,
+        "format": FORMAT_VERSION, "graph": skeleton, "bound": bound,
         "backend": ctx.attention_backend.name,
         "specs": [dataclasses.asdict(s) for s in ctx.attention_specs],
         "cache_input_names": ctx.cache_input_names, "page_size": ctx.page_size,
@@ -114,13 +116,14 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
         backend.cached_attention_op()  # imports the backend's ops before the graph code runs
         gm: fx.GraphModule = state["graph"]
         device = next(model.parameters()).device
+        bound = set(state["bound"])
         for node in gm.graph.nodes:
-            if node.op != "get_attr" or not node.users:
+            if node.op != "get_attr":
                 continue
             current = getattr_path(gm, node.target)
-            if not isinstance(current, torch.Tensor):
-                continue
-            real = _model_tensor(model, node.target) if current.device.type == "meta" else current.to(device)
+            if not isinstance(current, torch.Tensor) or (node.target not in bound and current.device.type == "meta"):
+                continue  # export-time meta constants stay as they were when the graph was compiled
+            real = _model_tensor(model, node.target) if node.target in bound else current.to(device)
             if real is None or real.shape != current.shape or real.dtype != current.dtype:
                 log.warning("compile cache entry %s does not fit this model (%s); recompiling", path.name,
                             node.target)
