@@ -74,6 +74,25 @@ def _model_tensor(model: torch.nn.Module, target: str) -> Optional[torch.Tensor]
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def _module_tree(attrs: dict[str, Any]) -> torch.nn.Module:
+    """A module hierarchy holding every tensor as a *registered buffer*: pickled GraphModules are rebuilt by
+    re-tracing their code, and a plain tensor attribute would come back as an anonymous ``_tensor_constantN``
+    (torch versions differ in how a dict root registers them)."""
+    root = torch.nn.Module()
+    for target, value in attrs.items():
+        owner = root
+        *path, name = target.split(".")
+        for part in path:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        if isinstance(value, torch.Tensor):
+            owner.register_buffer(name, value)
+        else:
+            setattr(owner, name, value)
+    return root
+
+
 def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> None:
     """Write ``gm`` with model tensors swapped for meta tensors (graph-only constants are kept)."""
     attrs: dict[str, Any] = {}
@@ -88,7 +107,7 @@ def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> No
         elif isinstance(value, torch.Tensor) and value.device.type != "meta":
             value = value.detach().cpu()
         attrs[node.target] = value
-    skeleton = fx.GraphModule(attrs, gm.graph)
+    skeleton = fx.GraphModule(_module_tree(attrs), gm.graph)
     state = {
         "format": FORMAT_VERSION, "graph": skeleton, "bound": bound,
         "backend": ctx.attention_backend.name,
