@@ -140,8 +140,14 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
             if node.op != "get_attr":
                 continue
             current = getattr_path(gm, node.target)
-            if not isinstance(current, torch.Tensor) or (node.target not in bound and current.device.type == "meta"):
-                continue  # export-time meta constants stay as they were when the graph was compiled
+            if not isinstance(current, torch.Tensor):
+                continue
+            if node.target not in bound and current.device.type == "meta":
+                # Re-tracing the pickled code turned a weight into an anonymous constant (seen with torch 2.11):
+                # this entry cannot be bound by name. Recompile rather than run on meta data.
+                log.warning("compile cache entry %s has an unbindable constant %s; recompiling", path.name,
+                            node.target)
+                return None
             real = _model_tensor(model, node.target) if node.target in bound else current.to(device)
             if real is None or real.shape != current.shape or real.dtype != current.dtype:
                 log.warning("compile cache entry %s does not fit this model (%s); recompiling", path.name,
