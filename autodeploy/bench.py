@@ -14,7 +14,6 @@ import statistics
 import time
 from typing import Any
 
-import torch
 
 
 def _range(spec: str) -> tuple[int, int]:

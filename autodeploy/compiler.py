@@ -13,7 +13,6 @@ import torch
 
 import autodeploy.ops  # noqa: F401  (registers the canonical ops)
 from autodeploy import compile_cache
-from autodeploy.errors import UnsupportedModelError
 from autodeploy.pass_manager import PassManager
 from autodeploy.report import CompileReport
 

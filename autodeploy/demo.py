@@ -35,7 +35,7 @@ def run_demo(args: argparse.Namespace) -> int:
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lens]
 
     # 1. logits check against HF eager on the same weights (every prompt in one mixed prefill step)
-    pages, nxt, chunks = [], 0, []
+    nxt, chunks = 0, []
     for p in prompts:
         n_pages = -(-len(p) // cm.page_size)
         chunks.append(SequenceChunk(p, 0, list(range(nxt, nxt + n_pages))))

@@ -11,7 +11,7 @@ all of them run inside that one node, once per forward, whatever the number of l
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np

@@ -3,7 +3,6 @@ weights, and gives the same results; different configs miss; a corrupt entry fal
 
 import logging
 
-import torch
 
 import autodeploy
 from autodeploy import SamplingConfig

@@ -4,7 +4,6 @@ with a clear log line and reason where there is no GPU."""
 import logging
 
 import pytest
-import torch
 
 import autodeploy
 from autodeploy.runtime.sampling import SamplingConfig
