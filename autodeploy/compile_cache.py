@@ -24,7 +24,7 @@ from autodeploy.graph_utils import getattr_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _SOURCE_HASH: Optional[str] = None
 
 
@@ -93,6 +93,58 @@ def _module_tree(attrs: dict[str, Any]) -> torch.nn.Module:
     return root
 
 
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+    """A reference to an earlier node, by name, inside serialized arguments."""
+
+    name: str
+
+
+def _encode_target(target: Any) -> tuple:
+    schema = getattr(target, "_schema", None)
+    if schema is not None:  # an OpOverload: resolved by name, so op objects never need pickling
+        ns, _, op = schema.name.partition("::")
+        return ("op", ns, op, target._overloadname)
+    if isinstance(target, str):
+        return ("str", target)
+    return ("py", target.__module__, target.__qualname__)
+
+
+def _decode_target(enc: tuple) -> Any:
+    kind = enc[0]
+    if kind == "op":
+        return getattr(getattr(getattr(torch.ops, enc[1]), enc[2]), enc[3])
+    if kind == "str":
+        return enc[1]
+    import importlib
+
+    obj: Any = importlib.import_module(enc[1])
+    for part in enc[2].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _serialize_graph(graph: fx.Graph) -> list:
+    """The node list with targets by name: rebuilt directly on load. FX's own GraphModule pickling re-traces
+    the generated code, which on some torch versions turns weights into anonymous constants."""
+    to_ref = lambda a: _Ref(a.name) if isinstance(a, fx.Node) else a  # noqa: E731
+    return [(n.op, n.name, _encode_target(n.target), fx.node.map_aggregate(n.args, to_ref),
+             fx.node.map_aggregate(n.kwargs, to_ref)) for n in graph.nodes]
+
+
+def _deserialize_graph(nodes: list) -> fx.Graph:
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for op, name, target, args, kwargs in nodes:
+        resolve = lambda a: env[a.name] if isinstance(a, _Ref) else a  # noqa: E731
+        args, kwargs = fx.node.map_aggregate(args, resolve), fx.node.map_aggregate(kwargs, resolve)
+        if op == "output":
+            graph.output(args[0])
+            continue
+        env[name] = graph.create_node(op, _decode_target(target), args, kwargs, name=name)
+    return graph
+
+
 def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> None:
     """Write ``gm`` with model tensors swapped for meta tensors (graph-only constants are kept)."""
     attrs: dict[str, Any] = {}
@@ -107,9 +159,11 @@ def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> No
         elif isinstance(value, torch.Tensor) and value.device.type != "meta":
             value = value.detach().cpu()
         attrs[node.target] = value
-    skeleton = fx.GraphModule(_module_tree(attrs), gm.graph)
+    if any(not isinstance(v, torch.Tensor) for v in attrs.values()):
+        log.info("graph holds submodules; not cached")
+        return
     state = {
-        "format": FORMAT_VERSION, "graph": skeleton, "bound": bound,
+        "format": FORMAT_VERSION, "nodes": _serialize_graph(gm.graph), "attrs": attrs, "bound": bound,
         "backend": ctx.attention_backend.name,
         "specs": [dataclasses.asdict(s) for s in ctx.attention_specs],
         "cache_input_names": ctx.cache_input_names, "page_size": ctx.page_size,
@@ -133,7 +187,7 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
         state = torch.load(path, weights_only=False)
         backend = get_backend(state["backend"])
         backend.cached_attention_op()  # imports the backend's ops before the graph code runs
-        gm: fx.GraphModule = state["graph"]
+        gm = fx.GraphModule(_module_tree(state["attrs"]), _deserialize_graph(state["nodes"]))
         device = next(model.parameters()).device
         bound = set(state["bound"])
         for node in gm.graph.nodes:
@@ -155,6 +209,7 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
                 return None
             owner, _, name = node.target.rpartition(".")
             setattr(gm.get_submodule(owner) if owner else gm, name, real)
+        gm.recompile()
         state["graph"] = gm
         state["backend_obj"] = backend
         return state

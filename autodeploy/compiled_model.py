@@ -117,7 +117,3 @@ class CompiledModel:
             caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(self.graph_runner.captured.items()))
             text += f"\n  cuda graphs captured (bucket: time): {caps}"
         return text
-
-    def num_metadata_nodes(self) -> int:
-        return sum(1 for n in self.graph_module.graph.nodes
-                   if n.op == "call_function" and n.target == torch.ops.autodeploy.prepare_metadata.default)

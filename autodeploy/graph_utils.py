@@ -45,11 +45,6 @@ def same_shape(a: Any, b: Any) -> bool:
     return len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
 
 
-def shape_of(node: Any) -> Optional[tuple]:
-    v = val(node)
-    return tuple(v.shape) if v is not None else None
-
-
 def static_int(x: Any) -> Optional[int]:
     """An int if ``x`` is a concrete integer (not a symbol)."""
     if isinstance(x, bool):
@@ -88,21 +83,6 @@ def getattr_path(gm: torch.nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def users_of(node: fx.Node, *targets: Any) -> list[fx.Node]:
-    return [u for u in node.users if not targets or is_op(u, *targets)]
-
-
-def single_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def skip_through(node: Any, *targets: Any) -> Any:
-    """Follow the first argument through a chain of ``targets`` ops (casts, views) back to its source."""
-    while is_op(node, *targets):
-        node = node.args[0]
-    return node
 
 
 def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
@@ -147,18 +127,11 @@ def getitem(graph: fx.Graph, node: fx.Node, index: int) -> fx.Node:
     return graph.call_function(operator.getitem, (node, index))
 
 
-def count_ops(gm: fx.GraphModule, *targets: Any) -> int:
-    return sum(1 for n in gm.graph.nodes if is_op(n, *targets))
-
-
 def _has_side_effects(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is not None:
         return schema.is_mutable or any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-    return node.op == "call_module" or node.target in _IMPURE_CALLABLES
-
-
-_IMPURE_CALLABLES: set = set()
+    return node.op == "call_module"
 
 
 def remove_dead_code(gm: fx.GraphModule) -> int:

@@ -5,8 +5,6 @@ Real architectures' shapes (e.g. ``llama-3.1-8b``) let GPU benchmarks measure re
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
 BUILTIN_CONFIGS: dict[str, dict] = {
@@ -40,5 +38,3 @@ def build_builtin(name: str = "tiny-llama", dtype: torch.dtype = torch.float32, 
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
 
-
-MODEL_BUILDERS: dict[str, Callable[..., torch.nn.Module]] = {n: build_builtin for n in BUILTIN_CONFIGS}

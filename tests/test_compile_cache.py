@@ -3,6 +3,7 @@ weights, and gives the same results; different configs miss; a corrupt entry fal
 
 import logging
 
+import pytest
 
 import autodeploy
 from autodeploy import SamplingConfig
@@ -40,3 +41,13 @@ def test_corrupt_entry_recompiles(tmp_path, caplog):
         cm = autodeploy.compile(make_model("llama"), max_batch_size=4, max_seq_len=64, cache_dir=tmp_path)
     assert not cm.report.cache_hit and "unusable" in caplog.text
     assert len(cm.generate([[1, 2]], sampling=CFG)[0]) == 8
+
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gpt2", "phi3"])
+def test_cache_round_trip_across_families(tmp_path, family):
+    impl_kw = dict(max_batch_size=2, max_seq_len=64, cache_dir=tmp_path)
+    a = autodeploy.compile(make_model(family), **impl_kw)
+    b = autodeploy.compile(make_model(family), **impl_kw)
+    assert b.report.cache_hit
+    assert a.generate([[1, 2, 3]], sampling=CFG) == b.generate([[1, 2, 3]], sampling=CFG)
