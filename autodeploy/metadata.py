@@ -103,6 +103,8 @@ def nest_sequences(
     if pad_to > len(chunks):
         chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
+    if not all_logits and all(len(c.token_ids) == 1 and c.want_logits for c in chunks):
+        return _nest_decodes(chunks, page_size, device, packer, pages_width, target)
     new_counts = [len(c.token_ids) for c in chunks]
     prefill = [i for i, n in enumerate(new_counts) if n != 1]
     decode = [i for i, n in enumerate(new_counts) if n == 1] if prefill else list(range(len(chunks)))
@@ -157,6 +159,36 @@ def nest_sequences(
         inputs=inputs, order=order, logits_rows=logits_rows, num_tokens=n_tok,
         num_prefill=n_prefill, num_decode=len(decode),
     )
+
+
+def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch.device,
+                  packer: Optional[SequencePacker], pages_width: int, target: Optional[Tensor]) -> StepBatch:
+    """The steady-state step (every sequence decodes one token) with the fewest host operations."""
+    n = len(chunks)
+    positions = np.fromiter((c.num_cached for c in chunks), dtype=np.int64, count=n)
+    n_pages = np.fromiter((len(c.pages) for c in chunks), dtype=np.int64, count=n)
+    if (n_pages * page_size <= positions).any():
+        row = int(np.argmax(n_pages * page_size <= positions))
+        raise ValueError(f"sequence {row} holds {n_pages[row]} pages but needs {positions[row] // page_size + 1}")
+    max_pages = max(1, pages_width, int(n_pages.max()))
+    page_table = np.zeros((n, max_pages), dtype=np.int64)
+    page_table[np.arange(max_pages)[None, :] < n_pages[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(c.pages for c in chunks), dtype=np.int64, count=int(n_pages.sum()))
+    rows = np.arange(n)
+    arrays = {
+        "input_ids": np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=n),
+        "position_ids": positions,
+        "slot_mapping": page_table[rows, positions // page_size] * page_size + positions % page_size,
+        "logits_index": rows, "cu_seqlens_q": np.arange(n + 1), "seq_lens_kv": positions + 1,
+        "page_table": page_table,
+    }
+    inputs = _to_device(arrays, device, packer, target)
+    inputs["input_ids"] = inputs["input_ids"].view(1, n)
+    inputs["position_ids"] = inputs["position_ids"].view(1, n)
+    inputs["page_table"] = inputs["page_table"].view(n, max_pages)
+    inputs["batch_info"] = torch.tensor([0, 0, n, 1], dtype=torch.int32)
+    order = list(range(n))
+    return StepBatch(inputs=inputs, order=order, logits_rows=order, num_tokens=n, num_prefill=0, num_decode=n)
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker],

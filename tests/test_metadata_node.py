@@ -64,3 +64,20 @@ def test_prepare_metadata_fields():
     assert seq_idx.tolist() == [0, 0, 0, 1, 1]
     assert off.tolist() == [0, 1, 2, 0, 1]
     assert pos.tolist() == i["position_ids"][0].tolist()
+
+
+def test_decode_fast_path_equals_general_path():
+    import random
+
+    rng = random.Random(0)
+    chunks = []
+    for i in range(9):
+        cached = rng.randint(0, 30)
+        chunks.append(SequenceChunk([rng.randrange(100)], cached, [rng.randrange(50) for _ in range(cached // 4 + 1)]))
+    fast = nest_sequences(chunks, page_size=4)  # every chunk decodes and wants logits
+    general = nest_sequences(chunks, page_size=4, all_logits=True)  # same rows, general code path
+    for name, t in general.inputs.items():
+        assert fast.inputs[name].tolist() == t.tolist(), name
+    assert fast.order == general.order and fast.logits_rows == general.logits_rows
+    with pytest.raises(ValueError, match="needs"):
+        nest_sequences([SequenceChunk([1], 8, [0, 1])], page_size=4)
