@@ -221,3 +221,18 @@ def test_invalid_sampling_values_raise_on_submit(cm):
         with pytest.raises(autodeploy.SamplingConfigError):
             engine.add_request([1, 2], SamplingConfig(**bad))
     assert not engine.has_work()
+
+
+def test_sequence_outgrowing_the_whole_cache_ends_gracefully(model):
+    """A cache smaller than one max_seq_len sequence: the request stops with its tokens, nothing crashes,
+    other requests complete, no page leaks."""
+    tiny = autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4, num_pages=6)
+    engine = Engine(tiny)
+    outs = engine.generate([[1, 2, 3, 4, 5], [7, 8]], [_greedy(40), _greedy(3)])
+    assert outs[0].finish_reason == "kv_cache_full" and 0 < len(outs[0].output_ids) < 40
+    assert outs[0].error is None
+    roomy = Engine(autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4))
+    full = roomy.generate([[1, 2, 3, 4, 5]], _greedy(40))[0].output_ids
+    assert outs[0].output_ids == full[:len(outs[0].output_ids)]
+    assert len(outs[1].output_ids) == 3
+    assert engine.kv.all_free()

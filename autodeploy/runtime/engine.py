@@ -156,6 +156,16 @@ class Engine:
         for req, why in sched.rejected:
             self._fail(req, why)
             touched.append(req)
+        for req in sched.truncated:  # outgrew the whole KV cache: end it gracefully, keeping its tokens
+            log.warning("request %s stopped: the KV cache cannot hold it any longer", req.request_id)
+            for s in req.live_seqs():
+                s.state, s.finish_reason = SeqState.FINISHED, "kv_cache_full"
+            if req.beam is not None:
+                req.seqs = [Seq(req, req.prompt_ids + toks, len(req.prompt_ids), state=SeqState.FINISHED,
+                                finish_reason="kv_cache_full") for toks in req.beam.finalize(max(1, req.sampling.n))]
+            req.metrics.finished = time.perf_counter()
+            self.scheduler.finish(req)
+            touched.append(req)
         if not sched.items:
             if self.scheduler.has_work() and not self.scheduler.running and not sched.rejected:
                 # Nothing can run and nothing holds pages: waiting requests can never fit. Fail, don't hang.

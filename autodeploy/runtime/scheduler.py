@@ -27,6 +27,8 @@ class ScheduledStep:
     items: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens this step)
     preempted: list[Request] = field(default_factory=list)
     rejected: list[tuple[Request, str]] = field(default_factory=list)
+    # requests that outgrew the whole cache (possible only when it holds less than one max_seq_len sequence)
+    truncated: list[Request] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -71,8 +73,11 @@ class Scheduler:
                     n = budget
                 if n == 0:
                     continue
-                if not self.kv.ensure_slots(seq.seq_id, seq.num_computed + n) and \
-                        not self._reserve(req, seqs, [n], scheduled, step, preempted):
+                grown = self._grow(seq, seq.num_computed + n)
+                if grown is None:
+                    step.truncated.append(req)
+                    continue
+                if not grown and not self._reserve(req, seqs, [n], scheduled, step, preempted):
                     continue
                 items.append((seq, n))
                 scheduled.add(req.order)
@@ -82,7 +87,12 @@ class Scheduler:
             total = sum(want)
             if total > budget or 0 in want:
                 continue  # out of budget this step; it keeps its pages
-            if not self._reserve(req, seqs, want, scheduled, step, preempted):
+            try:
+                ok = self._reserve(req, seqs, want, scheduled, step, preempted)
+            except CacheCapacityError:
+                step.truncated.append(req)
+                continue
+            if not ok:
                 continue
             items.extend(zip(seqs, want))
             scheduled.add(req.order)
@@ -137,6 +147,13 @@ class Scheduler:
             self.running.append(req)
         else:
             bisect.insort(self.running, req, key=lambda r: r.order)
+
+    def _grow(self, seq: Sequence, total: int) -> Optional[bool]:
+        """``ensure_slots``; None when the sequence can never fit, even alone."""
+        try:
+            return self.kv.ensure_slots(seq.seq_id, total)
+        except CacheCapacityError:
+            return None
 
     def _reserve(self, req: Request, seqs: list[Sequence], want: list[int], scheduled: set[int],
                  step: ScheduledStep, preempted: set[int]) -> bool:
