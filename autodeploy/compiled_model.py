@@ -48,6 +48,8 @@ class CompiledModel:
 
     # -- cache planning --------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
+        """K and V bytes of one page over all layers. Unlike ``kv_cache.bytes_per_page`` (uniform layers), this
+        allows layers to differ in head counts and in K vs V head dims."""
         item = torch.empty((), dtype=self.dtype).element_size()
         return sum(self.page_size * s.num_kv_heads * (s.head_dim + s.v_head_dim) * item
                    for s in self.ctx.attention_specs)

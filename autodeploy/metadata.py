@@ -126,10 +126,7 @@ def nest_sequences(
     seq_of_tok = np.repeat(np.arange(n_seq), q_lens)
     offset_in_chunk = np.arange(n_tok) - cu[seq_of_tok]
     positions = cached[seq_of_tok] + offset_in_chunk
-    page_table = np.zeros((n_seq, max_pages), dtype=np.int64)
-    flat_pages = np.fromiter(itertools.chain.from_iterable(chunks[i].pages for i in order), dtype=np.int64,
-                             count=int(n_pages.sum()))
-    page_table[np.arange(max_pages)[None, :] < n_pages[:, None]] = flat_pages
+    page_table = _page_table((chunks[i].pages for i in order), n_pages, max_pages)
     slots = page_table[seq_of_tok, positions // page_size] * page_size + positions % page_size
     if all_logits:
         logits_index = np.arange(n_tok)
@@ -146,15 +143,9 @@ def nest_sequences(
         "logits_index": np.asarray(logits_index, dtype=np.int64),
         "cu_seqlens_q": cu, "seq_lens_kv": kv_lens, "page_table": page_table,
     }
-    inputs = _to_device(arrays, device, packer, target)
-    inputs["input_ids"] = inputs["input_ids"].view(1, n_tok)
-    inputs["position_ids"] = inputs["position_ids"].view(1, n_tok)
-    inputs["page_table"] = inputs["page_table"].view(n_seq, max_pages)
-    max_q = int(q_lens.max())
     n_prefill = len(prefill)
-    inputs["batch_info"] = torch.tensor(
-        [n_prefill, int(q_lens[:n_prefill].sum()), len(decode), max_q], dtype=torch.int32
-    )
+    inputs = _device_inputs(arrays, (n_prefill, int(q_lens[:n_prefill].sum()), len(decode), int(q_lens.max())),
+                            max_pages, device, packer, target)
     return StepBatch(
         inputs=inputs, order=order, logits_rows=logits_rows, num_tokens=n_tok,
         num_prefill=n_prefill, num_decode=len(decode),
@@ -171,9 +162,7 @@ def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch
         row = int(np.argmax(n_pages * page_size <= positions))
         raise ValueError(f"sequence {row} holds {n_pages[row]} pages but needs {positions[row] // page_size + 1}")
     max_pages = max(1, pages_width, int(n_pages.max()))
-    page_table = np.zeros((n, max_pages), dtype=np.int64)
-    page_table[np.arange(max_pages)[None, :] < n_pages[:, None]] = np.fromiter(
-        itertools.chain.from_iterable(c.pages for c in chunks), dtype=np.int64, count=int(n_pages.sum()))
+    page_table = _page_table((c.pages for c in chunks), n_pages, max_pages)
     rows = np.arange(n)
     arrays = {
         "input_ids": np.fromiter((c.token_ids[0] for c in chunks), dtype=np.int64, count=n),
@@ -182,13 +171,30 @@ def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch
         "logits_index": rows, "cu_seqlens_q": np.arange(n + 1), "seq_lens_kv": positions + 1,
         "page_table": page_table,
     }
-    inputs = _to_device(arrays, device, packer, target)
-    inputs["input_ids"] = inputs["input_ids"].view(1, n)
-    inputs["position_ids"] = inputs["position_ids"].view(1, n)
-    inputs["page_table"] = inputs["page_table"].view(n, max_pages)
-    inputs["batch_info"] = torch.tensor([0, 0, n, 1], dtype=torch.int32)
+    inputs = _device_inputs(arrays, (0, 0, n, 1), max_pages, device, packer, target)
     order = list(range(n))
     return StepBatch(inputs=inputs, order=order, logits_rows=order, num_tokens=n, num_prefill=0, num_decode=n)
+
+
+def _page_table(page_lists, n_pages: np.ndarray, max_pages: int) -> np.ndarray:
+    """``[B, max_pages]`` table, each row the sequence's pages left-aligned and padded with 0."""
+    table = np.zeros((len(n_pages), max_pages), dtype=np.int64)
+    table[np.arange(max_pages)[None, :] < n_pages[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(page_lists), dtype=np.int64, count=int(n_pages.sum()))
+    return table
+
+
+def _device_inputs(arrays: dict[str, np.ndarray], batch_info: tuple[int, int, int, int], max_pages: int,
+                   device: torch.device, packer: Optional[SequencePacker],
+                   target: Optional[Tensor]) -> dict[str, Tensor]:
+    """One H2D copy, graph-shaped views, and the host-side ``batch_info``."""
+    inputs = _to_device(arrays, device, packer, target)
+    n_tok = arrays["input_ids"].size
+    inputs["input_ids"] = inputs["input_ids"].view(1, n_tok)
+    inputs["position_ids"] = inputs["position_ids"].view(1, n_tok)
+    inputs["page_table"] = inputs["page_table"].view(-1, max_pages)
+    inputs["batch_info"] = torch.tensor(batch_info, dtype=torch.int32)
+    return inputs
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker],

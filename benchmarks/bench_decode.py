@@ -17,20 +17,15 @@ import time
 import torch
 
 
-def measure_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    """Bytes/s of a large D2D copy (read + write counted)."""
-    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    del src, dst
-    return nbytes / statistics.median(times)
+def measure_bandwidth() -> float:
+    """Bytes/s of a large D2D copy (read + write counted); same method as the attention microbenchmark."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_triton_attention import copy_bandwidth
+
+    return copy_bandwidth(1 << 30, reps=10) * 1e9
 
 
 def kv_bytes_per_token(cm) -> int:

@@ -98,7 +98,7 @@ class Scheduler:
             scheduled.add(req.order)
             budget -= total
         for req in self.running:
-            n_seqs += len(req.seqs) if len(req.seqs) == 1 else len(req.live_seqs())
+            n_seqs += len(req.live_seqs())
         while self.waiting and budget > 0 and n_seqs < self.max_batch_size:
             req = self.waiting[0]
             seq = req.live_seqs()
