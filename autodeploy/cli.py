@@ -27,7 +27,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--backend", default="auto", help="attention backend or auto")
-    p.add_argument("--lowering", default="eager", help="eager | torch-compile | cudagraph")
+    p.add_argument("--lowering", default="auto",
+                   help="auto (cudagraph on a GPU, else eager) | eager | torch-compile | cudagraph | "
+                        "torch-compile+cudagraph")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--page-size", type=int, default=None)

@@ -3,8 +3,11 @@
 An entry holds the final cached GraphModule *without weights* (every parameter/buffer replaced by a meta
 tensor) plus what the runtime needs to know (backend, attention specs, cache inputs, page size). On a hit the
 graph is re-bound to the caller's model tensors by name, so one entry serves any weights of the same
-architecture. The key covers the model class and config, dtype, device type, compile options, library
-versions and a hash of autodeploy's own sources (a code change invalidates every entry).
+architecture. A tensor a pass derived from model tensors (``fuse_gemms``'s concatenated weights: its get_attr
+node carries ``meta[DERIVED_META] = ("cat", [source targets], dim)``) is stored as that recipe and rebuilt from
+the caller's tensors on load, so an entry never holds a copy of the weights. The key covers the model class
+and config, dtype, device type, compile options, library versions and a hash of autodeploy's own sources (a
+code change invalidates every entry).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from autodeploy.graph_utils import getattr_path
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+DERIVED_META = "derived_from"  # get_attr node meta key of a derived tensor's recipe (written by passes)
 _SOURCE_HASH: Optional[str] = None
 
 
@@ -72,6 +76,49 @@ def _model_tensor(model: torch.nn.Module, target: str) -> Optional[torch.Tensor]
     except AttributeError:
         return None
     return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _derived_recipe(node: fx.Node, model: torch.nn.Module) -> Optional[tuple]:
+    """The recipe of a get_attr tensor derived from model tensors, if every source is one of ``model``'s."""
+    recipe = node.meta.get(DERIVED_META)
+    if not recipe or recipe[0] not in _DERIVE_OPS:
+        return None
+    if any(_model_tensor(model, src) is None for src in recipe[1]):
+        return None
+    return tuple(recipe)
+
+
+def _concat_shared(sources: list[torch.Tensor], dim: int) -> torch.Tensor:
+    from autodeploy.passes.fuse_gemms import concat_shared
+
+    return concat_shared(sources, dim)
+
+
+# Recipe ops: name -> fn(source tensors, *params). ``cat`` re-points the sources at views of its result, as the
+# pass did on the cold compile, so the warm-loaded graph and the model share one copy of the weights.
+_DERIVE_OPS = {"cat": _concat_shared}
+
+
+def _rebuild(model: torch.nn.Module, recipe: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """The derived tensor from ``model``'s tensors, or None if they do not produce one shaped like ``like``.
+    Checked on meta tensors first: the real op re-points the model's parameters."""
+    op, sources, *params = recipe
+    tensors = [_model_tensor(model, src) for src in sources]
+    if op not in _DERIVE_OPS or any(t is None for t in tensors):
+        return None
+    if op == "cat":
+        try:
+            probe = torch.cat([torch.empty_like(t, device="meta") for t in tensors], *params)
+        except RuntimeError:
+            return None
+        if probe.shape != like.shape or probe.dtype != like.dtype:
+            return None
+    return _DERIVE_OPS[op](tensors, *params)
+
+
+def _set_attr(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
+    owner, _, name = target.rpartition(".")
+    setattr(gm.get_submodule(owner) if owner else gm, name, value)
 
 
 def _module_tree(attrs: dict[str, Any]) -> torch.nn.Module:
@@ -149,13 +196,18 @@ def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> No
     """Write ``gm`` with model tensors swapped for meta tensors (graph-only constants are kept)."""
     attrs: dict[str, Any] = {}
     bound: list[str] = []  # targets re-bound to the caller's model on load
+    derived: dict[str, tuple] = {}  # targets rebuilt from the caller's model tensors on load
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
         value = getattr_path(gm, node.target)
+        recipe = _derived_recipe(node, model) if isinstance(value, torch.Tensor) else None
         if isinstance(value, torch.Tensor) and _model_tensor(model, node.target) is not None:
             value = torch.empty_like(value, device="meta")
             bound.append(node.target)
+        elif recipe is not None:
+            value = torch.empty_like(value, device="meta")
+            derived[node.target] = recipe
         elif isinstance(value, torch.Tensor) and value.device.type != "meta":
             value = value.detach().cpu()
         attrs[node.target] = value
@@ -164,6 +216,7 @@ def save(path: Path, gm: fx.GraphModule, model: torch.nn.Module, ctx: Any) -> No
         return
     state = {
         "format": FORMAT_VERSION, "nodes": _serialize_graph(gm.graph), "attrs": attrs, "bound": bound,
+        "derived": derived,
         "backend": ctx.attention_backend.name,
         "specs": [dataclasses.asdict(s) for s in ctx.attention_specs],
         "cache_input_names": ctx.cache_input_names, "page_size": ctx.page_size,
@@ -189,9 +242,9 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
         backend.cached_attention_op()  # imports the backend's ops before the graph code runs
         gm = fx.GraphModule(_module_tree(state["attrs"]), _deserialize_graph(state["nodes"]))
         device = next(model.parameters()).device
-        bound = set(state["bound"])
+        bound, derived = set(state["bound"]), state["derived"]
         for node in gm.graph.nodes:
-            if node.op != "get_attr":
+            if node.op != "get_attr" or node.target in derived:
                 continue
             current = getattr_path(gm, node.target)
             if not isinstance(current, torch.Tensor):
@@ -207,8 +260,14 @@ def load(path: Path, model: torch.nn.Module) -> Optional[dict]:
                 log.warning("compile cache entry %s does not fit this model (%s); recompiling", path.name,
                             node.target)
                 return None
-            owner, _, name = node.target.rpartition(".")
-            setattr(gm.get_submodule(owner) if owner else gm, name, real)
+            _set_attr(gm, node.target, real)
+        for target, recipe in derived.items():  # last: rebuilding re-points the model's parameters
+            real = _rebuild(model, recipe, getattr_path(gm, target))
+            if real is None:
+                log.warning("compile cache entry %s: derived tensor %s does not fit this model; recompiling",
+                            path.name, target)
+                return None
+            _set_attr(gm, target, real)
         gm.recompile()
         state["graph"] = gm
         state["backend_obj"] = backend

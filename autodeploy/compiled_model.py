@@ -72,6 +72,9 @@ class CompiledModel:
 
     # -- execution ---------------------------------------------------------------------------------------
     def lower(self, mode: str) -> None:
+        from autodeploy.lowering import resolve_lowering
+
+        mode = resolve_lowering(mode, self.device)
         self._runner, reason = lower_graph(self, mode)
         self.report.lowering, self.report.lowering_reason = mode if self._runner is not None else "eager", reason
         if self._runner is None:

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # The pipeline, in order. Each name is a file under passes/.
 DEFAULT_PASSES = [
     "cleanup", "match_attention", "remove_repeat_kv", "match_rope", "match_rmsnorm",
-    "gather_logits", "insert_kv_cache",
+    "gather_logits", "insert_kv_cache", "fuse_gemms",
 ]
 
 
@@ -72,7 +72,7 @@ def compile(
     max_seq_len: int = 2048,
     max_num_tokens: Optional[int] = None,
     backend: str = "auto",
-    lowering: str = "eager",
+    lowering: str = "auto",
     dtype: Optional[torch.dtype] = None,
     device: Optional[str | torch.device] = None,
     page_size: Optional[int] = None,
@@ -85,7 +85,8 @@ def compile(
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
     ``backend``: attention backend name or ``"auto"`` (chosen per model, see ``explain()``).
-    ``lowering``: ``"eager"``, ``"torch-compile"`` or ``"cudagraph"``.
+    ``lowering``: ``"auto"`` (``cudagraph`` on a GPU, else ``eager``), ``"eager"``, ``"torch-compile"``,
+    ``"cudagraph"`` or ``"torch-compile+cudagraph"``.
     ``cache_dir``: reuse/store the compiled graph there (default: ``$AUTODEPLOY_CACHE_DIR`` if set, else no
     cache); a hit skips export and the passes.
     """

@@ -236,13 +236,16 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Opti
 # ---------------------------------------------------------------------------------------------------------
 # Device side: derived fields, all computed in the single prepare_metadata node.
 
-MetadataDerivation = Callable[[dict[str, Tensor]], Tensor]
+MetadataDerivation = Callable[..., Tensor]
 METADATA_FIELDS: dict[str, MetadataDerivation] = {}
 
 
 def register_metadata_field(name: str) -> Callable[[MetadataDerivation], MetadataDerivation]:
     """Register a derivation. It receives the base inputs (and fields derived before it) and must use
-    shape-static torch ops only, so it also runs on fake tensors and inside CUDA graphs."""
+    shape-static torch ops only, so it also runs on fake tensors and inside CUDA graphs.
+
+    A field may be parameterised: ``"name:key=1;other=2"`` calls the derivation with ``key=1, other=2``
+    (integer values). Layers whose fields have equal parameters share one tensor."""
 
     def deco(fn: MetadataDerivation) -> MetadataDerivation:
         if name in METADATA_FIELDS and METADATA_FIELDS[name] is not fn:
@@ -283,17 +286,30 @@ def _q_abs_pos(m: dict[str, Tensor]) -> Tensor:
     return m["seq_lens_kv"][seq_idx] - _derive(m, "q_lens")[seq_idx] + _derive(m, "tok_offset")
 
 
+def split_field(name: str) -> tuple[str, dict[str, int]]:
+    """``"name:a=1;b=2"`` -> ``("name", {"a": 1, "b": 2})``."""
+    base, _, params = name.partition(":")
+    kwargs = {}
+    for item in filter(None, params.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"metadata field {name!r}: parameter {item!r} is not key=value")
+        kwargs[key.strip()] = int(value)
+    return base, kwargs
+
+
 def _derive(m: dict[str, Tensor], name: str) -> Tensor:
     """Compute a field once and memoise it inside this forward's metadata dict."""
     if name not in m:
-        m[name] = METADATA_FIELDS[name](m)
+        base, kwargs = split_field(name)
+        m[name] = METADATA_FIELDS[base](m, **kwargs)
     return m[name]
 
 
 def derive_fields(base: dict[str, Tensor], fields: Sequence[str]) -> list[Tensor]:
     m = dict(base)
     for name in fields:
-        if name not in METADATA_FIELDS:
+        if split_field(name)[0] not in METADATA_FIELDS:
             raise KeyError(f"unknown metadata field {name!r}; registered: {sorted(METADATA_FIELDS)}")
     return [_derive(m, name) for name in fields]
 

@@ -70,6 +70,15 @@ class AttentionBackend:
             return False, "only causal attention has a paged cached form"
         return True, "supported"
 
+    def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
+        """The derived fields one layer's cached op reads, in the order it receives them in ``meta``.
+        Parameterised names (``"field:key=value"``) let layers that differ (e.g. in window) read their own."""
+        return tuple(self.metadata_fields)
+
+    def model_metadata_fields(self, specs: list[AttentionSpec]) -> tuple[str, ...]:
+        """Union of the layers' fields: what the one ``prepare_metadata`` node derives."""
+        return tuple(dict.fromkeys(f for spec in specs for f in self.layer_metadata_fields(spec)))
+
     def cached_attention_op(self) -> Any:
         raise NotImplementedError
 

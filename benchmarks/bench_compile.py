@@ -37,6 +37,9 @@ def main() -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
     print(json.dumps({"model": args.model, "model_build_s": build, **times}, indent=1, default=str))
+    for name, t in times.items():
+        print(f"{name}: compile+first generate {t['total_s']:.1f} s, cache hit {t['cache_hit']}, "
+              f"stages " + ", ".join(f"{k} {v:.1f}s" for k, v in t["compile_s"].items()))
 
 
 if __name__ == "__main__":

@@ -33,12 +33,12 @@ def kv_bytes_per_token(cm) -> int:
     return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * item for s in cm.ctx.attention_specs)
 
 
-def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int):
+def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_scheduling: bool = True):
     """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding)."""
     from autodeploy.runtime.engine import Engine
     from autodeploy.runtime.sampling import SamplingConfig
 
-    engine = Engine(cm, record_stats=True)
+    engine = Engine(cm, record_stats=True, async_scheduling=async_scheduling)
     g = torch.Generator().manual_seed(batch)
     for _ in range(batch):
         engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(),
@@ -110,6 +110,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
+    p.add_argument("--sync-too", action="store_true",
+                   help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
 
     import autodeploy
@@ -132,15 +134,18 @@ def main() -> None:
            "device_bw_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9, "compile_s": compile_s,
            "model_init_s": build_s, "decode": []}
     print(f"device copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; compile {compile_s:.1f} s")
-    print(f"{'batch':>5} {'ctx':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} {'host ms':>7}")
+    print(f"{'batch':>5} {'ctx':>5} {'sched':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} "
+          f"{'host ms':>7}")
     for b in batches:
-        step, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab)
-        floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
-        row = {"batch": b, "ctx": args.ctx, "step_ms": step * 1e3, "tok_per_s": b / step, "floor_ms": floor * 1e3,
-               "pct_of_floor": 100 * floor / step, "host_overhead_ms": host * 1e3, "forward_ms": fwd * 1e3}
-        res["decode"].append(row)
-        print(f"{b:>5} {args.ctx:>5} {step * 1e3:8.2f} {b / step:9.1f} {floor * 1e3:8.2f} {100 * floor / step:6.1f}% "
-              f"{host * 1e3:7.3f}")
+        for mode in (True, False) if args.sync_too else (True,):
+            step, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode)
+            floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
+            row = {"batch": b, "ctx": args.ctx, "async": mode, "step_ms": step * 1e3, "tok_per_s": b / step,
+                   "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / step, "host_overhead_ms": host * 1e3,
+                   "forward_ms": fwd * 1e3}
+            res["decode"].append(row)
+            print(f"{b:>5} {args.ctx:>5} {'async' if mode else 'sync':>5} {step * 1e3:8.2f} {b / step:9.1f} "
+                  f"{floor * 1e3:8.2f} {100 * floor / step:6.1f}% {host * 1e3:7.3f}")
 
     # prefill throughput: 8 prompts of prefill_len tokens in one step
     from autodeploy.metadata import SequenceChunk

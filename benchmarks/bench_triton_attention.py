@@ -1,11 +1,12 @@
 """GPU microbenchmark for the Triton paged attention kernels.
 
 Decode (flash-decoding over the paged cache) is memory bound, so it is reported as achieved HBM bandwidth
-(bytes of K+V read plus q/out) and as a fraction of a measured device-to-device copy bandwidth. Prefill
+(bytes of K+V read plus q/out) and as a fraction of a measured device-to-device copy bandwidth. Decode calls
+are timed as CUDA-graph replays (as the cudagraph lowering runs them), with L2 flushed before each. Prefill
 (context_attention, one causal sequence) is compute bound and reported in TFLOP/s. PyTorch SDPA on equivalent
 contiguous tensors is timed alongside for reference.
 
-Usage: python benchmarks/bench_triton_attention.py [--page-size 16] [--json out.json]
+Usage: python benchmarks/bench_triton_attention.py [--page-size 64] [--sweep] [--json out.json]
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def time_cuda(fn, reps: int, warmup: int, flush: torch.Tensor | None = None) -> 
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def graphed(fn):
+    """Capture ``fn`` in a CUDA graph and return its replay: the decode step runs this way in production
+    (cudagraph lowering), and it keeps Python launch overhead (~tens of us per Triton launch) out of a kernel
+    measurement that is only a few us at short contexts."""
+    fn()  # compile/autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(nbytes: int, reps: int) -> float:
     """Device-to-device copy bandwidth in GB/s (read + write bytes), the practical HBM ceiling."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -66,24 +79,75 @@ def gather_contiguous(cache: torch.Tensor, page_table: torch.Tensor, ctx: int) -
     return cache[page_table.long()].reshape(b, -1, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
 
 
+def _decode_case(batch: int, ctx: int, page_size: int, gen: torch.Generator, waves: float):
+    """Paged cache, queries and the partition table (computed once, as the metadata node does per forward)."""
+    from autodeploy.backends.triton.partition import decode_partition, device_sms, target_work_items
+
+    k_cache, v_cache, page_table, seq_lens = make_paged(batch, ctx, page_size, gen)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves))
+    return k_cache, v_cache, page_table, seq_lens, q, cu, part
+
+
+def _decode_runner(case, out):
+    from autodeploy.backends.triton.kernels.attention import decode_attention
+
+    k_cache, v_cache, page_table, seq_lens, q, cu, part = case
+    return lambda: decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, scale=D**-0.5,
+                                    sliding_window=None, logit_softcap=None, sinks=None, cu_seqlens_q=cu,
+                                    partition=part)  # fmt: skip
+
+
+def _decode_bytes(batch: int, ctx: int) -> int:
+    return 2 * batch * ctx * HKV * D * DTYPE.itemsize + 2 * batch * HQ * D * DTYPE.itemsize
+
+
+def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
+    """Tune the partition size (waves) and the split kernel's tile config on the cases that need splitting."""
+    import autodeploy.backends.triton.kernels.attention as attn
+
+    default_config = attn._decode_config
+    configs = [(64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 2, 4)]
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    for batch, ctx in [(1, 32768), (1, 8192), (1, 1024), (16, 8192)]:
+        results = []
+        for waves in (1.0, 2.0, 4.0, 8.0):
+            case = _decode_case(batch, ctx, args.page_size, gen, waves)
+            out = torch.empty_like(case[4])
+            for cfg in configs:
+                attn._decode_config = lambda *a, _c=cfg: _c
+                try:
+                    ms = time_cuda(graphed(_decode_runner(case, out)), args.reps, args.warmup, flush)
+                except Exception as exc:  # a config that does not compile (shared memory) is skipped
+                    print(f"  skip {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                finally:
+                    attn._decode_config = default_config
+                pct = 100 * _decode_bytes(batch, ctx) / (ms * 1e-3) / 1e9 / copy_gbs
+                results.append((pct, waves, cfg, ms))
+                rows.append(dict(kind="decode_sweep", batch=batch, ctx=ctx, waves=waves, config=cfg, ms=ms,
+                                 pct_copy_bw=pct))  # fmt: skip
+            del case, out
+        results.sort(reverse=True)
+        top = ", ".join(f"waves={w:g} cfg={c} {p:.0f}%" for p, w, c, _ in results[:4])
+        print(f"sweep   B={batch:<3d} ctx={ctx:<6d} best: {top}", flush=True)
+
+
 def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
-    from autodeploy.backends.triton.kernels.attention import _device_sms, decode_attention, pick_num_splits
+    from autodeploy.backends.triton.partition import DEFAULT_WAVES
 
     scale = D**-0.5
     gen = torch.Generator(device="cuda").manual_seed(0)
     for batch in args.batches:
         for ctx in args.contexts:
-            k_cache, v_cache, page_table, seq_lens = make_paged(batch, ctx, args.page_size, gen)
-            q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+            case = _decode_case(batch, ctx, args.page_size, gen, DEFAULT_WAVES)
+            k_cache, v_cache, page_table, seq_lens, q, _cu, part = case
             out = torch.empty_like(q)
-            splits = pick_num_splits(batch, HKV, ctx, _device_sms(q.device))
-
-            def run():
-                decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, scale=scale, sliding_window=None,
-                                 logit_softcap=None, sinks=None, max_seq_len=ctx)  # fmt: skip
-
-            ms = time_cuda(run, args.reps, args.warmup, flush)
-            nbytes = 2 * batch * ctx * HKV * D * DTYPE.itemsize + 2 * batch * HQ * D * DTYPE.itemsize
+            splits = int((part[1][1] - part[1][0]).item())
+            run = _decode_runner(case, out)
+            ms = time_cuda(graphed(run), args.reps, args.warmup, flush)
+            nbytes = _decode_bytes(batch, ctx)
             gbs = nbytes / (ms * 1e-3) / 1e9
             row = dict(kind="decode", batch=batch, ctx=ctx, page_size=args.page_size, num_splits=splits,
                        ms=ms, gb_s=gbs, pct_copy_bw=100 * gbs / copy_gbs)  # fmt: skip
@@ -98,7 +162,7 @@ def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
                 ref = sdpa().squeeze(2)
                 run()
                 row["max_abs_err_vs_sdpa"] = (out.float() - ref.float()).abs().max().item()
-                sdpa_ms = time_cuda(sdpa, args.reps, args.warmup, flush)
+                sdpa_ms = time_cuda(graphed(sdpa), args.reps, args.warmup, flush)
                 row["sdpa_ms"] = sdpa_ms
                 row["sdpa_gb_s"] = nbytes / (sdpa_ms * 1e-3) / 1e9
                 del k, v, ref
@@ -110,7 +174,7 @@ def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
                    f"  err {row['max_abs_err_vs_sdpa']:.2e}" if "sdpa_ms" in row else ""),  # fmt: skip
                 flush=True,
             )
-            del k_cache, v_cache, page_table, seq_lens, q, out
+            del k_cache, v_cache, page_table, seq_lens, q, out, case, part
             torch.cuda.empty_cache()
 
 
@@ -156,7 +220,7 @@ def bench_prefill(args, rows: list) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--page-size", type=int, default=16, help="KV cache page size (16 or 64 are typical)")
+    p.add_argument("--page-size", type=int, default=64, help="KV cache page size (the triton backend uses 64)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--prefill-len", type=int, default=4096)
@@ -165,6 +229,7 @@ def main(argv=None) -> int:
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth-probe copy")
     p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA reference timings")
     p.add_argument("--json", type=str, default=None, help="write the results here")
+    p.add_argument("--sweep", action="store_true", help="also tune partition waves and decode tile configs")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -177,6 +242,8 @@ def main(argv=None) -> int:
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows: list = []
     bench_decode(args, copy_gbs, flush, rows)
+    if args.sweep:
+        sweep_decode(args, copy_gbs, flush, rows)
     del flush
     bench_prefill(args, rows)
     if args.json:

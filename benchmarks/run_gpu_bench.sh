@@ -8,7 +8,7 @@ cd /tmp
 for m in ${MODELS:-llama-3.2-1b}; do
   for low in ${LOWERINGS:-cudagraph}; do
     timeout ${BENCH_TIMEOUT:-280} python /work/main/benchmarks/bench_decode.py --model "$m" --lowering "$low" \
-      --batches ${BATCHES:-1,8,32,64} --ctx ${CTX:-512} --cb-requests ${CB:-0} --max-batch-size ${MAXBS:-0} --json "$OUT/decode_${m}_${low}.json" 2>&1 \
+      --batches ${BATCHES:-1,8,32,64} --ctx ${CTX:-512} --cb-requests ${CB:-0} --max-batch-size ${MAXBS:-0} ${DECODE_ARGS:-} --json "$OUT/decode_${m}_${low}.json" 2>&1 \
       | grep -v "^W1\|warn" | tee "$OUT/decode_${m}_${low}.log" | tail -25
   done
 done

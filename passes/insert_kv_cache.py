@@ -3,7 +3,7 @@
 * picks ONE backend for the model (``select_backend``) and records why;
 * adds the step inputs (docs/contracts.md) and one K and one V cache input per layer;
 * inserts exactly ONE ``autodeploy::prepare_metadata`` node right after the inputs, deriving the union of
-  the fields the backend declares; every cached-attention node reads its outputs;
+  the fields the backend's layers declare; every cached-attention node reads the ones it needs;
 * reshapes q/k/v into the flattened ``[T, H, D]`` layout around each cached op.
 The mask-building subgraphs die with the canonical attention nodes and are removed.
 """
@@ -65,7 +65,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
         caches.append((add_placeholder(gm, f"k_cache_{spec.layer}"), add_placeholder(gm, f"v_cache_{spec.layer}")))
     ctx.cache_input_names = [(k.target, v.target) for k, v in caches]
 
-    fields = list(backend.metadata_fields)
+    fields = list(backend.model_metadata_fields(specs))
     meta: list[fx.Node] = []
     if fields:
         with graph.inserting_after(last_placeholder(gm)):
@@ -83,7 +83,8 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
             qf = flatten_heads(graph, q, spec.num_heads, spec.head_dim)
             kf = flatten_heads(graph, k, spec.num_kv_heads, spec.head_dim)
             vf = flatten_heads(graph, v, spec.num_kv_heads, spec.v_head_dim)
-            out = graph.call_function(op, (qf, kf, vf, kc, vc, *step, meta, scale, window, softcap, sinks))
+            layer_meta = [meta[fields.index(f)] for f in backend.layer_metadata_fields(spec)]
+            out = graph.call_function(op, (qf, kf, vf, kc, vc, *step, layer_meta, scale, window, softcap, sinks))
             out = graph.call_function(aten.unsqueeze.default, (out, 0))
             out = graph.call_function(aten.transpose.int, (out, 1, 2))
         node.replace_all_uses_with(out)

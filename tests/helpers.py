@@ -21,3 +21,18 @@ def hf_greedy(model, prompt, n):
     finally:
         gen.eos_token_id = saved
     return out[0, len(prompt):].tolist()
+
+
+def drive(engine, arrivals, max_steps: int = 5000):
+    """Run an engine over ``arrivals`` = [(step, prompt, sampling)] (requests join at their step); returns the
+    outputs in arrival order. Fails instead of hanging if the engine stops making progress."""
+    reqs, step = [None] * len(arrivals), 0
+    pending = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
+    while pending or engine.has_work():
+        while pending and arrivals[pending[0]][0] <= step:
+            i = pending.pop(0)
+            reqs[i] = engine.add_request(arrivals[i][1], arrivals[i][2])
+        engine.step()
+        step += 1
+        assert step < max_steps, "engine does not make progress"
+    return [engine.output(r) for r in reqs]

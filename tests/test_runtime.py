@@ -9,6 +9,7 @@ import torch
 import autodeploy
 from autodeploy import LogitsProcessor, SamplingConfig, StoppingCriteria
 from autodeploy.runtime.engine import Engine
+from helpers import drive
 from model_zoo import make_model
 
 
@@ -26,24 +27,12 @@ def _greedy(n):
     return SamplingConfig(max_new_tokens=n, ignore_eos=True)
 
 
-def _drive(engine, arrivals):
-    """arrivals: list of (step, prompt, sampling). Returns outputs in the same order."""
-    reqs, step, pending = [None] * len(arrivals), 0, sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
-    while pending or engine.has_work():
-        while pending and arrivals[pending[0]][0] <= step:
-            i = pending.pop(0)
-            reqs[i] = engine.add_request(arrivals[i][1], arrivals[i][2])
-        engine.step()
-        step += 1
-    return [engine.output(r) for r in reqs]
-
-
 def test_batch_invariance_random_stream(cm):
     rng = random.Random(0)
     arrivals = [(rng.randint(0, 40), [rng.randrange(128) for _ in range(rng.randint(1, 40))],
                  _greedy(rng.randint(1, 16))) for _ in range(50)]
     engine = Engine(cm)
-    stream = _drive(engine, arrivals)
+    stream = drive(engine, arrivals)
     assert engine.kv.all_free()
     for (_, prompt, cfg), out in zip(arrivals, stream):
         alone = Engine(cm).generate([prompt], cfg)[0]

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 import importlib  # noqa: E402
 
 import autodeploy.backends.triton.kernels.attention as attn_mod  # noqa: E402
+from autodeploy.backends.triton.partition import decode_partition, target_work_items  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if INTERPRET:
@@ -38,7 +39,6 @@ if INTERPRET:
         attn_mod = importlib.reload(attn_mod)
 context_attention = attn_mod.context_attention
 decode_attention = attn_mod.decode_attention
-pick_num_splits = attn_mod.pick_num_splits
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
@@ -158,16 +158,26 @@ def run_context(seqs, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed
 
 
 def run_decode(lens, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None, softcap=None,
-               sinks=False, num_splits=None):  # fmt: skip
-    c = make_case([(L - 1, 1) for L in lens], hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
+               sinks=False, target=None, align=16, prefill=()):  # fmt: skip
+    """Decode rows of ``lens`` (KV length incl. the new token), optionally behind ``prefill`` sequences
+    ``(cached, new)`` that the decode kernel must leave untouched. ``target``/``align`` shape the partition
+    (small chunks on tiny shapes so sequences really are split); None = the SM-based default."""
+    seqs = list(prefill) + [(L - 1, 1) for L in lens]
+    c = make_case(seqs, hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
     scale = d**-0.5
     out = torch.full_like(c["q"], float("nan"))
+    if target is None:
+        target = target_work_items(hkv, attn_mod.device_sms(c["q"].device))
+    part = decode_partition(c["seq_lens_kv"], c["cu_seqlens_q"], target=target, window=window or 0, align=align)
     decode_attention(
         c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], out,
-        scale=scale, sliding_window=window, logit_softcap=softcap, sinks=c["sinks"], num_splits=num_splits,
+        scale=scale, sliding_window=window, logit_softcap=softcap, sinks=c["sinks"],
+        cu_seqlens_q=c["cu_seqlens_q"], partition=part,
     )  # fmt: skip
     ref = _ref(c, scale=scale, sliding_window=window, logit_softcap=softcap)
-    _check(out, ref, dtype)
+    n_prefill_tok = sum(n for _, n in prefill)
+    assert torch.isnan(out[:n_prefill_tok]).all(), "decode kernel wrote into prefill rows"
+    _check(out[n_prefill_tok:], ref[n_prefill_tok:], dtype)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -217,7 +227,7 @@ def test_gpu_tile_sizes_under_interpreter(monkeypatch, block_m, block_n):
     monkeypatch.setattr(attn_mod, "_decode_config", lambda *a: (block_n, 4, 1))
     run_context([(70, 6), (130, 9), (0, 70)], hq=8, hkv=2, window=43, sinks=True, seed=46 + block_n)
     run_context([(100, 21)], hq=8, hkv=1, dtype=torch.float16, seed=47 + block_n)
-    run_decode([1, 64, 200], hq=8, hkv=2, num_splits=3, window=100, sinks=True, seed=48 + block_n)
+    run_decode([1, 64, 200], hq=8, hkv=2, target=3, align=block_n, window=100, sinks=True, seed=48 + block_n)
 
 
 def test_context_softcap_sinks():
@@ -236,39 +246,44 @@ def test_context_zero_tokens_sequence():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_decode_mixed(dtype, num_splits):
-    run_decode([1, 17, 75, 140], dtype=dtype, num_splits=num_splits, seed=100 + (num_splits or 0))
+@pytest.mark.parametrize("target", [1, 3, None])
+def test_decode_mixed(dtype, target):
+    run_decode([1, 17, 75, 140], dtype=dtype, target=target, seed=100 + (target or 0))
+
+
+def test_decode_behind_prefill():
+    """In a mixed batch the decode kernel finds its rows through cu_seqlens_q and skips prefill sequences."""
+    run_decode([40, 1, 130], prefill=[(0, 5), (20, 7)], target=4, sinks=True, seed=105)
 
 
 @pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (8, 2), (8, 1), (6, 2)])
 def test_decode_gqa_mqa(hq, hkv):
-    run_decode([33, 90], hq=hq, hkv=hkv, num_splits=2, seed=110 + hq * 7 + hkv)
+    run_decode([33, 90], hq=hq, hkv=hkv, target=4, seed=110 + hq * 7 + hkv)
 
 
 @pytest.mark.parametrize("d", [80, 96, 128, 256])
 def test_decode_head_dims(d):
-    run_decode([20, 70], d=d, dtype=torch.float16, num_splits=2, seed=120 + d)
+    run_decode([20, 70], d=d, dtype=torch.float16, target=4, seed=120 + d)
 
 
 @pytest.mark.parametrize("page_size", [8, 16, 32])
 def test_decode_page_sizes(page_size):
-    run_decode([5, 64, 129], page_size=page_size, num_splits=4, seed=130 + page_size)
+    run_decode([5, 64, 129], page_size=page_size, target=6, seed=130 + page_size)
 
 
-@pytest.mark.parametrize("window,num_splits", [(1, 1), (7, 2), (40, 3), (200, 2)])
-def test_decode_sliding_window(window, num_splits):
-    run_decode([3, 50, 150], window=window, num_splits=num_splits, seed=140 + window)
+@pytest.mark.parametrize("window,target", [(1, 1), (7, 2), (40, 3), (200, 2)])
+def test_decode_sliding_window(window, target):
+    run_decode([3, 50, 150], window=window, target=target, seed=140 + window)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_softcap_sinks(num_splits):
-    run_decode([2, 45, 100], softcap=4.0, sinks=True, num_splits=num_splits, seed=150 + num_splits)
+@pytest.mark.parametrize("target", [1, 8])
+def test_decode_softcap_sinks(target):
+    run_decode([2, 45, 100], softcap=4.0, sinks=True, target=target, seed=150 + target)
 
 
-def test_decode_many_splits_empty():
-    # more splits than tiles: most splits are empty and must drop out of the merge (sinks included)
-    run_decode([1, 9, 40], sinks=True, num_splits=8, seed=160)
+def test_decode_many_splits():
+    # more work items than tiles: one-tile splits (and idle items) must merge correctly, sinks included
+    run_decode([1, 9, 40], sinks=True, target=16, align=8, seed=160)
 
 
 def test_decode_matches_context():
@@ -277,19 +292,60 @@ def test_decode_matches_context():
     kw = dict(scale=0.125, sliding_window=20, logit_softcap=3.0, sinks=c["sinks"])
     o_dec = torch.empty_like(c["q"])
     o_ctx = torch.empty_like(c["q"])
-    decode_attention(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], o_dec, num_splits=2,
+    decode_attention(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], o_dec, target=2,
                      **kw)  # fmt: skip
     context_attention(c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"],
                       o_ctx, num_seqs=3, max_q_len=1, **kw)  # fmt: skip
     torch.testing.assert_close(o_dec, o_ctx, rtol=1e-5, atol=1e-5)
 
 
-def test_pick_num_splits():
-    assert pick_num_splits(64, 8, 32768, 132) == 1  # enough CTAs already
-    assert pick_num_splits(1, 8, 100, 132) == 1  # too short to split
-    s = pick_num_splits(1, 8, 32768, 132)
-    assert 16 <= s <= 64
-    assert pick_num_splits(16, 8, 8192, 132) >= 2
+def _partition_ranges(work, split_start):
+    ranges = {}
+    for seq, lo, hi in work.tolist():
+        if seq >= 0:
+            ranges.setdefault(seq, []).append((lo, hi))
+    return ranges
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_decode_partition_covers_visible_keys(seed):
+    """Every decode sequence's visible keys are tiled exactly once by its items, in its split_start rows;
+    prefill sequences get none; items never exceed the static bound; chunk sizes are aligned."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 12, (1,), generator=g))
+    kv = torch.randint(1, 5000, (n,), generator=g)
+    q_lens = torch.where(torch.rand(n, generator=g) < 0.3, torch.randint(2, 50, (n,), generator=g), 1)
+    kv = torch.maximum(kv, q_lens)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = q_lens.cumsum(0)
+    window = [0, 300][seed % 2]
+    target = [1, 7, 33][seed % 3]
+    work, start = decode_partition(kv.int(), cu, target=target, window=window)
+    assert work.shape == (target + n, 3) and start.shape == (n + 1,)
+    ranges = _partition_ranges(work, start)
+    for s in range(n):
+        items = list(range(int(start[s]), int(start[s + 1])))
+        if q_lens[s] != 1:
+            assert not items and s not in ranges
+            continue
+        assert [tuple(work[i, 1:].tolist()) for i in items] == ranges[s]
+        lo = max(0, int(kv[s]) - window) if window else 0
+        cover = sorted(ranges[s])
+        assert cover[0][0] == lo and cover[-1][1] == int(kv[s])
+        assert all(a[1] == b[0] for a, b in zip(cover, cover[1:])), "gap or overlap"
+        assert all(hi > lo_ for lo_, hi in cover)
+        assert all((hi - lo_) % 64 == 0 for lo_, hi in cover[:-1])
+
+
+def test_decode_partition_balances_long_and_short():
+    """A 32k sequence gets many splits, 100-token neighbours one each; an all-long batch of 64 needs none."""
+    kv = torch.tensor([32768] + [100] * 15, dtype=torch.int32)
+    work, start = decode_partition(kv, torch.arange(17, dtype=torch.int32), target=target_work_items(8, 132))
+    counts = (start[1:] - start[:-1]).tolist()
+    assert counts[0] >= 20 and counts[1:] == [1] * 15
+    kv = torch.full((64,), 32768, dtype=torch.int32)
+    work, start = decode_partition(kv, torch.arange(65, dtype=torch.int32), target=target_work_items(8, 132))
+    assert (start[1:] - start[:-1]).max() <= 2
 
 
 # --------------------------------------------------------------------------------------------------------

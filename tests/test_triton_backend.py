@@ -40,6 +40,24 @@ def test_triton_model_matches_torch_backend(family):
     if family != "gemma2":  # Gemma's (1 + w) norms stay plain ops
         assert any(is_op(n, torch.ops.autodeploy.triton_fused_add_rms_norm) for n in graph.nodes)
     assert "fuse_rope_cache_write" in tri.explain() and "triton" in tri.explain()
+    _check_one_metadata_node(tri, expect_windows={"gemma2": {0, 6}, "mistral": {6}, "llama": {0}}[family])
+
+
+def _check_one_metadata_node(cm, expect_windows):
+    """ONE prepare_metadata node derives the decode partition; every attention layer reads the pair of
+    fields for its own window straight from it (layers with equal windows share them)."""
+    graph = cm.graph_module.graph
+    preps = [n for n in graph.nodes if is_op(n, torch.ops.autodeploy.prepare_metadata)]
+    assert len(preps) == 1
+    fields = preps[0].args[-1].split(",")
+    assert {f.split(":")[0] for f in fields} == {"decode_work", "decode_split_start"}
+    assert {int(f.split("window=")[1].split(";")[0]) for f in fields} == expect_windows
+    attn = [n for n in graph.nodes if is_op(n, torch.ops.autodeploy.triton_cached_attention_rope)]
+    for node, spec in zip(attn, cm.ctx.attention_specs):
+        meta = node.args[12]
+        assert len(meta) == 2 and all(m.args[0] is preps[0] for m in meta)
+        names = [fields[m.args[1]] for m in meta]
+        assert all(f"window={spec.sliding_window or 0};" in name for name in names)
 
 
 def test_auto_never_picks_triton_on_cpu():

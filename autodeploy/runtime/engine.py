@@ -1,5 +1,13 @@
 """The engine loop: schedule -> nest_sequences (one H2D copy) -> forward -> sample -> stop checks.
 
+Asynchronous scheduling (on by default on a GPU): in steady decode the next step is packed and launched
+*before* the host waits for the current step's sampled tokens; the tokens go from the sampler's output into the
+next step's input buffer by a device copy. Host work (scheduling, packing, stop checks) then overlaps the GPU
+instead of adding to every step. Stops are applied one step late: a sequence that sampled EOS has already been
+given one more forward, whose token is discarded (its KV write lands in pages it no longer owns, ordered on the
+stream before any new owner writes). Requests that need the host between steps (beam search, penalties, logits
+processors) and steps that admit or preempt requests run synchronously.
+
 It owns no model-specific logic and talks to the compiled model only through ``pack``/``forward`` (the
 metadata contract) and ``copy_pages`` (copy-on-write). A bad request fails alone with a clear error; the
 others keep running. No request is lost: every added request ends finished or with an error.
@@ -14,7 +22,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
-from autodeploy.errors import InvalidRequestError
+from autodeploy.errors import CacheCapacityError, InvalidRequestError
 from autodeploy.metadata import SequenceChunk
 from autodeploy.runtime.beam_search import BeamSearchState
 from autodeploy.runtime.hooks import StopOnTokens
@@ -44,9 +52,24 @@ class StepStats:
 
 
 @dataclass
+class _Launched:
+    """A forward on the GPU whose sampled tokens the host has not read yet."""
+
+    items: list[tuple[Seq, int, int]]  # (sequence, new tokens, tokens computed after this step)
+    ready: list[tuple[Seq, int]]  # sequences sampling in this step, with their logits row
+    plain: list[Seq]  # the non-beam sequences of ``ready``, in the order of ``tokens``
+    tokens: Optional[torch.Tensor]  # [len(plain)] on the host (pinned; valid once ``done`` has fired)
+    device_tokens: Optional[torch.Tensor]  # the same tokens on the device: the next step's inputs
+    logits: torch.Tensor  # valid until the next forward (CUDA-graph output buffers are reused)
+    stats: StepStats
+    done: Optional[torch.cuda.Event] = None  # fires when ``tokens`` has reached the host (GPU only)
+
+
+@dataclass
 class EngineStats:
     steps: list[StepStats] = field(default_factory=list)
     num_preemptions: int = 0
+    num_async_steps: int = 0  # steps launched before the previous step's tokens reached the host
 
 
 class Engine:
@@ -54,8 +77,12 @@ class Engine:
 
     def __init__(self, cm: Any, logits_processors: Sequence[Any] = (), stopping_criteria: Sequence[Any] = (),
                  tokenizer: Any = None, max_batch_size: Optional[int] = None,
-                 max_num_tokens: Optional[int] = None, record_stats: bool = False):
+                 max_num_tokens: Optional[int] = None, record_stats: bool = False,
+                 async_scheduling: Optional[bool] = None):
         self.cm = cm
+        # Overlapping host and GPU only pays where the forward is asynchronous; forcing it on CPU tests it.
+        self.async_scheduling = cm.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
+        self._inflight: Optional[_Launched] = None
         self.kv = KVCacheManager(cm.num_pages, cm.page_size, enable_prefix_caching=cm.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_batch_size or cm.max_batch_size,
                                    max_num_tokens or cm.max_num_tokens, on_preempt=self._on_preempt)
@@ -145,10 +172,19 @@ class Engine:
 
     # -- the loop ------------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._inflight is not None or self.scheduler.has_work()
 
     def step(self) -> list[Request]:
-        """Run one forward; return the requests that produced tokens or finished in it."""
+        """Advance by one forward; return the requests that produced tokens or finished.
+
+        With a step in flight, the next decode step is launched first (when possible) and then the in-flight
+        step's tokens are read and applied; otherwise this schedules, launches and (unless it can stay in
+        flight) completes a step synchronously.
+        """
+        if self._inflight is not None:
+            prev, self._inflight = self._inflight, None
+            self._inflight = self._launch_ahead(prev)
+            return self._complete(prev)
         st = StepStats()
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
@@ -173,65 +209,118 @@ class Engine:
                 self._fail(req, "the KV cache cannot hold this request")
                 touched.append(req)
             return touched
-        self.cm.copy_pages(self.kv.take_pending_copies())
         chunks = [SequenceChunk(s.token_ids[s.num_computed:s.num_computed + n], s.num_computed,
                                 self.kv.pages_view(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids))
                   for s, n in sched.items]
-        t1 = time.perf_counter()
+        st.schedule = time.perf_counter() - t0
+        launched = self._launch(sched.items, chunks, st)
+        if self.async_scheduling and launched.device_tokens is not None \
+                and len(launched.plain) == len(launched.ready) \
+                and all(_async_ok(s) for s in launched.plain):
+            self._inflight = launched  # read its tokens next step, after launching the one after it
+            return touched
+        return touched + self._complete(launched)
+
+    def _launch(self, items: list[tuple[Seq, int]], chunks: list[SequenceChunk], st: StepStats,
+                token_src: Optional[torch.Tensor] = None) -> _Launched:
+        """Pack, run the forward and sample on the device; nothing here waits for the GPU.
+
+        ``token_src``: the device tensor holding this step's input tokens (one per chunk, async decode); the
+        packed ``input_ids`` then hold placeholders and are overwritten on the device.
+        """
+        t0 = time.perf_counter()
+        self.cm.copy_pages(self.kv.take_pending_copies())
         batch = self.cm.pack(chunks)
+        if token_src is not None:  # one-token chunks keep their order (CUDA-graph padding rows come after)
+            if batch.order[:len(chunks)] != list(range(len(chunks))):
+                raise RuntimeError("asynchronous decode expects the packer to keep one-token chunks in order")
+            batch.inputs["input_ids"].view(-1)[:len(chunks)].copy_(token_src, non_blocking=True)
+        t1 = time.perf_counter()
+        logits = self.cm.forward(batch)  # asynchronous on a GPU
         t2 = time.perf_counter()
-        logits = self.cm.forward(batch)  # asynchronous on a GPU: bookkeeping below overlaps with it
+        done_items = []
+        for s, n in items:
+            s.num_computed += n
+            done_items.append((s, n, s.num_computed))
+        rows = {batch.logits_rows[i]: i for i in range(len(batch.logits_rows))}
+        ready = [(s, rows[i]) for i, (s, _) in enumerate(items) if i in rows]
+        plain = [s for s, r in ready if s.request.beam is None]
+        tokens = self._sample([(s, r) for s, r in ready if s.request.beam is None], logits) if plain else None
+        device_tokens = tokens
         done = None
-        if self.record_stats and logits.device.type == "cuda":
+        if tokens is not None and tokens.device.type == "cuda":
+            # Start the tokens' trip to the host now: a plain .tolist() later would queue behind (and wait
+            # for) the next step's forward, serialising the very overlap asynchronous scheduling is for.
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
             done = torch.cuda.Event()
             done.record()
-        t3 = time.perf_counter()
-        for s, n in sched.items:
-            s.num_computed += n
-            self.kv.commit(s.seq_id, s.token_ids, s.num_computed)
-        rows = {batch.logits_rows[i]: i for i in range(len(batch.logits_rows))}
-        ready = [(s, rows[i]) for i, (s, _) in enumerate(sched.items) if i in rows]
-        t4 = time.perf_counter()
-        gpu_wait = 0.0
-        if done is not None:  # attribute the wait for the GPU to the forward, not to sampling
-            done.synchronize()
-            gpu_wait = time.perf_counter() - t4
-        touched += self._advance(ready, logits)
-        t5 = time.perf_counter()
-        if self.record_stats:
-            st.schedule, st.pack, st.forward = t1 - t0, t2 - t1, t3 - t2 + gpu_wait
-            st.sample, st.bookkeeping = t5 - t4 - gpu_wait, t4 - t3
-            st.num_seqs, st.num_tokens = len(sched.items), sched.num_tokens
-            self.stats.steps.append(st)
-        return touched
+            tokens = host
+        st.pack, st.forward, st.sample = t1 - t0, t2 - t1, time.perf_counter() - t2
+        st.num_seqs, st.num_tokens = len(items), sum(n for _, n in items)
+        return _Launched(done_items, ready, plain, tokens, device_tokens, logits, st, done)
 
-    def _advance(self, ready: list[tuple[Seq, int]], logits: torch.Tensor) -> list[Request]:
-        """Sample the next token for every sequence whose logits are ready; apply stops and beams."""
+    def _launch_ahead(self, prev: _Launched) -> Optional[_Launched]:
+        """Launch the decode step that follows ``prev`` before ``prev``'s tokens are known, or return None
+        when the next step needs the scheduler (admissions, preemption, prefill) or a sequence the host must
+        see first."""
+        t0 = time.perf_counter()
+        sched = self.scheduler
+        alive = [(i, s) for i, s in enumerate(prev.plain) if s.state is not SeqState.FINISHED]
+        n_running = sum(len(r.live_seqs()) for r in sched.running)
+        if n_running != len(alive) or not self.async_scheduling:
+            return None  # someone is still prefilling, or prev did not sample every running sequence
+        if sched.waiting and n_running < sched.max_batch_size:
+            return None  # a waiting request may fit: let the scheduler admit it
+        src_rows, seqs = [], []
+        for i, s in alive:
+            n_out = len(s.token_ids) + 1 - s.prompt_len  # after prev's token is appended
+            if n_out >= s.request.sampling.max_new_tokens or len(s.token_ids) + 1 >= self.cm.max_seq_len:
+                continue  # finishes at prev for certain: no further step
+            seqs.append(s)
+            src_rows.append(i)
+        if not seqs:
+            return None
+        try:
+            if not all(self.kv.ensure_slots(s.seq_id, s.num_computed + 1) for s in seqs):
+                return None  # out of pages: the scheduler preempts next step
+        except CacheCapacityError:
+            return None
+        chunks = [SequenceChunk((0,), s.num_computed, self.kv.pages_view(s.seq_id)) for s in seqs]
+        dev = prev.device_tokens
+        src = dev if len(seqs) == len(prev.plain) else dev[torch.tensor(src_rows, device=dev.device)]
+        st = StepStats(schedule=time.perf_counter() - t0)
+        self.stats.num_async_steps += 1
+        return self._launch([(s, 1) for s in seqs], chunks, st, token_src=src)
+
+    def _complete(self, launched: _Launched) -> list[Request]:
+        """Read a launched step's tokens (the one wait for the GPU) and apply them: append, stops, beams."""
+        st = launched.stats
+        t0 = time.perf_counter()
+        for s, _n, computed in launched.items:
+            if s.state is not SeqState.FINISHED and s.seq_id in self.kv:
+                self.kv.commit(s.seq_id, s.token_ids, computed)
+        t1 = time.perf_counter()
+        wait = 0.0
         touched: dict[int, Request] = {}
-        plain = [(s, r) for s, r in ready if s.request.beam is None]
-        if plain:
-            rows = [r for _, r in plain]
-            picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
-                logits.index_select(0, torch.tensor(rows, device=logits.device))
-            if all(s.request.plain_greedy for s, _ in plain):  # hot path: one argmax, no per-row lists
-                tokens = picked.argmax(dim=-1).tolist()
-            else:
-                tokens = self.sampler.sample(
-                    picked, [s.request.sampling for s, _ in plain], [s.token_ids for s, _ in plain],
-                    [s.prompt_len for s, _ in plain], [s.generator for s, _ in plain],
-                    return_logprobs=False).tokens.tolist()
-            for (s, _), tok in zip(plain, tokens):
+        if launched.plain:
+            if launched.done is not None:
+                launched.done.synchronize()  # the one wait for the GPU (attributed to the forward)
+                wait = time.perf_counter() - t1
+            for s, tok in zip(launched.plain, launched.tokens.tolist()):
+                if s.state is SeqState.FINISHED:
+                    continue  # stopped one step earlier (asynchronous scheduling): its token is discarded
                 self._append(s, tok)
                 touched[id(s.request)] = s.request
         beams: dict[int, list[tuple[Seq, int]]] = {}
-        for s, r in ready:
+        for s, r in launched.ready:
             if s.request.beam is not None:
                 beams.setdefault(id(s.request), []).append((s, r))
         for group in beams.values():
             req = group[0][0].request
             if len(group) != len(req.live_seqs()):
                 continue  # some beams still prefilling (cannot happen: beams decode in lockstep)
-            self._beam_step(req, group, logits)
+            self._beam_step(req, group, launched.logits)
             touched[id(req)] = req
         now = time.perf_counter()
         for req in touched.values():
@@ -240,7 +329,23 @@ class Engine:
             if req.finished:
                 req.metrics.finished = now
                 self.scheduler.finish(req)
+        if self.record_stats:
+            st.forward += wait
+            st.sample += now - t1 - wait
+            st.bookkeeping = t1 - t0
+            self.stats.steps.append(st)
         return list(touched.values())
+
+    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor) -> torch.Tensor:
+        """Next token of every non-beam sequence, on the device (no host synchronisation)."""
+        rows = [r for _, r in plain]
+        picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
+            logits.index_select(0, torch.tensor(rows, device=logits.device))
+        if all(s.request.plain_greedy for s, _ in plain):  # hot path: one argmax
+            return picked.argmax(dim=-1)
+        return self.sampler.sample(
+            picked, [s.request.sampling for s, _ in plain], [s.token_ids for s, _ in plain],
+            [s.prompt_len for s, _ in plain], [s.generator for s, _ in plain], return_logprobs=False).tokens
 
     def _append(self, s: Seq, tok: int) -> None:
         req = s.request
@@ -342,6 +447,12 @@ class Engine:
                     new = [(0, t) for t in req.seqs[0].output_ids]
                 for j, (i, tok) in enumerate(new):
                     yield req, i, tok, req.finished and j == len(new) - 1
+
+
+def _async_ok(s: Seq) -> bool:
+    """Can this sequence's next step be launched before its last token reaches the host?"""
+    cfg = s.request.sampling
+    return s.request.beam is None and not cfg.logits_processors and not cfg.needs_penalties
 
 
 def per_prompt_configs(sampling: Any, n: int, default: Optional[SamplingConfig] = None) -> list[SamplingConfig]:

@@ -10,6 +10,7 @@ import torch
 
 from autodeploy.backends.base import AttentionBackend, AttentionSpec
 from autodeploy.backends.registry import register_backend
+from autodeploy.backends.triton.partition import field_params
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -18,7 +19,8 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     devices = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
-    metadata_fields = ()  # reads only the step inputs; split-K sizing comes from host ints (CUDA-graph safe)
+    # Decode reads the flash-decoding work partition (partition.py), derived in the one metadata node.
+    metadata_fields = ("decode_work", "decode_split_start")
     priority = 10
     default_page_size = 64
 
@@ -40,6 +42,10 @@ class TritonBackend(AttentionBackend):
         if spec.v_head_dim != spec.head_dim:
             return False, "different K and V head dims"
         return True, "supported"
+
+    def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
+        params = field_params(spec.sliding_window, spec.num_kv_heads)
+        return tuple(f"{name}:{params}" for name in self.metadata_fields)
 
     def cached_attention_op(self):
         from autodeploy.backends.triton import ops  # noqa: F401  (registers the ops; imports triton)

@@ -13,9 +13,10 @@ from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_
 
 
 def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor,
-                     page_table: Tensor, batch_info: Tensor, scale: float, sliding_window: Optional[int],
-                     logit_softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
-    """Prefill/extend sequences go to the flash kernel, decodes to the split-K kernel (counts are host ints)."""
+                     page_table: Tensor, batch_info: Tensor, meta: list[Tensor], scale: float,
+                     sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
+    """Prefill/extend sequences go to the flash kernel, decodes to the split-K kernel over the partition table
+    the metadata node derived (``meta = [decode_work, decode_split_start]``); counts are host ints."""
     n_prefill, n_prefill_tok, n_decode, max_q = (int(x) for x in batch_info.tolist())
     out = torch.empty((q.shape[0], q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
     if n_prefill:
@@ -23,9 +24,11 @@ def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: 
                           out[:n_prefill_tok], num_seqs=n_prefill, max_q_len=max_q, scale=scale,
                           sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
     if n_decode:
-        decode_attention(q[n_prefill_tok:], k_cache, v_cache, seq_lens_kv[n_prefill:], page_table[n_prefill:],
-                         out[n_prefill_tok:], scale=scale, sliding_window=sliding_window,
-                         logit_softcap=logit_softcap, sinks=sinks)
+        if len(meta) != 2:
+            raise ValueError("triton cached attention expects meta = [decode_work, decode_split_start]")
+        decode_attention(q, k_cache, v_cache, seq_lens_kv, page_table, out, scale=scale,
+                         sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks,
+                         cu_seqlens_q=cu_seqlens_q, partition=(meta[0], meta[1]))
     return out
 
 
@@ -37,7 +40,7 @@ def triton_cached_attention(
     logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ) -> Tensor:
     cache_write(k, v, k_cache, v_cache, slot_mapping)
-    return _paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, scale,
+    return _paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, meta, scale,
                             sliding_window, logit_softcap, sinks)
 
 
@@ -56,8 +59,8 @@ def triton_cached_attention_rope(
 ) -> Tensor:
     """RoPE on q/k fused with the KV-cache write (one kernel), then paged attention on the rotated q."""
     q_rot = rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    return _paged_attention(q_rot, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, scale,
-                            sliding_window, logit_softcap, sinks)
+    return _paged_attention(q_rot, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, meta,
+                            scale, sliding_window, logit_softcap, sinks)
 
 
 @triton_cached_attention_rope.register_fake

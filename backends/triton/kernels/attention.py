@@ -7,8 +7,10 @@ Two entry points, both reading K/V *only* from the paged cache ``[num_pages, pag
   cached context). Flash-attention with an online softmax. The ``GROUP = Hq // Hkv`` query heads that share a
   KV head are folded into the M dimension of the tile, so every KV tile is loaded once per KV group.
 * :func:`decode_attention` -- one query token per sequence. Flash-decoding (split-K): the grid is
-  ``(batch, kv_head, split)``; each split reduces a slice of the context to a partial ``(lse, acc)`` in a
-  fp32 workspace and a small second kernel merges the splits (and the attention sinks).
+  ``(work item, kv_head)`` over the partition table of :mod:`..partition` (one key range of one sequence per
+  item, sized so long and short sequences get splits in proportion); each item reduces its range to a partial
+  ``(lse, acc)`` in a fp32 workspace (or, when it is its sequence's only item, writes the output directly) and a
+  small second kernel merges the splits (and the attention sinks).
 
 Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
 ``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
@@ -25,13 +27,14 @@ elements, which keeps the loads coalesced).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from autodeploy.backends.triton.partition import decode_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -292,14 +295,16 @@ def _decode_split_kernel(
     k_cache,
     v_cache,
     out_ptr,
-    seq_lens_kv,
+    cu_seqlens_q,
     page_table,
+    work_ptr,
+    split_start,
     sinks_ptr,
     mid_o,
     mid_lse,
-    stride_qb,
+    stride_qt,
     stride_qh,
-    stride_ob,
+    stride_ot,
     stride_oh,
     stride_kp,
     stride_kr,
@@ -308,16 +313,12 @@ def _decode_split_kernel(
     stride_vr,
     stride_vh,
     stride_pt,
-    stride_mob,
+    stride_mow,
     stride_moh,
-    stride_mos,
-    stride_mlb,
-    stride_mlh,
+    stride_mlw,
     qk_scale,
     softcap_scale,
     softcap_log2,
-    window,
-    num_splits,
     GROUP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
@@ -325,148 +326,131 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NEED_DMASK: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
-    SINGLE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Grid ``(B, Hkv, num_splits)``. The visible range ``[max(0, L - w), L)`` is cut into ``num_splits``
-    BLOCK_N-aligned chunks; all GROUP q heads of the KV head are the M rows of one tile.
+    """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
+    table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
 
-    SINGLE (num_splits == 1): normalise and write the output directly (no workspace, no second launch).
-    Otherwise write the normalised partial output and its base-2 LSE (-inf for an empty split).
+    A sequence with a single item normalises and writes its output directly (no second pass needed);
+    otherwise the item writes its normalised partial and base-2 LSE into workspace row ``w``.
     """
-    b = tl.program_id(0)
+    w = tl.program_id(0)
     kvh = tl.program_id(1)
-    split = tl.program_id(2)
-
-    kv_len = tl.load(seq_lens_kv + b).to(tl.int32)
-    if HAS_WINDOW:
-        lo = tl.maximum(kv_len - window, 0)
-    else:
-        lo = 0
-    chunk = tl.cdiv(tl.cdiv(kv_len - lo, num_splits), BLOCK_N) * BLOCK_N
-    s_lo = lo + split * chunk
-    s_hi = tl.minimum(s_lo + chunk, kv_len)
-    s_full = s_lo + tl.maximum((s_hi - s_lo) // BLOCK_N, 0) * BLOCK_N  # end of the full tiles
+    seq = tl.load(work_ptr + 3 * w)
+    if seq < 0:
+        return
+    s_lo = tl.load(work_ptr + 3 * w + 1)
+    s_hi = tl.load(work_ptr + 3 * w + 2)
+    n_items = tl.load(split_start + seq + 1) - tl.load(split_start + seq)
+    s_full = s_lo + ((s_hi - s_lo) // BLOCK_N) * BLOCK_N  # end of the full tiles
 
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < GROUP
     head = kvh * GROUP + offs_h
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-    b64 = b.to(tl.int64)
-    q_ptrs = q_ptr + b64 * stride_qb + head[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (kv_len - 1)
+    tok = tl.load(cu_seqlens_q + seq).to(tl.int64)  # the decode query's row in q/out
+    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (s_hi - 1)  # every key of [lo, hi) is visible to the query
 
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     k_base = k_cache + kvh.to(tl.int64) * stride_kh
     v_base = v_cache + kvh.to(tl.int64) * stride_vh
-    pt_row = page_table + b64 * stride_pt
+    pt_row = page_table + seq.to(tl.int64) * stride_pt
 
-    # Window is enforced by the range itself (every key in [lo, L) is visible to the single query).
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
         PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, UPCAST, IEEE,
     )  # fmt: skip
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, s_full, s_hi, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
         PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, UPCAST, IEEE,
     )  # fmt: skip
 
-    if SINGLE:
+    if n_items == 1:
         o = _finalize(acc, m_i, l_i, sinks_ptr, head, h_ok, HAS_SINKS)
-        o_ptrs = out_ptr + b64 * stride_ob + head[:, None] * stride_oh + offs_d[None, :]
+        o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
     else:
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
-        mo_ptrs = mid_o + b64 * stride_mob + head[:, None] * stride_moh + split * stride_mos + offs_d[None, :]
+        w64 = w.to(tl.int64)
+        mo_ptrs = mid_o + w64 * stride_mow + head[:, None] * stride_moh + offs_d[None, :]
         tl.store(mo_ptrs, acc / l_safe[:, None], mask=h_ok[:, None] & d_ok[None, :])
-        tl.store(mid_lse + b64 * stride_mlb + head * stride_mlh + split, lse, mask=h_ok)
+        tl.store(mid_lse + w64 * stride_mlw + head, lse, mask=h_ok)
 
 
 @triton.jit
 def _decode_reduce_kernel(
     mid_o,
     mid_lse,
+    cu_seqlens_q,
+    split_start,
     sinks_ptr,
     out_ptr,
-    stride_mob,
+    stride_mow,
     stride_moh,
-    stride_mos,
-    stride_mlb,
-    stride_mlh,
-    stride_ob,
+    stride_mlw,
+    stride_ot,
     stride_oh,
-    num_splits,
+    GROUP: tl.constexpr,
+    BLOCK_H: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
-    """Grid ``(B, Hq)``: merge the split partials with LSE weights; the sink joins the max and denominator."""
-    b = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < num_splits
+    """Grid ``(S, Hkv)``: merge a sequence's split partials (rows ``split_start[s]:split_start[s+1]``) with
+    LSE weights, online over the splits; the sink joins the max and the denominator. Sequences with 0 items
+    (prefill) or 1 item (already written by the split kernel) exit at once."""
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    first = tl.load(split_start + s)
+    last = tl.load(split_start + s + 1)
+    if last - first <= 1:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < GROUP
+    head = kvh * GROUP + offs_h
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-
-    lse = tl.load(mid_lse + b * stride_mlb + h * stride_mlh + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
+    mask = h_ok[:, None] & d_ok[None, :]
+    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    for w in range(first, last):  # workspace rows are few (< items x Hq x D fits int32)
+        lse = tl.load(mid_lse + w * stride_mlw + head, mask=h_ok, other=float("-inf"))
+        part = tl.load(mid_o + w * stride_mow + head[:, None] * stride_moh + offs_d[None, :], mask=mask,
+                       other=0.0)
+        m_new = tl.maximum(m, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        p = tl.exp2(lse - m_safe)
+        acc = acc * alpha[:, None] + part * p[:, None]
+        denom = denom * alpha + p
+        m = m_new
     if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
-        m = tl.maximum(m, sink)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (L == 0): weights are all 0
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, 0)
-    if HAS_SINKS:
-        denom += tl.exp2(sink - m)
+        sink = tl.load(sinks_ptr + head, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m, sink)
+        alpha = tl.exp2(m - m_new)
+        acc = acc * alpha[:, None]
+        denom = denom * alpha + tl.exp2(sink - m_new)
     denom = tl.where(denom == 0.0, 1.0, denom)
-    mo_ptrs = mid_o + b * stride_mob + h * stride_moh + offs_s[:, None] * stride_mos + offs_d[None, :]
-    parts = tl.load(mo_ptrs, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    o = tl.sum(parts * w[:, None], 0) / denom
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tok = tl.load(cu_seqlens_q + s).to(tl.int64)
+    o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Host wrappers
 # ----------------------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_sms(device: torch.device) -> int:
-    """SM count for the split heuristic (a nominal 8 off-GPU, e.g. under the interpreter)."""
-    if device.type == "cuda":
-        return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    return 8
-
-
-def pick_num_splits(batch: int, num_kv_heads: int, max_kv_len: int, num_sms: int) -> int:
-    """Split count for flash-decoding from host ints only (CUDA-graph safe).
-
-    Aim for ~2 waves of CTAs across the SMs, but keep >= 256 keys per split so the partials stay cheap to
-    merge and each split streams a decent chunk of KV. Measured on H100 (B=1, Hkv=8, 32k context): 2 waves
-    reach 42% of copy bandwidth, 4 waves only 30% (more, shorter splits).
-    """
-    ctas = max(1, batch * num_kv_heads)
-    if ctas >= num_sms:
-        return 1
-    want = triton.cdiv(2 * num_sms, ctas)
-    by_len = max(1, max_kv_len // 256)
-    return int(max(1, min(want, by_len, 64)))
 
 
 def _common_checks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
@@ -584,63 +568,59 @@ def decode_attention(
     sliding_window: Optional[int],
     logit_softcap: Optional[float],
     sinks: Optional[torch.Tensor],
-    num_splits: Optional[int] = None,
-    max_seq_len: Optional[int] = None,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    partition: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    target: Optional[int] = None,
 ) -> None:
-    """Paged attention for decode sequences (one query each): q/out ``[B, Hq, D]``, written into ``out``.
+    """Flash-decoding over the paged cache for the decode sequences (``q_len == 1``) of a flattened batch.
 
-    ``num_splits`` (host int) fixes the split-K factor; when None it is chosen from the batch size and
-    ``max_seq_len`` (host int upper bound on ``seq_lens_kv``; defaults to ``page_table.shape[1] * page_size``).
+    ``cu_seqlens_q`` ``[S+1]`` locates each sequence's query row in q/out (default: one row per sequence,
+    q/out ``[S, Hq, D]``); prefill rows are left untouched. ``partition`` is the ``(work, split_start)`` table of
+    :func:`~autodeploy.backends.triton.partition.decode_partition` (in a compiled graph it comes from the
+    metadata node); when None it is derived here with ``target`` work items (default: two waves of programs).
     No device value is read on the host, so this is CUDA-graph capturable.
     """
     _common_checks(q, k_cache, v_cache, out)
-    bsz, hq, d = q.shape
-    if bsz == 0:
+    num_seqs = seq_lens_kv.shape[0]
+    if num_seqs == 0 or q.shape[0] == 0:
         return
+    _, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
+    if cu_seqlens_q is None:
+        cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
+    _, window = _window(sliding_window)
+    if partition is None:
+        if target is None:
+            target = target_work_items(hkv, device_sms(q.device))
+        partition = decode_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window)
+    work, split_start = partition
     group = hq // hkv
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
-    has_window, window = _window(sliding_window)
-    if num_splits is None:
-        max_kv = max_seq_len if max_seq_len is not None else page_table.shape[1] * page_size
-        if has_window:
-            max_kv = min(max_kv, window)
-        num_splits = pick_num_splits(bsz, hkv, max_kv, _device_sms(q.device))
-    num_splits = max(1, int(num_splits))
-    interp = _interpreting()
     block_n, num_warps, num_stages = _decode_config(block_d, q.dtype)
-
-    single = num_splits == 1
-    if single:
-        mid_o = mid_lse = out  # unused placeholders
-        mo_strides = (0, 0, 0)
-        ml_strides = (0, 0)
-    else:
-        mid_o = torch.empty((bsz, hq, num_splits, d), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((bsz, hq, num_splits), dtype=torch.float32, device=q.device)
-        mo_strides = mid_o.stride()[:3]
-        ml_strides = mid_lse.stride()[:2]
+    n_items = work.shape[0]
+    mid_o = torch.empty((n_items, hq, d), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((n_items, hq), dtype=torch.float32, device=q.device)
     sinks_arg = sinks if sinks is not None else q
-    _decode_split_kernel[(bsz, hkv, num_splits)](
-        q, k_cache, v_cache, out, seq_lens_kv, page_table, sinks_arg, mid_o, mid_lse,
+    _decode_split_kernel[(n_items, hkv)](
+        q, k_cache, v_cache, out, cu_seqlens_q, page_table, work, split_start, sinks_arg, mid_o, mid_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0), *mo_strides, *ml_strides,
-        qk_scale, softcap_scale, softcap_log2, window, num_splits,
+        page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0),
+        qk_scale, softcap_scale, softcap_log2,
         GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
-        SINGLE=single, UPCAST=interp, IEEE=q.dtype == torch.float32,
+        NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
+        UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    if not single:
-        _decode_reduce_kernel[(bsz, hq)](
-            mid_o, mid_lse, sinks_arg, out, *mo_strides, *ml_strides, out.stride(0), out.stride(1), num_splits,
-            HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
-            num_warps=4 if block_d <= 128 else 8,
-        )  # fmt: skip
+    _decode_reduce_kernel[(num_seqs, hkv)](
+        mid_o, mid_lse, cu_seqlens_q, split_start, sinks_arg, out,
+        mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_H=block_h, HEAD_D=d, BLOCK_D=block_d, HAS_SINKS=sinks is not None,
+        num_warps=4 if block_d <= 128 else 8,
+    )  # fmt: skip
 
 
-__all__ = ["context_attention", "decode_attention", "pick_num_splits"]
+__all__ = ["context_attention", "decode_attention"]
