@@ -79,10 +79,12 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
             cm.forward(batch_in)
         torch.cuda.synchronize()
     cats = {"attention": 0.0, "gemm": 0.0, "norm_rope": 0.0, "metadata": 0.0, "other": 0.0}
+    kernels = []
     for evt in prof.key_averages():
         t = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
         if t <= 0 or evt.key.startswith("autodeploy::") or evt.key.startswith("aten::"):
             continue
+        kernels.append((t / n, evt.count // n, evt.key[:60]))
         name = evt.key.lower()
         if "attn" in name or "decode" in name or "rope_cache" in name:
             cats["attention"] += t
@@ -94,7 +96,10 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
             cats["metadata"] += t
         else:
             cats["other"] += t
-    return {k: v / n / 1e3 for k, v in cats.items()}  # ms per step
+    out = {k: v / n / 1e3 for k, v in cats.items()}  # ms per step
+    # the heaviest kernels: (us per step, launches per step, name)
+    out["top_kernels"] = [f"{t:.0f}us x{c} {name}" for t, c, name in sorted(kernels, reverse=True)[:8]]
+    return out
 
 
 def main() -> None:

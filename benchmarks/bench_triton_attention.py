@@ -16,6 +16,7 @@ import json
 import math
 import statistics
 import sys
+from typing import Optional
 
 import torch
 
@@ -57,7 +58,6 @@ def copy_bandwidth(nbytes: int, reps: int) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), reps, warmup=3)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
@@ -79,14 +79,16 @@ def gather_contiguous(cache: torch.Tensor, page_table: torch.Tensor, ctx: int) -
     return cache[page_table.long()].reshape(b, -1, HKV, D)[:, :ctx].transpose(1, 2).contiguous()
 
 
-def _decode_case(batch: int, ctx: int, page_size: int, gen: torch.Generator, waves: float):
+def _decode_case(batch: int, ctx: int, page_size: int, gen: torch.Generator, waves: float,
+                 min_chunk: Optional[int] = None):
     """Paged cache, queries and the partition table (computed once, as the metadata node does per forward)."""
-    from autodeploy.backends.triton.partition import decode_partition, device_sms, target_work_items
+    from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
 
     k_cache, v_cache, page_table, seq_lens = make_paged(batch, ctx, page_size, gen)
     q = torch.randn(batch, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
     cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-    part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves))
+    part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves),
+                            min_chunk=MIN_CHUNK if min_chunk is None else min_chunk)
     return k_cache, v_cache, page_table, seq_lens, q, cu, part
 
 
@@ -110,7 +112,7 @@ def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
     default_config = attn._decode_config
     configs = [(64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 2, 4)]
     gen = torch.Generator(device="cuda").manual_seed(2)
-    for batch, ctx in [(1, 32768), (1, 8192), (1, 1024), (16, 8192)]:
+    for batch, ctx in [] if args.short_only else [(1, 32768), (1, 8192), (1, 1024), (16, 8192)]:
         results = []
         for waves in (1.0, 2.0, 4.0, 8.0):
             case = _decode_case(batch, ctx, args.page_size, gen, waves)
@@ -132,6 +134,18 @@ def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
         results.sort(reverse=True)
         top = ", ".join(f"waves={w:g} cfg={c} {p:.0f}%" for p, w, c, _ in results[:4])
         print(f"sweep   B={batch:<3d} ctx={ctx:<6d} best: {top}", flush=True)
+    # Short contexts are latency bound: how finely to split them (min chunk) with the default tile config.
+    for batch, ctx in [(1, 512), (1, 1024), (1, 2048), (8, 512)]:
+        cells = []
+        for min_chunk in (64, 128, 256, 512, 1024, 4096):
+            case = _decode_case(batch, ctx, args.page_size, gen, 2.0, min_chunk)
+            out = torch.empty_like(case[4])
+            ms = time_cuda(graphed(_decode_runner(case, out)), args.reps, args.warmup, flush)
+            items = int((case[6][1][1:] - case[6][1][:-1]).max())
+            cells.append(f"min_chunk={min_chunk}: {ms * 1e3:.1f} us ({items} splits)")
+            rows.append(dict(kind="decode_min_chunk", batch=batch, ctx=ctx, min_chunk=min_chunk, ms=ms))
+            del case, out
+        print(f"short   B={batch:<3d} ctx={ctx:<6d} " + " | ".join(cells), flush=True)
 
 
 def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
@@ -230,6 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA reference timings")
     p.add_argument("--json", type=str, default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="also tune partition waves and decode tile configs")
+    p.add_argument("--short-only", action="store_true", help="with --sweep: only the short-context min-chunk sweep")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():

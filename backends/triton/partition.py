@@ -24,6 +24,10 @@ from autodeploy.metadata import register_metadata_field
 
 # Chunks are multiples of this many keys (a multiple of every decode BLOCK_N, so splits are whole tiles).
 CHUNK_ALIGN = 64
+# Smallest chunk the backend's field uses. Measured on H100 (graph replays, Hkv=8, D=128): B=1 at 512/1k/2k
+# keys takes 16.1/19.0/22.3 us with 128-key chunks vs 16.7/19.6/26.8 us with 64 (more partials to merge) and
+# 19.2/20.3/23.5 us with 256 (longer serial chains).
+MIN_CHUNK = 128
 # Programs per SM the partition aims for (split kernel grid = work items x KV heads). Tuned on H100 with
 # benchmarks/bench_triton_attention.py --sweep.
 DEFAULT_WAVES = 2.0
@@ -48,7 +52,7 @@ def target_work_items(num_kv_heads: int, num_sms: int, waves: float = DEFAULT_WA
 
 
 def decode_partition(seq_lens_kv: Tensor, cu_seqlens_q: Tensor, *, target: int, window: int = 0,
-                     align: int = CHUNK_ALIGN) -> tuple[Tensor, Tensor]:
+                     align: int = CHUNK_ALIGN, min_chunk: int = 0) -> tuple[Tensor, Tensor]:
     """Partition the visible keys of every decode sequence (``q_len == 1``) into equal chunks.
 
     Returns ``(work, split_start)``:
@@ -56,6 +60,8 @@ def decode_partition(seq_lens_kv: Tensor, cu_seqlens_q: Tensor, *, target: int, 
     * ``work`` ``[target + S, 3]`` int32: ``(seq, key_lo, key_hi)`` per work item, ``seq = -1`` for idle items;
     * ``split_start`` ``[S + 1]`` int32: sequence ``s`` owns work items ``split_start[s] : split_start[s+1]``
       (none for prefill sequences), so the reduction knows where its partials are and how many.
+
+    ``min_chunk`` keeps short contexts from being cut into many one-tile splits (fewer partials to merge).
 
     Bound: sum_s ceil(vis_s / chunk) <= total / chunk + S <= target + S, because chunk >= total / target.
     """
@@ -66,7 +72,7 @@ def decode_partition(seq_lens_kv: Tensor, cu_seqlens_q: Tensor, *, target: int, 
     visible = torch.where(is_decode, kv_len - first, torch.zeros_like(kv_len))
     total = visible.sum()
     chunk = (total + target - 1) // target
-    chunk = ((chunk + align - 1) // align * align).clamp(min=align)
+    chunk = ((chunk + align - 1) // align * align).clamp(min=max(align, min_chunk))
     n_split = torch.where(is_decode, ((visible + chunk - 1) // chunk).clamp(min=1), torch.zeros_like(kv_len))
     split_start = torch.zeros(num_seqs + 1, dtype=torch.int64, device=kv_len.device)
     split_start[1:] = torch.cumsum(n_split, 0)
@@ -89,7 +95,7 @@ def _partition_field(m: dict, window: int, kv_heads: int) -> tuple[Tensor, Tenso
     if key not in m:
         sms = device_sms(m["seq_lens_kv"].device)
         m[key] = decode_partition(m["seq_lens_kv"], m["cu_seqlens_q"], window=window,
-                                  target=target_work_items(kv_heads, sms))
+                                  target=target_work_items(kv_heads, sms), min_chunk=MIN_CHUNK)
     return m[key]
 
 

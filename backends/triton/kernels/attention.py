@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from autodeploy.backends.triton.partition import decode_partition, device_sms, target_work_items
+from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -401,51 +401,41 @@ def _decode_reduce_kernel(
     stride_mlw,
     stride_ot,
     stride_oh,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
-    """Grid ``(S, Hkv)``: merge a sequence's split partials (rows ``split_start[s]:split_start[s+1]``) with
-    LSE weights, online over the splits; the sink joins the max and the denominator. Sequences with 0 items
-    (prefill) or 1 item (already written by the split kernel) exit at once."""
+    """Grid ``(S, Hq)``: merge a sequence's split partials (workspace rows ``split_start[s]:split_start[s+1]``,
+    at most BLOCK_S of them) with LSE weights, all loaded at once; the sink joins the max and the denominator.
+    Sequences with 0 items (prefill) or 1 item (already written by the split kernel) exit at once."""
     s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    h = tl.program_id(1)
     first = tl.load(split_start + s)
-    last = tl.load(split_start + s + 1)
-    if last - first <= 1:
+    n = tl.load(split_start + s + 1) - first
+    if n <= 1:
         return
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < GROUP
-    head = kvh * GROUP + offs_h
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
-    mask = h_ok[:, None] & d_ok[None, :]
-    m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    for w in range(first, last):  # workspace rows are few (< items x Hq x D fits int32)
-        lse = tl.load(mid_lse + w * stride_mlw + head, mask=h_ok, other=float("-inf"))
-        part = tl.load(mid_o + w * stride_mow + head[:, None] * stride_moh + offs_d[None, :], mask=mask,
-                       other=0.0)
-        m_new = tl.maximum(m, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        p = tl.exp2(lse - m_safe)
-        acc = acc * alpha[:, None] + part * p[:, None]
-        denom = denom * alpha + p
-        m = m_new
+    rows = (first + offs_s).to(tl.int64)
+    lse = tl.load(mid_lse + rows * stride_mlw + h, mask=s_ok, other=float("-inf"))
+    parts = tl.load(mid_o + rows[:, None] * stride_mow + h * stride_moh + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    m = tl.max(lse, 0)
     if HAS_SINKS:
-        sink = tl.load(sinks_ptr + head, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        m_new = tl.maximum(m, sink)
-        alpha = tl.exp2(m - m_new)
-        acc = acc * alpha[:, None]
-        denom = denom * alpha + tl.exp2(sink - m_new)
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights are 0
+    w = tl.exp2(lse - m)
+    denom = tl.sum(w, 0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m)
     denom = tl.where(denom == 0.0, 1.0, denom)
+    o = tl.sum(parts * w[:, None], 0) / denom
     tok = tl.load(cu_seqlens_q + s).to(tl.int64)
-    o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
-    tl.store(o_ptrs, (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + tok * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -592,7 +582,7 @@ def decode_attention(
     if partition is None:
         if target is None:
             target = target_work_items(hkv, device_sms(q.device))
-        partition = decode_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window)
+        partition = decode_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window, min_chunk=MIN_CHUNK)
     work, split_start = partition
     group = hq // hkv
     block_d = triton.next_power_of_2(max(d, 16))
@@ -615,10 +605,12 @@ def decode_attention(
         UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    _decode_reduce_kernel[(num_seqs, hkv)](
+    # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
+    max_splits = max(2, n_items - num_seqs + 1)
+    _decode_reduce_kernel[(num_seqs, hq)](
         mid_o, mid_lse, cu_seqlens_q, split_start, sinks_arg, out,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, BLOCK_H=block_h, HEAD_D=d, BLOCK_D=block_d, HAS_SINKS=sinks is not None,
+        HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max_splits), HAS_SINKS=sinks is not None,
         num_warps=4 if block_d <= 128 else 8,
     )  # fmt: skip
 
