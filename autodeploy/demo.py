@@ -75,7 +75,7 @@ def run_demo(args: argparse.Namespace) -> int:
         table.add_column(col)
     table.add_row(str(len(prompts)), str(n_out), f"{dt:.2f}", f"{n_out / dt:.1f}", f"{host[len(host) // 2] * 1e3:.2f} ms")
     console.print(table)
-    console.print(f"first prompt's tokens: {outs[0].output_ids[:16]}...")
-    console.print(cm.explain())
+    console.print(f"first prompt's tokens: {outs[0].output_ids[:16]}...", markup=False)
+    console.print(cm.explain(), markup=False, highlight=False)
     ok = worst < tol and (same == len(prompts) or cm.dtype != torch.float32)
     return 0 if ok else 1
