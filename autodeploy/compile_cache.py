@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import getattr_path
+from autodeploy.graph_utils import concat_shared, getattr_path
 
 log = logging.getLogger(__name__)
 
@@ -88,15 +88,9 @@ def _derived_recipe(node: fx.Node, model: torch.nn.Module) -> Optional[tuple]:
     return tuple(recipe)
 
 
-def _concat_shared(sources: list[torch.Tensor], dim: int) -> torch.Tensor:
-    from autodeploy.passes.fuse_gemms import concat_shared
-
-    return concat_shared(sources, dim)
-
-
 # Recipe ops: name -> fn(source tensors, *params). ``cat`` re-points the sources at views of its result, as the
 # pass did on the cold compile, so the warm-loaded graph and the model share one copy of the weights.
-_DERIVE_OPS = {"cat": _concat_shared}
+_DERIVE_OPS = {"cat": concat_shared}
 
 
 def _rebuild(model: torch.nn.Module, recipe: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:

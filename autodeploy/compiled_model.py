@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
-from autodeploy.lowering import lower_graph
+from autodeploy.lowering import lower_graph, resolve_lowering
 from autodeploy.metadata import SequenceChunk, SequencePacker, StepBatch
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,6 @@ class CompiledModel:
 
     # -- execution ---------------------------------------------------------------------------------------
     def lower(self, mode: str) -> None:
-        from autodeploy.lowering import resolve_lowering
-
         mode = resolve_lowering(mode, self.device)
         self._runner, reason = lower_graph(self, mode)
         self.report.lowering, self.report.lowering_reason = mode if self._runner is not None else "eager", reason

@@ -56,12 +56,15 @@ def _torch_compile(cm: Any) -> tuple[Optional[Callable], str]:
     return compiled, "inductor on the non-attention parts; attention and metadata stay opaque custom ops"
 
 
-def _with_cuda_graphs(cm: Any, fn: Callable, mode: str, rest: str) -> tuple[Optional[Callable], str]:
+def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str,
+                      rest: str) -> tuple[Optional[Callable], str]:
+    """Decode graphs captured over ``make_fn()`` (built only where there is a GPU)."""
     if cm.device.type != "cuda" or not torch.cuda.is_available():
         log.warning("%s lowering needs a CUDA device; %s runs the eager graph instead", mode, cm.device)
         return None, f"{mode} needs a CUDA device; fell back to eager on {cm.device.type}"
     from autodeploy.cudagraph import CudaGraphRunner
 
+    fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
     return fn, (f"decode steps replay CUDA graphs per batch bucket {cm.graph_runner.buckets} "
                 f"(captured once each, on first use); prefill/mixed steps {rest}")
@@ -69,17 +72,15 @@ def _with_cuda_graphs(cm: Any, fn: Callable, mode: str, rest: str) -> tuple[Opti
 
 @register_lowering("cudagraph")
 def _cudagraph(cm: Any) -> tuple[Optional[Callable], str]:
-    return _with_cuda_graphs(cm, direct_call_module(cm.graph_module), "cudagraph", "run eager")
+    return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph", "run eager")
 
 
 @register_lowering("torch-compile+cudagraph")
 def _compiled_cudagraph(cm: Any) -> tuple[Optional[Callable], str]:
     """Inductor's fused kernels (one dynamic-shape compile) captured per decode bucket: fewer kernels per step
     than the eager graph and no launch overhead."""
-    if cm.device.type != "cuda":
-        return _with_cuda_graphs(cm, None, "torch-compile+cudagraph", "")
-    compiled = torch.compile(cm.graph_module, dynamic=True, fullgraph=True)
-    return _with_cuda_graphs(cm, compiled, "torch-compile+cudagraph", "run the inductor-compiled graph")
+    return _with_cuda_graphs(cm, lambda: torch.compile(cm.graph_module, dynamic=True, fullgraph=True),
+                             "torch-compile+cudagraph", "run the inductor-compiled graph")
 
 
 def resolve_lowering(mode: str, device: torch.device) -> str:
@@ -90,7 +91,7 @@ def resolve_lowering(mode: str, device: torch.device) -> str:
 
 
 def lower_graph(cm: Any, mode: str) -> tuple[Optional[Callable], str]:
-    mode = resolve_lowering(mode, cm.device)
+    """Apply lowering ``mode`` (already resolved from ``auto``, see :func:`resolve_lowering`)."""
     if mode not in LOWERINGS:
         raise BackendUnavailableError(f"unknown lowering {mode!r}; known: {sorted(LOWERINGS)}")
     return LOWERINGS[mode](cm)

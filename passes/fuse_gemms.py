@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from autodeploy.compile_cache import DERIVED_META
-from autodeploy.graph_utils import arg, aten, getattr_path, getitem, is_op, val
+from autodeploy.graph_utils import arg, aten, concat_shared, getattr_path, getitem, is_op, val
 from autodeploy.pass_manager import PassResult, register_pass
 
 log = logging.getLogger(__name__)
@@ -76,41 +76,6 @@ def find_groups(gm: fx.GraphModule) -> list[list[_Linear]]:
             groups.append(kept)
             claimed = taken
     return groups
-
-
-def _tiles(sources: list[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The tensor the sources already tile (consecutive, contiguous views of one storage covering all of it),
-    e.g. after an earlier compile of the same model: reusing it avoids a second copy."""
-    first = sources[0]
-    storage, offset = first.untyped_storage(), first.storage_offset()
-    if offset != 0:
-        return None
-    for s in sources:
-        if (not s.is_contiguous() or s.untyped_storage().data_ptr() != storage.data_ptr()
-                or s.storage_offset() != offset or s.dtype != first.dtype):
-            return None
-        offset += s.numel()
-    if offset * first.element_size() != storage.nbytes():
-        return None
-    shape = (sum(s.shape[0] for s in sources), *first.shape[1:])
-    return first.new_empty(0).set_(storage, 0, shape)
-
-
-@torch.no_grad()
-def concat_shared(sources: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """``cat(sources, dim)``, then every source's storage is re-pointed at its slice of the result: the model's
-    own parameters become views of the fused tensor, so the originals are freed and weights are not doubled."""
-    if dim != 0:
-        raise ValueError(f"only dim 0 concatenation keeps the source views contiguous, got dim={dim}")
-    fused = _tiles(sources)
-    if fused is not None:
-        return fused
-    fused = torch.cat([s.detach() for s in sources], dim)
-    start = 0
-    for s in sources:
-        s.data = fused[start:start + s.shape[0]]
-        start += s.shape[0]
-    return fused
 
 
 def _register(gm: fx.GraphModule, tensor: torch.Tensor, sources: list[fx.Node], like: fx.Node,

@@ -215,8 +215,7 @@ class Engine:
         st.schedule = time.perf_counter() - t0
         launched = self._launch(sched.items, chunks, st)
         if self.async_scheduling and launched.device_tokens is not None \
-                and len(launched.plain) == len(launched.ready) \
-                and all(_async_ok(s) for s in launched.plain):
+                and all(_async_ok(s) for s, _ in launched.ready):
             self._inflight = launched  # read its tokens next step, after launching the one after it
             return touched
         return touched + self._complete(launched)
@@ -244,9 +243,9 @@ class Engine:
             done_items.append((s, n, s.num_computed))
         rows = {batch.logits_rows[i]: i for i in range(len(batch.logits_rows))}
         ready = [(s, rows[i]) for i, (s, _) in enumerate(items) if i in rows]
-        plain = [s for s, r in ready if s.request.beam is None]
-        tokens = self._sample([(s, r) for s, r in ready if s.request.beam is None], logits) if plain else None
-        device_tokens = tokens
+        plain_rows = [(s, r) for s, r in ready if s.request.beam is None]
+        plain = [s for s, _ in plain_rows]
+        tokens = device_tokens = self._sample(plain_rows, logits) if plain_rows else None
         done = None
         if tokens is not None and tokens.device.type == "cuda":
             # Start the tokens' trip to the host now: a plain .tolist() later would queue behind (and wait
@@ -268,7 +267,7 @@ class Engine:
         sched = self.scheduler
         alive = [(i, s) for i, s in enumerate(prev.plain) if s.state is not SeqState.FINISHED]
         n_running = sum(len(r.live_seqs()) for r in sched.running)
-        if n_running != len(alive) or not self.async_scheduling:
+        if n_running != len(alive):
             return None  # someone is still prefilling, or prev did not sample every running sequence
         if sched.waiting and n_running < sched.max_batch_size:
             return None  # a waiting request may fit: let the scheduler admit it
