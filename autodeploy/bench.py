@@ -91,7 +91,25 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
             "bookkeeping_median": statistics.median(s.bookkeeping for s in steps) if steps else float("nan"),
         },
         "forward_median_s": statistics.median(s.forward for s in steps) if steps else float("nan"),
+        "step_kinds": step_kinds(steps),
     }
+
+
+def step_kinds(steps: list) -> dict[str, dict[str, float]]:
+    """Where the time went, by step kind: decode-only steps vs steps that carry prefill tokens (count, wall
+    seconds, tokens, median step time)."""
+    out = {}
+    for kind, pick in (("decode", lambda s: s.num_tokens == s.num_seqs), ("prefill_or_mixed",
+                                                                            lambda s: s.num_tokens != s.num_seqs)):
+        sel = [s for s in steps if pick(s)]
+        wall = [s.host_overhead + s.forward for s in sel]
+        out[kind] = {"steps": len(sel), "wall_s": sum(wall), "tokens": sum(s.num_tokens for s in sel),
+                     "seqs_median": statistics.median(s.num_seqs for s in sel) if sel else 0,
+                     "step_median_ms": 1e3 * statistics.median(wall) if wall else float("nan"),
+                     # (ms, sequences, tokens) of the slowest steps: one-time costs (JIT, graph capture) show here
+                     "slowest": [(round(1e3 * w, 1), s.num_seqs, s.num_tokens)
+                                 for w, s in sorted(zip(wall, sel), key=lambda p: -p[0])[:4]]}
+    return out
 
 
 def render(results: dict, console: Any) -> None:
@@ -116,6 +134,9 @@ def render(results: dict, console: Any) -> None:
         f"{h[k] * 1e3:.3f}" for k in ("schedule_median", "pack_median", "sample_median", "bookkeeping_median")) + " ms")
     t.add_row("forward median", f"{results['forward_median_s'] * 1e3:.2f} ms")
     t.add_row("steps / preemptions", f"{results['steps']} / {results['preemptions']}")
+    for kind, k in results["step_kinds"].items():
+        t.add_row(f"  {kind} steps", f"{k['steps']} steps, {k['wall_s']:.2f} s, {k['tokens']} tokens, "
+                  f"median {k['step_median_ms']:.2f} ms")
     console.print(t)
 
 

@@ -51,7 +51,8 @@ class CudaGraphRunner:
     def _bucket(self, n: int) -> _Bucket:
         size = next(b for b in self.buckets if b >= n)
         if size not in self._entries:
-            nbytes = 8 * (4 * size + (size + 2) // 2 + 1 + (size + 1) // 2 + 1) + 4 * size * self.pages_width + 64
+            # the step's 7 arrays, each section padded to 16 bytes (metadata._to_device)
+            nbytes = 8 * (4 * size + (size + 2) // 2 + 1 + (size + 1) // 2 + 1) + 4 * size * self.pages_width + 128
             buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.cm.device)
             self._entries[size] = _Bucket(size, buf)
         return self._entries[size]

@@ -88,7 +88,7 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
         name = evt.key.lower()
         if "attn" in name or "decode" in name or "rope_cache" in name:
             cats["attention"] += t
-        elif any(k in name for k in ("gemm", "cutlass", "xmma", "nvjet", "sm90", "matmul", "splitk")):
+        elif any(k in name for k in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "sm90", "matmul", "splitk")):
             cats["gemm"] += t
         elif "rms" in name or "norm" in name:
             cats["norm_rope"] += t
@@ -102,6 +102,41 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
     return out
 
 
+def time_forward(cm, batch, reps: int = 5, warmup: int = 2) -> float:
+    """Mean wall seconds of ``cm.forward(batch)`` (uncaptured unless the batch is a graph bucket)."""
+    for _ in range(warmup):
+        cm.forward(batch)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        cm.forward(batch)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dict:
+    """One uncaptured step of ``n_decode`` decodes (context ``ctx``) plus one ``prefill_len``-token prefill:
+    wall time vs the GPU's busy time (sum of kernel times from the profiler). wall >> busy means host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from autodeploy.metadata import SequenceChunk
+
+    pages_per = -(-(max(ctx + 1, prefill_len)) // cm.page_size)
+    g = torch.Generator().manual_seed(3)
+    chunks = [SequenceChunk(torch.randint(0, vocab, (prefill_len,), generator=g).tolist(), 0,
+                            list(range(pages_per)))]
+    chunks += [SequenceChunk([1], ctx, list(range((i + 1) * pages_per, (i + 2) * pages_per)))
+               for i in range(n_decode)]
+    batch = cm.packer.pack(chunks)
+    wall = time_forward(cm, batch)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cm.forward(batch)
+        torch.cuda.synchronize()
+    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()
+               if not e.key.startswith(("autodeploy::", "aten::")))
+    return {"decodes": n_decode, "prefill_len": prefill_len, "wall_ms": wall * 1e3, "gpu_busy_ms": busy / 1e3}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -112,6 +147,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--cb-requests", type=int, default=0, help="continuous-batching workload size (0: skip)")
+    p.add_argument("--cb-repeats", type=int, default=1, help="run the workload this many times, report the last")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
@@ -160,19 +196,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     chunks = [SequenceChunk(torch.randint(0, vocab, (args.prefill_len,), generator=g).tolist(), 0,
                             list(range(i * pages_per, (i + 1) * pages_per))) for i in range(n_pre)]
-    batch_in = cm.pack(chunks)
-    for _ in range(2):
-        cm.forward(batch_in)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(5):
-        cm.forward(batch_in)
-    torch.cuda.synchronize()
-    pre = (time.perf_counter() - t0) / 5
+    pre = time_forward(cm, cm.pack(chunks))
     res["prefill"] = {"tokens": n_pre * args.prefill_len, "step_ms": pre * 1e3,
                       "tok_per_s": n_pre * args.prefill_len / pre}
     print(f"prefill {n_pre}x{args.prefill_len}: {pre * 1e3:.1f} ms, {n_pre * args.prefill_len / pre:,.0f} tok/s")
 
+    res["mixed_steps"] = [mixed_step(cm, nd, pl, args.ctx, vocab) for nd, pl in ((64, 512), (256, 512), (0, 2048))
+                          if nd <= cm.max_batch_size - 1]
+    for row in res["mixed_steps"]:
+        print(f"mixed step {row['decodes']} decodes + {row['prefill_len']}-token prefill: wall {row['wall_ms']:.2f} ms,"
+              f" GPU busy {row['gpu_busy_ms']:.2f} ms")
     res["breakdown_ms_per_step"] = {str(b): profile_breakdown(cm, b, args.ctx, vocab) for b in (1, batches[-1])}
     print("per-step GPU time by category (eager step, ms):", json.dumps(res["breakdown_ms_per_step"]))
 
@@ -181,12 +214,18 @@ def main() -> None:
         from autodeploy.runtime.engine import Engine
 
         wl = make_workload(args.cb_requests, "128:1024", "128", float("inf"), vocab, 0)
+        for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
+            first = run_workload(Engine(cm, max_num_tokens=8192), wl, progress=False)
+            print(f"continuous batching pass {rep + 1}: {first['output_tok_per_s']:,.0f} output tok/s "
+                  f"({first['elapsed_s']:.1f} s); by step kind: {json.dumps(first['step_kinds'])}")
         cb = run_workload(Engine(cm, max_num_tokens=8192), wl, progress=False)
         res["continuous_batching"] = {k: cb[k] for k in ("output_tok_per_s", "total_tok_per_s", "elapsed_s",
                                                           "ttft_s", "tpot_s", "steps", "preemptions",
-                                                          "max_running_seqs", "host_overhead_per_step_s")}
+                                                          "max_running_seqs", "host_overhead_per_step_s",
+                                                          "step_kinds")}
         print(f"continuous batching {args.cb_requests} req: {cb['output_tok_per_s']:,.0f} output tok/s "
               f"({cb['elapsed_s']:.1f} s, max running {cb['max_running_seqs']}, preemptions {cb['preemptions']})")
+        print("  by step kind:", json.dumps(cb["step_kinds"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=str)

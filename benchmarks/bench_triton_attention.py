@@ -92,13 +92,25 @@ def _decode_case(batch: int, ctx: int, page_size: int, gen: torch.Generator, wav
     return k_cache, v_cache, page_table, seq_lens, q, cu, part
 
 
-def _decode_runner(case, out):
-    from autodeploy.backends.triton.kernels.attention import decode_attention
+def _decode_runner(case, out, new_token: bool = False):
+    """One layer's decode attention. ``new_token``: the production launch, which also rotates q and the new
+    key (RoPE) and writes the new K/V into the cache (at each sequence's last position)."""
+    from autodeploy.backends.triton.kernels.attention import NewTokenKV, decode_attention
 
     k_cache, v_cache, page_table, seq_lens, q, cu, part = case
+    batch = q.shape[0]
+    new_kv = None
+    if new_token:
+        page_size = k_cache.shape[1]
+        last = (seq_lens - 1).long()
+        slots = page_table.long().gather(1, (last // page_size)[:, None])[:, 0] * page_size + last % page_size
+        theta = torch.rand(batch, D // 2, device="cuda") * 6
+        cos, sin = (torch.cat([f(theta)] * 2, -1).to(DTYPE) for f in (torch.cos, torch.sin))
+        kv = torch.randn(batch, 2, HKV, D, device="cuda", dtype=DTYPE)
+        new_kv = NewTokenKV(kv[:, 0], kv[:, 1], slots, cos, sin)
     return lambda: decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, scale=D**-0.5,
                                     sliding_window=None, logit_softcap=None, sinks=None, cu_seqlens_q=cu,
-                                    partition=part)  # fmt: skip
+                                    partition=part, new_kv=new_kv)  # fmt: skip
 
 
 def _decode_bytes(batch: int, ctx: int) -> int:
@@ -112,7 +124,7 @@ def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
     default_config = attn._decode_config
     configs = [(64, 4, 3), (64, 4, 4), (64, 8, 3), (64, 4, 2), (128, 4, 3), (128, 8, 3), (32, 4, 4), (32, 2, 4)]
     gen = torch.Generator(device="cuda").manual_seed(2)
-    for batch, ctx in [] if args.short_only else [(1, 32768), (1, 8192), (1, 1024), (16, 8192)]:
+    for batch, ctx in [] if args.short_only else [(1, 32768), (1, 8192), (16, 8192)]:
         results = []
         for waves in (1.0, 2.0, 4.0, 8.0):
             case = _decode_case(batch, ctx, args.page_size, gen, waves)
@@ -148,6 +160,35 @@ def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
         print(f"short   B={batch:<3d} ctx={ctx:<6d} " + " | ".join(cells), flush=True)
 
 
+def variants_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
+    """The decode strategy switches side by side: whole-page tiles vs per-key gather, and tile configs
+    (num_warps, num_stages), on latency-bound and bandwidth-bound cases."""
+    import autodeploy.backends.triton.kernels.attention as attn
+
+    saved = (attn.DECODE_PAGE_TILES, attn._decode_config)
+    configs = [(64, 4, 2), (64, 4, 3), (64, 8, 3), (64, 4, 4)]
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    for batch, ctx in [(1, 512), (1, 1024), (1, 8192), (1, 32768), (16, 8192), (16, 32768), (64, 8192)]:
+        case = _decode_case(batch, ctx, args.page_size, gen, 2.0)
+        out = torch.empty_like(case[4])
+        cells = []
+        for tiles in (False, True):
+            for cfg in configs:
+                attn.DECODE_PAGE_TILES, attn._decode_config = tiles, (lambda *a, _c=cfg: _c)
+                try:
+                    us = 1e3 * time_cuda(graphed(_decode_runner(case, out)), args.reps, args.warmup, flush)
+                finally:
+                    attn.DECODE_PAGE_TILES, attn._decode_config = saved
+                pct = 100 * _decode_bytes(batch, ctx) / (us * 1e-6) / 1e9 / copy_gbs
+                name = f"{'page' if tiles else 'gather'}/w{cfg[1]}s{cfg[2]}"
+                cells.append((us, name, pct))
+                rows.append(dict(kind="decode_variant", batch=batch, ctx=ctx, variant=name, us=us, pct_copy_bw=pct))
+        cells.sort()
+        print(f"variants B={batch:<3d} ctx={ctx:<6d} " + " | ".join(f"{n} {u:.1f} us ({p:.0f}%)" for u, n, p in cells),
+              flush=True)
+        del case, out
+
+
 def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
     from autodeploy.backends.triton.partition import DEFAULT_WAVES
 
@@ -165,6 +206,9 @@ def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
             gbs = nbytes / (ms * 1e-3) / 1e9
             row = dict(kind="decode", batch=batch, ctx=ctx, page_size=args.page_size, num_splits=splits,
                        ms=ms, gb_s=gbs, pct_copy_bw=100 * gbs / copy_gbs)  # fmt: skip
+            # the production launch: + RoPE on q/k and the new token's cache write (same bytes, one launch)
+            row["with_new_token_ms"] = time_cuda(graphed(_decode_runner(case, torch.empty_like(q), True)),
+                                                 args.reps, args.warmup, flush)
 
             if not args.no_sdpa:
                 k = gather_contiguous(k_cache, page_table, ctx)
@@ -183,7 +227,7 @@ def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
             rows.append(row)
             print(
                 f"decode  B={batch:<3d} ctx={ctx:<6d} splits={splits:<3d} {ms * 1e3:9.1f} us  "
-                f"{gbs:7.0f} GB/s  {row['pct_copy_bw']:5.1f}% of copy"
+                f"{gbs:7.0f} GB/s  {row['pct_copy_bw']:5.1f}% of copy (+rope/write {row['with_new_token_ms'] * 1e3:6.1f} us)"
                 + (f" | sdpa {row['sdpa_ms'] * 1e3:9.1f} us {row['sdpa_gb_s']:7.0f} GB/s"
                    f"  err {row['max_abs_err_vs_sdpa']:.2e}" if "sdpa_ms" in row else ""),  # fmt: skip
                 flush=True,
@@ -245,6 +289,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=str, default=None, help="write the results here")
     p.add_argument("--sweep", action="store_true", help="also tune partition waves and decode tile configs")
     p.add_argument("--short-only", action="store_true", help="with --sweep: only the short-context min-chunk sweep")
+    p.add_argument("--variants", action="store_true",
+                   help="time the decode strategy switches (page tiles, merge placement, tile configs) side by side")
+    p.add_argument("--no-main", action="store_true", help="skip the main decode table")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -256,7 +303,10 @@ def main(argv=None) -> int:
     print(f"device: {dev}   measured D2D copy bandwidth: {copy_gbs:.0f} GB/s")
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows: list = []
-    bench_decode(args, copy_gbs, flush, rows)
+    if args.variants:
+        variants_decode(args, copy_gbs, flush, rows)
+    if not args.no_main:
+        bench_decode(args, copy_gbs, flush, rows)
     if args.sweep:
         sweep_decode(args, copy_gbs, flush, rows)
     del flush

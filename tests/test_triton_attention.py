@@ -180,6 +180,85 @@ def run_decode(lens, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=
     _check(out[n_prefill_tok:], ref[n_prefill_tok:], dtype)
 
 
+def _rope_ref(x, cos, sin):
+    """HF rotate_half RoPE over the first R dims, computed in fp32 and rounded once (as the kernels do)."""
+    r = cos.shape[-1]
+    xf = x.float()
+    rot, rest = xf[..., :r], xf[..., r:]
+    half = torch.cat((-rot[..., r // 2:], rot[..., : r // 2]), dim=-1)
+    return torch.cat((rot * cos[:, None].float() + half * sin[:, None].float(), rest), dim=-1).to(x.dtype)
+
+
+def run_decode_new_kv(lens, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None,
+                      softcap=None, sinks=False, target=3, align=16, prefill=(), rot=None, pad_rows=0):
+    """Fused decode: the new token's K/V are NOT in the cache (its row holds NaN); the launch rotates q/k
+    (``rot`` rotary dims; None = no RoPE), writes K/V at ``slot_mapping`` and attends. Checks the output against
+    the reference on the updated cache and the cache rows written.
+    ``pad_rows`` decode rows get slot -1 (padding): nothing may be written for them."""
+    seqs = list(prefill) + [(L - 1, 1) for L in lens]
+    c = make_case(seqs, hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
+    g = torch.Generator().manual_seed(seed + 1000)
+    T = c["q"].shape[0]
+    kv_lens = c["seq_lens_kv"].cpu().tolist()
+    cu = c["cu_seqlens_q"].cpu().tolist()
+    pt = c["page_table"].cpu()
+    slots = torch.full((T,), -1, dtype=torch.int64)
+    for s in range(len(prefill), len(seqs)):
+        p = kv_lens[s] - 1
+        slots[cu[s]] = int(pt[s, p // page_size]) * page_size + p % page_size
+    n_real = len(seqs) - pad_rows
+    slots[cu[n_real]:] = -1
+    # a wider projection (fused qkv) whose slices are the strided k/v the kernel must read
+    kv_wide = torch.randn(T, 2 * hkv + 1, d, generator=g).to(dtype)
+    k_new, v_new = kv_wide[:, :hkv], kv_wide[:, hkv + 1:]
+    cos = sin = None
+    q_ref = c["q"].cpu()
+    k_ref = k_new
+    if rot is not None:
+        theta = torch.rand(T, rot // 2, generator=g) * 6.0
+        cos, sin = torch.cat([theta.cos()] * 2, -1).to(dtype), torch.cat([theta.sin()] * 2, -1).to(dtype)
+        q_ref, k_ref = _rope_ref(q_ref, cos, sin), _rope_ref(k_new, cos, sin)
+    k_cache_ref, v_cache_ref = c["k_cache"].cpu().clone(), c["v_cache"].cpu().clone()
+    flat = lambda x: x.view(-1, hkv, d)  # noqa: E731
+    for t in range(T):
+        if slots[t] >= 0:
+            flat(c["k_cache"])[slots[t]] = float("nan")  # the kernel must not read the new row from the cache
+            flat(c["v_cache"])[slots[t]] = float("nan")
+            flat(k_cache_ref)[slots[t]] = k_ref[t]
+            flat(v_cache_ref)[slots[t]] = v_new[t]
+    scale = d**-0.5
+    out = torch.full_like(c["q"], float("nan"))
+    if target is None:
+        target = target_work_items(hkv, attn_mod.device_sms(c["q"].device))
+    part = decode_partition(c["seq_lens_kv"], c["cu_seqlens_q"], target=target, window=window or 0, align=align)
+    t_ = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
+    new_kv = attn_mod.NewTokenKV(t_(k_new), t_(v_new), t_(slots), t_(cos), t_(sin))
+    decode_attention(
+        c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], out,
+        scale=scale, sliding_window=window, logit_softcap=softcap, sinks=c["sinks"],
+        cu_seqlens_q=c["cu_seqlens_q"], partition=part, new_kv=new_kv,
+    )  # fmt: skip
+    n_pre = sum(n for _, n in prefill)
+    written = slots >= 0
+    # v is copied bit-exactly; rotated k within rounding (fma contraction on the GPU), mostly bit-exact
+    torch.testing.assert_close(flat(c["v_cache"]).cpu()[slots[written]], flat(v_cache_ref)[slots[written]],
+                               rtol=0, atol=0)
+    k_got, k_want = flat(c["k_cache"]).cpu()[slots[written]], flat(k_cache_ref)[slots[written]]
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(k_got, k_want, rtol=tol, atol=tol)
+    if dtype != torch.float32:  # one rounding to the storage dtype: (almost) always the reference's
+        assert (k_got == k_want).float().mean() > 0.95
+    ref = paged_attention_reference(
+        q_ref, k_cache_ref, v_cache_ref, c["cu_seqlens_q"].cpu(), c["seq_lens_kv"].cpu(), pt,
+        scale=scale, sliding_window=window, logit_softcap=softcap,
+        sinks=None if c["sinks"] is None else c["sinks"].cpu(),
+    )  # fmt: skip
+    assert torch.isnan(out[:n_pre]).all(), "decode kernel wrote into prefill rows"
+    real = slice(n_pre, cu[n_real])
+    _check(out[real], ref[real], dtype)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Context attention
 # --------------------------------------------------------------------------------------------------------
@@ -251,6 +330,25 @@ def test_decode_mixed(dtype, target):
     run_decode([1, 17, 75, 140], dtype=dtype, target=target, seed=100 + (target or 0))
 
 
+@pytest.fixture(params=["page-tiles", "gather", "gather-by-batch"])
+def decode_strategy(request, monkeypatch):
+    """Every way the decode kernel reads K/V: whole pages as tiles, keys gathered one by one (switched off, or
+    chosen because the batch is large)."""
+    monkeypatch.setattr(attn_mod, "DECODE_PAGE_TILES", request.param != "gather")
+    if request.param == "gather-by-batch":
+        monkeypatch.setattr(attn_mod, "DECODE_GATHER_MIN_SEQS", 2)
+    return request.param
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_decode_strategies(decode_strategy, page_size):
+    """Window edges inside pages, one-tile and many-tile splits, sinks, mixed batch; old cache and new token."""
+    run_decode([1, 17, 75, 140], page_size=page_size, target=6, window=50, sinks=True, prefill=[(0, 5)],
+               seed=300 + page_size)
+    run_decode_new_kv([2, 31, 64, 150], page_size=page_size, rot=64, target=6, window=40, softcap=3.0, sinks=True,
+                      prefill=[(3, 4)], pad_rows=1, seed=310 + page_size)
+
+
 def test_decode_behind_prefill():
     """In a mixed batch the decode kernel finds its rows through cu_seqlens_q and skips prefill sequences."""
     run_decode([40, 1, 130], prefill=[(0, 5), (20, 7)], target=4, sinks=True, seed=105)
@@ -297,6 +395,26 @@ def test_decode_matches_context():
     context_attention(c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"],
                       o_ctx, num_seqs=3, max_q_len=1, **kw)  # fmt: skip
     torch.testing.assert_close(o_dec, o_ctx, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rot", [None, 64, 32])
+def test_decode_new_kv_rope(dtype, rot):
+    """RoPE (full and partial rotary) + cache write + attention in one launch == rope, write, then attend."""
+    run_decode_new_kv([1, 17, 64, 65, 140], dtype=dtype, rot=rot, target=5, seed=200 + (rot or 0))
+
+
+@pytest.mark.parametrize("window,softcap,sinks", [(7, None, False), (40, 4.0, True), (None, 3.0, True)])
+def test_decode_new_kv_features(window, softcap, sinks):
+    run_decode_new_kv([2, 33, 100, 150], hq=8, hkv=2, rot=64, window=window, softcap=softcap, sinks=sinks,
+                      target=4, prefill=[(0, 5), (20, 3)], seed=210 + (window or 0))
+
+
+@pytest.mark.parametrize("target", [1, 2, 16])
+def test_decode_new_kv_splits_and_padding(target):
+    """One split, a few, and one-tile splits with idle items; padding rows (slot -1) write nothing."""
+    run_decode_new_kv([1, 9, 47, 129], hq=6, hkv=2, d=80, rot=80, target=target, align=8, pad_rows=1,
+                      sinks=True, seed=220 + target)
 
 
 def _partition_ranges(work, split_start):
@@ -365,3 +483,7 @@ def test_gpu_bf16_sweep(d, page_size):
                         window=window, softcap=softcap, sinks=sinks)  # fmt: skip
             run_decode([1, 300, 2049, 5000], hq=hq, hkv=hkv, d=d, page_size=page_size, dtype=torch.bfloat16,
                        seed=d + page_size + 1, window=window, softcap=softcap, sinks=sinks)  # fmt: skip
+            # the production launch: RoPE + new-token cache write + attention + merge, default partition
+            run_decode_new_kv([1, 300, 2049, 5000, 64], hq=hq, hkv=hkv, d=d, page_size=page_size,
+                              dtype=torch.bfloat16, seed=d + page_size + 2, window=window, softcap=softcap,
+                              sinks=sinks, rot=d, target=None, align=64, prefill=[(0, 7)])  # fmt: skip

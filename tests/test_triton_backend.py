@@ -40,6 +40,10 @@ def test_triton_model_matches_torch_backend(family):
     if family != "gemma2":  # Gemma's (1 + w) norms stay plain ops
         assert any(is_op(n, torch.ops.autodeploy.triton_fused_add_rms_norm) for n in graph.nodes)
     assert "fuse_rope_cache_write" in tri.explain() and "triton" in tri.explain()
+    # the MLP middle is one gated-activation kernel per layer (SiLU for Llama/Mistral, GELU-tanh for Gemma)
+    gated = [n for n in graph.nodes if is_op(n, torch.ops.autodeploy.triton_gated_act)]
+    assert len(gated) == 2 and {n.args[2] for n in gated} == {"gelu_tanh" if family == "gemma2" else "silu"}
+    assert not any(is_op(n, torch.ops.aten.silu, torch.ops.aten.gelu) for n in graph.nodes)
     _check_one_metadata_node(tri, expect_windows={"gemma2": {0, 6}, "mistral": {6}, "llama": {0}}[family])
 
 
@@ -58,6 +62,23 @@ def _check_one_metadata_node(cm, expect_windows):
         assert len(meta) == 2 and all(m.args[0] is preps[0] for m in meta)
         names = [fields[m.args[1]] for m in meta]
         assert all(f"window={spec.sliding_window or 0};" in name for name in names)
+
+
+def test_skinny_gemm_batch1_decode_matches_torch_backend(monkeypatch):
+    """With the skinny-GEMM threshold lowered so every linear qualifies, batch-1 decode (one row: the kernel) and
+    prefill (many rows: ATen) give the torch backend's greedy tokens."""
+    from autodeploy.backends.triton.kernels import gemv
+
+    monkeypatch.setattr(gemv, "GEMV_MIN_N", 0)
+    model = make_model("llama")
+    kw = dict(max_batch_size=2, max_seq_len=64, page_size=4, num_pages=32)
+    tri = autodeploy.compile(model, backend="triton", **kw)
+    linears = [n for n in tri.graph_module.graph.nodes if is_op(n, torch.ops.autodeploy.triton_linear)]
+    assert len(linears) == 2 * 4 + 1  # per layer qkv, o, gate_up, down; plus the LM head
+    assert not any(is_op(n, torch.ops.aten.linear) for n in tri.graph_module.graph.nodes)
+    ref = autodeploy.compile(model, backend="torch", **kw)
+    prompt = [[5, 9, 1, 33, 7, 2]]
+    assert tri.generate(prompt, max_new_tokens=8) == ref.generate(prompt, max_new_tokens=8)
 
 
 def test_auto_never_picks_triton_on_cpu():

@@ -7,28 +7,41 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from autodeploy.backends.triton.kernels.attention import context_attention, decode_attention
+from autodeploy.backends.triton.kernels.attention import NewTokenKV, context_attention, decode_attention
+from autodeploy.backends.triton.kernels.gated_act import gated_act
+from autodeploy.backends.triton.kernels.gemv import gemv
 from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_cache_write
 
 
-def _paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor,
-                     page_table: Tensor, batch_info: Tensor, meta: list[Tensor], scale: float,
+def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                     k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor,
+                     page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor, meta: list[Tensor], scale: float,
                      sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
-    """Prefill/extend sequences go to the flash kernel, decodes to the split-K kernel over the partition table
-    the metadata node derived (``meta = [decode_work, decode_split_start]``); counts are host ints."""
+    """Prefill/extend tokens: RoPE + cache write (one kernel), then the flash kernel. Decode tokens: one launch
+    does RoPE, their cache write and split-K attention over the partition table the metadata node derived
+    (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints."""
     n_prefill, n_prefill_tok, n_decode, max_q = (int(x) for x in batch_info.tolist())
     out = torch.empty((q.shape[0], q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
+    # the kernels index the last dim densely; a lowering may hand over other layouts (copies only then)
+    k, v, cos, sin = (x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
     if n_prefill:
-        context_attention(q[:n_prefill_tok], k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                          out[:n_prefill_tok], num_seqs=n_prefill, max_q_len=max_q, scale=scale,
+        p = slice(0, n_prefill_tok)
+        if cos is not None:
+            q_pre = rope_and_cache_write(q[p], k[p], v[p], cos[p], sin[p], k_cache, v_cache, slot_mapping[p])
+        else:
+            cache_write(k[p], v[p], k_cache, v_cache, slot_mapping[p])
+            q_pre = q[p]
+        context_attention(q_pre, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
+                          out[p], num_seqs=n_prefill, max_q_len=max_q, scale=scale,
                           sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
     if n_decode:
         if len(meta) != 2:
             raise ValueError("triton cached attention expects meta = [decode_work, decode_split_start]")
         decode_attention(q, k_cache, v_cache, seq_lens_kv, page_table, out, scale=scale,
                          sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks,
-                         cu_seqlens_q=cu_seqlens_q, partition=(meta[0], meta[1]))
+                         cu_seqlens_q=cu_seqlens_q, partition=(meta[0], meta[1]),
+                         new_kv=NewTokenKV(k, v, slot_mapping.reshape(-1), cos, sin))
     return out
 
 
@@ -39,9 +52,8 @@ def triton_cached_attention(
     meta: list[Tensor], scale: float, sliding_window: Optional[int] = None,
     logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    cache_write(k, v, k_cache, v_cache, slot_mapping)
-    return _paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, meta, scale,
-                            sliding_window, logit_softcap, sinks)
+    return _paged_attention(q, k, v, None, None, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
+                            slot_mapping, batch_info, meta, scale, sliding_window, logit_softcap, sinks)
 
 
 @triton_cached_attention.register_fake
@@ -57,10 +69,9 @@ def triton_cached_attention_rope(
     meta: list[Tensor], scale: float, sliding_window: Optional[int] = None,
     logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
 ) -> Tensor:
-    """RoPE on q/k fused with the KV-cache write (one kernel), then paged attention on the rotated q."""
-    q_rot = rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    return _paged_attention(q_rot, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info, meta,
-                            scale, sliding_window, logit_softcap, sinks)
+    """RoPE on q/k fused with the KV-cache write and (for decode tokens) with the attention itself."""
+    return _paged_attention(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
+                            slot_mapping, batch_info, meta, scale, sliding_window, logit_softcap, sinks)
 
 
 @triton_cached_attention_rope.register_fake
@@ -90,3 +101,28 @@ def _fake_add_rms(x, residual, weight, eps):
     r = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype),
                     device=x.device)
     return torch.empty(r.shape, dtype=torch.promote_types(r.dtype, weight.dtype), device=x.device), r
+
+
+@torch.library.custom_op("autodeploy::triton_gated_act", mutates_args=())
+def triton_gated_act(gate: Tensor, up: Tensor, act: str) -> Tensor:
+    """``act(gate) * up`` in one kernel (``act``: silu | gelu_tanh)."""
+    return gated_act(gate, up, act)
+
+
+@triton_gated_act.register_fake
+def _fake_gated(gate, up, act):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("autodeploy::triton_linear", mutates_args=())
+def triton_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear``, except that a single row (batch-1 decode) goes to the skinny-GEMM kernel, which streams the
+    weight closer to the bandwidth floor than cuBLAS at M=1 (benchmarks/bench_gemv.py)."""
+    if x.numel() == x.shape[-1]:
+        return gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@triton_linear.register_fake
+def _fake_linear(x, weight, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))

@@ -1,16 +1,16 @@
 """Triton attention kernels over the paged KV cache (see docs/contracts.md).
 
-Two entry points, both reading K/V *only* from the paged cache ``[num_pages, page_size, Hkv, D]``
-(the new tokens' K/V are written into the cache before these run):
+Two entry points over the paged cache ``[num_pages, page_size, Hkv, D]``:
 
 * :func:`context_attention` -- prefill / extend sequences (flattened ``[Tq, Hq, D]`` queries, possibly with
-  cached context). Flash-attention with an online softmax. The ``GROUP = Hq // Hkv`` query heads that share a
-  KV head are folded into the M dimension of the tile, so every KV tile is loaded once per KV group.
-* :func:`decode_attention` -- one query token per sequence. Flash-decoding (split-K): the grid is
-  ``(work item, kv_head)`` over the partition table of :mod:`..partition` (one key range of one sequence per
-  item, sized so long and short sequences get splits in proportion); each item reduces its range to a partial
-  ``(lse, acc)`` in a fp32 workspace (or, when it is its sequence's only item, writes the output directly) and a
-  small second kernel merges the splits (and the attention sinks).
+  cached context), reading K/V only from the cache (the new tokens are written before it runs). Flash-attention
+  with an online softmax. The ``GROUP = Hq // Hkv`` query heads that share a KV head are folded into the M
+  dimension of the tile, so every KV tile is loaded once per KV group.
+* :func:`decode_attention` -- one query token per sequence: ONE split-K launch does RoPE on q and the new
+  key, the new token's cache write and flash-decoding over the partition table of :mod:`..partition` (one key
+  range of one sequence per program, sized so long and short sequences get splits in proportion; a KV tile is
+  one whole page); a small second kernel merges the splits. (Merging in the last split program instead, via an
+  atomic ticket, was measured 5-20 us slower at batch 1 on an H100 and was dropped.)
 
 Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
 ``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
@@ -28,12 +28,14 @@ elements, which keeps the loads coalesced).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
@@ -156,6 +158,76 @@ def _attn_tiles(
 
 
 @triton.jit
+def _page_step(
+    acc, m_i, l_i, q, pg, k_lo, k_hi, k_base, v_base, pt_row, k_off, v_off, stride_kp, stride_vp,
+    qk_scale, softcap_scale, softcap_log2,
+    PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
+    MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Online-softmax update with one whole page as the KV tile (BLOCK_N == PAGE_SIZE): one scalar page-table
+    load, then K and V rows at loop-invariant offsets from the page base (both loads issued before any math).
+    MASK: only keys in ``[k_lo, k_hi)`` of the page count (the range's first/last page)."""
+    page = tl.load(pt_row + pg).to(tl.int64)
+    j = pg * PAGE_SIZE + tl.arange(0, PAGE_SIZE)
+    j_ok = (j >= k_lo) & (j < k_hi)
+    d_ok = tl.arange(0, BLOCK_D) < HEAD_D
+    kt = _load2d(k_base + page * stride_kp + k_off, j_ok[None, :], d_ok[:, None], MASK, NEED_DMASK)
+    v = _load2d(v_base + page * stride_vp + v_off, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)
+    qk = _dot(q, kt, UPCAST, IEEE)
+    if HAS_SOFTCAP:
+        qk = softcap_log2 * _tanh(qk * softcap_scale)
+    else:
+        qk = qk * qk_scale
+    if MASK:
+        qk = tl.where(j_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_pages(
+    acc, m_i, l_i, q, lo, hi, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
+    qk_scale, softcap_scale, softcap_log2,
+    PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` page by page: partial first/last pages masked, whole pages on the unmasked path."""
+    offs_n = tl.arange(0, PAGE_SIZE)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_off = offs_n[None, :] * stride_kr + offs_d[:, None]  # [D, PAGE]: K^T rows of one page
+    v_off = offs_n[:, None] * stride_vr + offs_d[None, :]  # [PAGE, D]
+    first_full = (lo + PAGE_SIZE - 1) // PAGE_SIZE
+    last_full = hi // PAGE_SIZE  # whole pages: [first_full, last_full)
+    if first_full > last_full:  # the range lies inside one page
+        if lo < hi:
+            acc, m_i, l_i = _page_step(
+                acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
+                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+    else:
+        if lo % PAGE_SIZE != 0:
+            acc, m_i, l_i = _page_step(
+                acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
+                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+        for pg in range(first_full, last_full):
+            acc, m_i, l_i = _page_step(
+                acc, m_i, l_i, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False,
+                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+        if hi % PAGE_SIZE != 0:
+            acc, m_i, l_i = _page_step(
+                acc, m_i, l_i, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
+                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
     """Normalise the accumulator, folding the sink logit into the denominator. Empty rows give zeros."""
     if HAS_SINKS:
@@ -173,7 +245,9 @@ def _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+# The page-table width (stride_pt) of uncaptured steps changes from step to step; Triton would compile a new
+# variant whenever its value flips between ==1, divisible by 16 and neither (seconds each, mid-serving).
+@triton.jit(do_not_specialize=["stride_pt"])
 def _context_attn_kernel(
     q_ptr,
     k_cache,
@@ -285,57 +359,44 @@ def _context_attn_kernel(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Decode (split-K) kernels
+# Decode kernel: RoPE + new-token cache write + split-K attention + in-kernel merge, one launch per layer
 # ----------------------------------------------------------------------------------------------------------
 
 
 @triton.jit
-def _decode_split_kernel(
-    q_ptr,
-    k_cache,
-    v_cache,
-    out_ptr,
-    cu_seqlens_q,
-    page_table,
-    work_ptr,
-    split_start,
-    sinks_ptr,
-    mid_o,
-    mid_lse,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_kp,
-    stride_kr,
-    stride_kh,
-    stride_vp,
-    stride_vr,
-    stride_vh,
-    stride_pt,
-    stride_mow,
-    stride_moh,
-    stride_mlw,
-    qk_scale,
-    softcap_scale,
-    softcap_log2,
-    GROUP: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    PAGE_SIZE: tl.constexpr,
-    HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NEED_DMASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
-    UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+def _rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
+    """``x*cos + rotate_half(x)*sin`` in fp32 for one row block (``sin`` carries the rotate_half sign)."""
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptr + partner, mask=mask & rot_mask, other=0.0).to(tl.float32)
+    return x * cos + xp * sin
+
+
+@triton.jit(do_not_specialize=["stride_pt"])
+def _decode_kernel(
+    q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
+    k_cache, v_cache, out_ptr,
+    cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, mid_o, mid_lse,
+    stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cos, stride_sin,
+    stride_ot, stride_oh,
+    stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh,
+    stride_pt, stride_mow, stride_moh, stride_mlw,
+    qk_scale, softcap_scale, softcap_log2,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
     table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
 
-    A sequence with a single item normalises and writes its output directly (no second pass needed);
-    otherwise the item writes its normalised partial and base-2 LSE into workspace row ``w``.
+    ROPE: q (and the new k) are rotated here from the raw projections and ``cos/sin`` rows.
+    NEW_KV: the step's new token is not in the cache yet. The item that owns the last key writes the new K/V
+    into the cache and attends to it from registers, so no program ever reads a cache row written in this
+    launch, and RoPE, cache write and attention are one launch.
+    PAGE_TILES: a KV tile is one whole page (BLOCK_N == PAGE_SIZE); else keys are gathered one by one.
+    A sequence with one item writes its output directly; otherwise the item stores its normalised partial and
+    base-2 LSE for :func:`_decode_reduce_kernel`.
     """
     w = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -345,7 +406,6 @@ def _decode_split_kernel(
     s_lo = tl.load(work_ptr + 3 * w + 1)
     s_hi = tl.load(work_ptr + 3 * w + 2)
     n_items = tl.load(split_start + seq + 1) - tl.load(split_start + seq)
-    s_full = s_lo + ((s_hi - s_lo) // BLOCK_N) * BLOCK_N  # end of the full tiles
 
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < GROUP
@@ -353,9 +413,27 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     tok = tl.load(cu_seqlens_q + seq).to(tl.int64)  # the decode query's row in q/out
-    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
-    pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (s_hi - 1)  # every key of [lo, hi) is visible to the query
+    q_rows = q_ptr + tok * stride_qt + head[:, None] * stride_qh
+    qmask = h_ok[:, None] & d_ok[None, :]
+    if ROPE:
+        # rotate_half: dim d < R/2 pairs with d + R/2 (negated), R/2 <= d < R with d - R/2; dims >= R pass.
+        rot_mask = offs_d < ROT
+        first_half = offs_d < ROT // 2
+        partner = tl.where(first_half, offs_d + ROT // 2, offs_d - ROT // 2)
+        cos = tl.load(cos_ptr + tok * stride_cos + offs_d, mask=rot_mask, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + tok * stride_sin + offs_d, mask=rot_mask, other=0.0).to(tl.float32)
+        sin = tl.where(first_half, -sin, sin)
+        q = _rotate(q_rows, offs_d[None, :], partner[None, :], qmask, rot_mask[None, :], cos[None, :], sin[None, :])
+        q = cast_rn(q, q_ptr.dtype.element_ty, EMULATE_RNE)
+    else:
+        q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+
+    owns_new = False
+    if NEW_KV:
+        owns_new = s_hi == tl.load(seq_lens_kv + seq)
+    hi_cache = tl.where(owns_new, s_hi - 1, s_hi)  # keys read from the cache
+    s_full = s_lo + ((hi_cache - s_lo) // BLOCK_N) * BLOCK_N  # end of the full tiles
+    pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (hi_cache - 1)  # every key of [lo, hi) is visible
 
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
@@ -364,16 +442,52 @@ def _decode_split_kernel(
     v_base = v_cache + kvh.to(tl.int64) * stride_vh
     pt_row = page_table + seq.to(tl.int64) * stride_pt
 
-    acc, m_i, l_i = _attn_tiles(
-        acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, UPCAST, IEEE,
-    )  # fmt: skip
-    acc, m_i, l_i = _attn_tiles(
-        acc, m_i, l_i, q, pos, s_full, s_hi, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, UPCAST, IEEE,
-    )  # fmt: skip
+    if PAGE_TILES:
+        acc, m_i, l_i = _attn_pages(
+            acc, m_i, l_i, q, s_lo, hi_cache, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
+            qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP, UPCAST, IEEE,
+        )  # fmt: skip
+    else:
+        acc, m_i, l_i = _attn_tiles(
+            acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, UPCAST, IEEE,
+        )  # fmt: skip
+        acc, m_i, l_i = _attn_tiles(
+            acc, m_i, l_i, q, pos, s_full, hi_cache, k_base, v_base, pt_row,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, UPCAST, IEEE,
+        )  # fmt: skip
+
+    if owns_new:
+        kn_row = k_new + tok * stride_knt + kvh.to(tl.int64) * stride_knh
+        if ROPE:
+            k1 = _rotate(kn_row, offs_d, partner, d_ok, rot_mask, cos, sin)
+            k1 = cast_rn(k1, k_new.dtype.element_ty, EMULATE_RNE)
+        else:
+            k1 = tl.load(kn_row + offs_d, mask=d_ok, other=0.0)
+        v1 = tl.load(v_new + tok * stride_vnt + kvh.to(tl.int64) * stride_vnh + offs_d, mask=d_ok, other=0.0)
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        page = tl.maximum(slot, 0) // PAGE_SIZE
+        row = tl.maximum(slot, 0) % PAGE_SIZE
+        # A negative slot means padding: do not write. (The scalar condition goes into the bound, not into
+        # `mask & scalar`, which the interpreter rejects.)
+        w_ok = offs_d < tl.where(slot >= 0, HEAD_D, 0)
+        tl.store(k_base + page * stride_kp + row * stride_kr + offs_d, k1.to(k_cache.dtype.element_ty), mask=w_ok)
+        tl.store(v_base + page * stride_vp + row * stride_vr + offs_d, v1.to(v_cache.dtype.element_ty), mask=w_ok)
+        # The key as the cache holds it, so the new token scores exactly as it will in later steps.
+        k1 = k1.to(k_cache.dtype.element_ty).to(tl.float32)
+        s = tl.sum(q.to(tl.float32) * k1[None, :], 1)
+        if HAS_SOFTCAP:
+            s = softcap_log2 * _tanh(s * softcap_scale)
+        else:
+            s = s * qk_scale
+        m_new = tl.maximum(m_i, s)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new)
+        l_i = l_i * alpha + p
+        acc = acc * alpha[:, None] + p[:, None] * v1.to(v_cache.dtype.element_ty).to(tl.float32)[None, :]
+        m_i = m_new
 
     if n_items == 1:
         o = _finalize(acc, m_i, l_i, sinks_ptr, head, h_ok, HAS_SINKS)
@@ -461,6 +575,34 @@ def _common_checks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             raise ValueError(f"{name} must be contiguous in the head dim")
 
 
+@dataclass
+class NewTokenKV:
+    """The step's new K/V rows (flattened ``[T, Hkv, D]``, any row/head strides) that the decode launch writes
+    into the cache at ``slot_mapping`` (negative = skip); with ``cos``/``sin`` ``[T, R]`` (HF rotate_half
+    layout) q and k are rotated first."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    slot_mapping: torch.Tensor
+    cos: Optional[torch.Tensor] = None
+    sin: Optional[torch.Tensor] = None
+
+    def check(self, q: torch.Tensor, k_cache: torch.Tensor) -> None:
+        t, hkv, d = q.shape[0], k_cache.shape[2], k_cache.shape[3]
+        if self.k.shape != (t, hkv, d) or self.v.shape != (t, hkv, d):
+            raise ValueError(f"new k/v must be [{t}, {hkv}, {d}], got {tuple(self.k.shape)}, {tuple(self.v.shape)}")
+        if self.k.stride(-1) != 1 or self.v.stride(-1) != 1:
+            raise ValueError("new k/v must be contiguous in the head dim")
+        if self.slot_mapping.shape != (t,):
+            raise ValueError(f"slot_mapping must be [{t}], got {tuple(self.slot_mapping.shape)}")
+        if self.cos is not None:
+            r = self.cos.shape[-1]
+            if self.cos.shape != (t, r) or self.sin is None or self.sin.shape != (t, r) or r % 2 or r > d:
+                raise ValueError(f"cos/sin must be [{t}, R] with R even and <= {d}")
+            if self.cos.stride(-1) != 1 or self.sin.stride(-1) != 1:
+                raise ValueError("cos/sin must be contiguous in the rotary dim")
+
+
 def _score_params(scale: float, logit_softcap: Optional[float]):
     """(HAS_SOFTCAP, qk_scale, softcap_scale, softcap_log2) for the base-2 softmax."""
     if logit_softcap is not None and logit_softcap > 0:
@@ -486,6 +628,16 @@ def _context_config(block_d: int, dtype: torch.dtype):
     if block_d <= 128:
         return 128, 64, 8, 3
     return 64, 32, 8, 2  # D=256: keep the fp32 accumulator out of spills
+
+
+# A decode KV tile is one whole page (one scalar page lookup, loop-invariant offsets) when the page size allows;
+# else keys are gathered one by one. Measured on H100 (bench_triton_attention.py --variants, Hq/Hkv 32/8, D 128,
+# page 64): B=1 512/1k/8k/32k keys 13.2/14.4/26.5/65.4 us vs 13.6/15.7/29.0/68.6 gathered; B=16 8k/32k 202/738 vs
+# 213/775 us; but B=64 8k 796-800 us vs 731-762 gathered (every tile config), so from 64 sequences on (the only
+# large batch measured; the crossover between 16 and 64 is not measured) the gather path is used.
+DECODE_PAGE_TILES = True
+DECODE_GATHER_MIN_SEQS = 64
+_PAGE_TILE_SIZES = (16, 32, 64, 128)
 
 
 def _decode_config(block_d: int, dtype: torch.dtype):
@@ -561,13 +713,17 @@ def decode_attention(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     partition: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     target: Optional[int] = None,
+    new_kv: Optional[NewTokenKV] = None,
 ) -> None:
-    """Flash-decoding over the paged cache for the decode sequences (``q_len == 1``) of a flattened batch.
+    """Flash-decoding over the paged cache for the decode sequences (``q_len == 1``) of a flattened batch,
+    in one launch.
 
     ``cu_seqlens_q`` ``[S+1]`` locates each sequence's query row in q/out (default: one row per sequence,
     q/out ``[S, Hq, D]``); prefill rows are left untouched. ``partition`` is the ``(work, split_start)`` table of
     :func:`~autodeploy.backends.triton.partition.decode_partition` (in a compiled graph it comes from the
     metadata node); when None it is derived here with ``target`` work items (default: two waves of programs).
+    ``new_kv``: the step's new K/V (and RoPE inputs), written into the cache by this launch; without it
+    the cache must already hold the new token and q is used as is.
     No device value is read on the host, so this is CUDA-graph capturable.
     """
     _common_checks(q, k_cache, v_cache, out)
@@ -584,25 +740,38 @@ def decode_attention(
             target = target_work_items(hkv, device_sms(q.device))
         partition = decode_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window, min_chunk=MIN_CHUNK)
     work, split_start = partition
+    nk = new_kv if new_kv is not None else NewTokenKV(q, q, q[:, 0, 0])  # placeholders: NEW_KV=False
+    if new_kv is not None:
+        new_kv.check(q, k_cache)
+    rope = new_kv is not None and new_kv.cos is not None
+    cos, sin = (nk.cos, nk.sin) if rope else (q, q)
     group = hq // hkv
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
     block_n, num_warps, num_stages = _decode_config(block_d, q.dtype)
+    page_tiles = (DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
+                  and num_seqs < DECODE_GATHER_MIN_SEQS)
+    if page_tiles:
+        block_n = page_size
     n_items = work.shape[0]
     mid_o = torch.empty((n_items, hq, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((n_items, hq), dtype=torch.float32, device=q.device)
     sinks_arg = sinks if sinks is not None else q
-    _decode_split_kernel[(n_items, hkv)](
-        q, k_cache, v_cache, out, cu_seqlens_q, page_table, work, split_start, sinks_arg, mid_o, mid_lse,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+    _decode_kernel[(n_items, hkv)](
+        q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
+        cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg, mid_o, mid_lse,
+        q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
+        cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0),
         qk_scale, softcap_scale, softcap_log2,
-        GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=block_n,
-        NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
-        UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
+        GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d,
+        BLOCK_N=block_n, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap,
+        HAS_SINKS=sinks is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
+        PAGE_TILES=page_tiles,
+        EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
@@ -615,4 +784,4 @@ def decode_attention(
     )  # fmt: skip
 
 
-__all__ = ["context_attention", "decode_attention"]
+__all__ = ["context_attention", "decode_attention", "NewTokenKV"]

@@ -1,0 +1,97 @@
+"""Skinny GEMM (``M`` <= 4 rows) for decode at small batch: ``y = x @ W.T (+ b)``, W ``[N, K]`` row-major.
+
+At batch 1 a decode step is a chain of weight reads; the GEMM kernels' fixed costs (ramp-up, tail, split-K
+reduction kernels) are what separates a step from its bandwidth floor. This kernel streams W once in
+``[BLOCK_N, BLOCK_K]`` tiles (16-byte loads along K), keeps the few activation rows in registers, and needs no
+second reduction kernel: each program owns BLOCK_N whole output columns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["gemv", "GEMV_MAX_M", "GEMV_MIN_N", "gemv_config"]
+
+GEMV_MAX_M = 4
+# Linears with fewer output features stay on cuBLAS at M=1 too: measured on H100, the kernel beat cuBLAS for
+# every N >= 4096 shape of Llama-1B/8B (8B step: 5.37 vs 5.63 ms of GEMMs) and lost or tied below (N = 2048/3072).
+GEMV_MIN_N = 4096
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
+        else:
+            k_ok = k < K
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        wf = w.to(tl.float32)
+        xf = x.to(tl.float32)
+        # [BLOCK_M, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K] summed over K
+        acc += tl.sum(xf[:, None, :] * wf[None, :, :], 2)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def gemv_config(n: int, k: int, sms: int, m: int = 1) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Measured on H100 (benchmarks/bench_gemv.py): 8 rows x 1024
+    columns per tile, 2 stages won for every Llama-1B/8B shape at M=1; the K tile shrinks as rows grow so the
+    [M, N, K] product stays in registers."""
+    block_n = 8
+    block_k = min(1024 // triton.next_power_of_2(max(1, m)), triton.next_power_of_2(k))
+    return block_n, max(16, block_k), 4, 2
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+         config: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` for at most GEMV_MAX_M rows of x (in x's dtype)."""
+    k = x.shape[-1]
+    n = weight.shape[0]
+    x2 = x.reshape(-1, k)
+    m = x2.shape[0]
+    if m > GEMV_MAX_M:
+        raise ValueError(f"gemv takes at most {GEMV_MAX_M} rows, got {m}")
+    if weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"weight must be [N, {k}] with a unit last stride, got {tuple(weight.shape)}")
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*x.shape[:-1], n)
+    sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
+    block_n, block_k, warps, stages = config or gemv_config(n, k, sms, m)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+        EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+    )
+    return y.reshape(*x.shape[:-1], n)
