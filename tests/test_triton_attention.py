@@ -306,7 +306,12 @@ def test_gpu_tile_sizes_under_interpreter(monkeypatch, block_m, block_n):
     monkeypatch.setattr(attn_mod, "_decode_config", lambda *a: (block_n, 4, 1))
     run_context([(70, 6), (130, 9), (0, 70)], hq=8, hkv=2, window=43, sinks=True, seed=46 + block_n)
     run_context([(100, 21)], hq=8, hkv=1, dtype=torch.float16, seed=47 + block_n)
+    # decode: the gathered path takes BLOCK_N from the config; page tiles take the page size instead
+    monkeypatch.setattr(attn_mod, "DECODE_PAGE_TILES", False)
     run_decode([1, 64, 200], hq=8, hkv=2, target=3, align=block_n, window=100, sinks=True, seed=48 + block_n)
+    monkeypatch.setattr(attn_mod, "DECODE_PAGE_TILES", True)
+    run_decode([1, 64, 200], hq=8, hkv=2, page_size=block_n, target=3, align=block_n, window=100, sinks=True,
+               seed=49 + block_n)
 
 
 def test_context_softcap_sinks():
@@ -340,7 +345,7 @@ def decode_strategy(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
 def test_decode_strategies(decode_strategy, page_size):
     """Window edges inside pages, one-tile and many-tile splits, sinks, mixed batch; old cache and new token."""
     run_decode([1, 17, 75, 140], page_size=page_size, target=6, window=50, sinks=True, prefill=[(0, 5)],

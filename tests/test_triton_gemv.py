@@ -37,3 +37,18 @@ def test_gemv_rejects_bad_shapes():
         gemv(torch.randn(9, 16), torch.randn(8, 16))
     with pytest.raises(ValueError, match="weight must be"):
         gemv(torch.randn(1, 16), torch.randn(8, 15))
+
+
+def test_triton_linear_dispatch():
+    """The op: one row -> the kernel; several rows, or a weight the kernel cannot stream (non-unit last
+    stride), -> F.linear. Results equal F.linear either way."""
+    from autodeploy.backends.triton import ops  # noqa: F401
+
+    op = torch.ops.autodeploy.triton_linear
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(24, 40, generator=g).to(DEV)
+    w_t = torch.randn(40, 24, generator=g).to(DEV).t()  # [24, 40] view with stride (1, 24)
+    for x in (torch.randn(1, 40, generator=g), torch.randn(3, 40, generator=g)):
+        x = x.to(DEV)
+        for weight in (w, w_t):
+            torch.testing.assert_close(op(x, weight), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)

@@ -118,7 +118,7 @@ def _fake_gated(gate, up, act):
 def triton_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear``, except that a single row (batch-1 decode) goes to the skinny-GEMM kernel, which streams the
     weight closer to the bandwidth floor than cuBLAS at M=1 (benchmarks/bench_gemv.py)."""
-    if x.numel() == x.shape[-1]:
+    if x.numel() == x.shape[-1] and weight.stride(-1) == 1:
         return gemv(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 

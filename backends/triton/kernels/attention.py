@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
+from autodeploy.backends.triton.kernels.rope_cache import rope_coeffs, rotate
 from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
@@ -363,14 +364,6 @@ def _context_attn_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
-    """``x*cos + rotate_half(x)*sin`` in fp32 for one row block (``sin`` carries the rotate_half sign)."""
-    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(row_ptr + partner, mask=mask & rot_mask, other=0.0).to(tl.float32)
-    return x * cos + xp * sin
-
-
 @triton.jit(do_not_specialize=["stride_pt"])
 def _decode_kernel(
     q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
@@ -416,14 +409,9 @@ def _decode_kernel(
     q_rows = q_ptr + tok * stride_qt + head[:, None] * stride_qh
     qmask = h_ok[:, None] & d_ok[None, :]
     if ROPE:
-        # rotate_half: dim d < R/2 pairs with d + R/2 (negated), R/2 <= d < R with d - R/2; dims >= R pass.
-        rot_mask = offs_d < ROT
-        first_half = offs_d < ROT // 2
-        partner = tl.where(first_half, offs_d + ROT // 2, offs_d - ROT // 2)
-        cos = tl.load(cos_ptr + tok * stride_cos + offs_d, mask=rot_mask, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + tok * stride_sin + offs_d, mask=rot_mask, other=0.0).to(tl.float32)
-        sin = tl.where(first_half, -sin, sin)
-        q = _rotate(q_rows, offs_d[None, :], partner[None, :], qmask, rot_mask[None, :], cos[None, :], sin[None, :])
+        partner, rot_mask, cos, sin = rope_coeffs(cos_ptr + tok * stride_cos, sin_ptr + tok * stride_sin, offs_d,
+                                                  ROT)
+        q = rotate(q_rows, offs_d[None, :], partner[None, :], qmask, rot_mask[None, :], cos[None, :], sin[None, :])
         q = cast_rn(q, q_ptr.dtype.element_ty, EMULATE_RNE)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
@@ -462,7 +450,7 @@ def _decode_kernel(
     if owns_new:
         kn_row = k_new + tok * stride_knt + kvh.to(tl.int64) * stride_knh
         if ROPE:
-            k1 = _rotate(kn_row, offs_d, partner, d_ok, rot_mask, cos, sin)
+            k1 = rotate(kn_row, offs_d, partner, d_ok, rot_mask, cos, sin)
             k1 = cast_rn(k1, k_new.dtype.element_ty, EMULATE_RNE)
         else:
             k1 = tl.load(kn_row + offs_d, mask=d_ok, other=0.0)

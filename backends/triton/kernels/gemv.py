@@ -8,7 +8,6 @@ second reduction kernel: each program owns BLOCK_N whole output columns.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -57,12 +56,7 @@ def _gemv_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def gemv_config(n: int, k: int, sms: int, m: int = 1) -> tuple[int, int, int, int]:
+def gemv_config(k: int, m: int = 1) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps, num_stages). Measured on H100 (benchmarks/bench_gemv.py): 8 rows x 1024
     columns per tile, 2 stages won for every Llama-1B/8B shape at M=1; the K tile shrinks as rows grow so the
     [M, N, K] product stays in registers."""
@@ -87,8 +81,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
-    sms = _num_sms(x.device.index or 0) if x.is_cuda else 8
-    block_n, block_k, warps, stages = config or gemv_config(n, k, sms, m)
+    block_n, block_k, warps, stages = config or gemv_config(k, m)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,

@@ -33,16 +33,27 @@ _TILE_ELEMS = 2048
 
 
 @triton.jit
-def _rotate_tile(base_ptr, stride_h, offs_h, offs_d, partner, mask, rot_mask, cos, sin):
-    """Load one [BLOCK_H, BLOCK_D] tile and apply ``x*cos + rotate_half(x)*sin`` in fp32.
+def rope_coeffs(cos_ptr, sin_ptr, offs_d, ROT: tl.constexpr):
+    """(partner, rot_mask, cos, sin) of one token's cos/sin rows for :func:`rotate`.
 
-    ``sin`` already carries the rotate_half sign (-1 on the first half); outside the rotary dims
-    cos == 1 and sin == 0, so those dims pass through unchanged.
+    rotate_half: dim d < R/2 pairs with d + R/2 (negated), R/2 <= d < R with d - R/2. ``sin`` comes back
+    carrying that sign; outside the rotary dims cos == 1 and sin == 0, so those dims pass through unchanged.
     """
-    row = base_ptr + offs_h[:, None] * stride_h
-    x = tl.load(row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    xp = tl.load(row + partner[None, :], mask=mask & rot_mask[None, :], other=0.0).to(tl.float32)
-    return x * cos[None, :] + xp * sin[None, :]
+    rot_mask = offs_d < ROT
+    first = offs_d < ROT // 2
+    partner = tl.where(first, offs_d + ROT // 2, offs_d - ROT // 2)
+    cos = tl.load(cos_ptr + offs_d, mask=rot_mask, other=1.0).to(tl.float32)
+    sin = tl.load(sin_ptr + offs_d, mask=rot_mask, other=0.0).to(tl.float32)
+    return partner, rot_mask, cos, tl.where(first, -sin, sin)
+
+
+@triton.jit
+def rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
+    """``x*cos + rotate_half(x)*sin`` in fp32 for a block of rows at ``row_ptr`` (offsets ``offs``; the
+    coefficients broadcast against them), with the coefficients of :func:`rope_coeffs`."""
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    xp = tl.load(row_ptr + partner, mask=mask & rot_mask, other=0.0).to(tl.float32)
+    return x * cos + xp * sin
 
 
 @triton.jit
@@ -65,19 +76,13 @@ def _rope_cache_kernel(
     d_mask = offs_d < D
 
     if NEED_ROT:  # == DO_Q or ROTATE_K (computed on the host)
-        # rotate_half: dim d < R/2 pairs with d + R/2 (negated), R/2 <= d < R pairs with d - R/2.
-        HALF = ROT // 2
-        rot_mask = offs_d < ROT
-        first = offs_d < HALF
-        partner = tl.where(first, offs_d + HALF, offs_d - HALF)
-        cos = tl.load(cos_ptr + t * stride_cos_t + offs_d, mask=rot_mask, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_sin_t + offs_d, mask=rot_mask, other=0.0).to(tl.float32)
-        sin = tl.where(first, -sin, sin)
+        partner, rot_mask, cos, sin = rope_coeffs(cos_ptr + t * stride_cos_t, sin_ptr + t * stride_sin_t, offs_d,
+                                                  ROT)
 
     if DO_Q:
         q_mask = (offs_h < HQ)[:, None] & d_mask[None, :]
-        q = _rotate_tile(q_ptr + t * stride_qt, stride_qh, offs_h, offs_d, partner, q_mask,
-                         rot_mask, cos, sin)
+        q = rotate(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh, offs_d[None, :], partner[None, :], q_mask,
+                   rot_mask[None, :], cos[None, :], sin[None, :])
         q_out = q_out_ptr + t * stride_qot + offs_h[:, None] * stride_qoh + offs_d[None, :]
         tl.store(q_out, cast_rn(q, q_out_ptr.dtype.element_ty, EMULATE_RNE), mask=q_mask)
 
@@ -93,8 +98,8 @@ def _rope_cache_kernel(
         kv_mask = (offs_h < h_lim)[:, None] & d_mask[None, :]
         k_base = k_ptr + t * stride_kt
         if ROTATE_K:
-            k = _rotate_tile(k_base, stride_kh, offs_h, offs_d, partner, kv_mask, rot_mask,
-                             cos, sin)
+            k = rotate(k_base + offs_h[:, None] * stride_kh, offs_d[None, :], partner[None, :], kv_mask,
+                       rot_mask[None, :], cos[None, :], sin[None, :])
             # Round to k's dtype first: same as rope-then-copy into a cache of another dtype.
             k = cast_rn(k, k_ptr.dtype.element_ty, EMULATE_RNE)
         else:
