@@ -34,7 +34,12 @@ def kv_bytes_per_token(cm) -> int:
 
 
 def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_scheduling: bool = True):
-    """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding)."""
+    """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding).
+
+    Returns (median step s, mean step s, slowest step s, median host overhead s, median forward s). Each step is
+    timed on its own: with asynchronous scheduling a steady-state step's wall time is the GPU step time, and the
+    median keeps a rare stall (a GC pause, a late JIT) from being averaged into the result; the mean and the
+    slowest step are reported beside it so such stalls stay visible."""
     from autodeploy.runtime.engine import Engine
     from autodeploy.runtime.sampling import SamplingConfig
 
@@ -50,15 +55,19 @@ def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_schedulin
         engine.step()  # warm-up (captures the bucket's graph)
     torch.cuda.synchronize()
     engine.stats.steps.clear()
+    times = []
     t0 = time.perf_counter()
     for _ in range(steps):
+        t = time.perf_counter()
         engine.step()
+        times.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     st = engine.stats.steps
     for r in list(engine.scheduler.running):
         engine.scheduler.finish(r)
-    return dt / steps, statistics.median(s.host_overhead for s in st), statistics.median(s.forward for s in st)
+    return (statistics.median(times), dt / steps, max(times), statistics.median(s.host_overhead for s in st),
+            statistics.median(s.forward for s in st))
 
 
 def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
@@ -151,6 +160,10 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
+    p.add_argument("--decode-only", action="store_true", help="skip prefill, mixed steps and the profile")
+    p.add_argument("--gemv-min-n", type=int, default=None,
+                   help="tuning: batch-1 linears with at least this many outputs use the skinny GEMM")
+    p.add_argument("--gemv-pdl-mode", type=int, default=None, help="tuning: the skinny GEMM's PDL mode (1-3)")
     p.add_argument("--sync-too", action="store_true",
                    help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
@@ -158,6 +171,12 @@ def main() -> None:
     import autodeploy
     from autodeploy.models.builtin import build_builtin
 
+    from autodeploy.backends.triton.kernels import gemv
+
+    if args.gemv_min_n is not None:
+        gemv.GEMV_MIN_N = args.gemv_min_n
+    if args.gemv_pdl_mode is not None:
+        gemv.PDL_MODE = args.gemv_pdl_mode
     bw = measure_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
@@ -176,18 +195,20 @@ def main() -> None:
            "model_init_s": build_s, "decode": []}
     print(f"device copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; compile {compile_s:.1f} s")
     print(f"{'batch':>5} {'ctx':>5} {'sched':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} "
-          f"{'host ms':>7}")
+          f"{'host ms':>7} {'mean ms':>8} {'max ms':>8}")
     for b in batches:
         for mode in (True, False) if args.sync_too else (True,):
-            step, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode)
+            step, mean, worst, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode)
             floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
             row = {"batch": b, "ctx": args.ctx, "async": mode, "step_ms": step * 1e3, "tok_per_s": b / step,
                    "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / step, "host_overhead_ms": host * 1e3,
-                   "forward_ms": fwd * 1e3}
+                   "forward_ms": fwd * 1e3, "mean_step_ms": mean * 1e3, "max_step_ms": worst * 1e3}
             res["decode"].append(row)
             print(f"{b:>5} {args.ctx:>5} {'async' if mode else 'sync':>5} {step * 1e3:8.2f} {b / step:9.1f} "
-                  f"{floor * 1e3:8.2f} {100 * floor / step:6.1f}% {host * 1e3:7.3f}")
+                  f"{floor * 1e3:8.2f} {100 * floor / step:6.1f}% {host * 1e3:7.3f} {mean * 1e3:8.2f} {worst * 1e3:8.2f}")
 
+    if args.decode_only:
+        return
     # prefill throughput: 8 prompts of prefill_len tokens in one step
     from autodeploy.metadata import SequenceChunk
 

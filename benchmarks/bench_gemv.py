@@ -43,6 +43,81 @@ def graph_of(fns):
     return g.replay
 
 
+def chain_variants():
+    """name -> linear(x, w) used for every GEMM of a step."""
+    from torch.nn.functional import linear
+
+    from autodeploy.backends.triton.kernels.gemv import GEMV_MIN_N, gemv
+
+    def prod(pdl):
+        return lambda x, w: gemv(x, w, pdl=pdl) if w.shape[0] >= GEMV_MIN_N else linear(x, w)
+
+    return {"cublas": linear, "prod": prod(False), "prod+pdl": prod(True),
+            "gemv": lambda x, w: gemv(x, w, pdl=False), "gemv+pdl": lambda x, w: gemv(x, w, pdl=True),
+            "gemv+pdl/wait-first": lambda x, w: gemv(x, w, pdl=True, pdl_mode=2),
+            "gemv+pdl/no-trigger": lambda x, w: gemv(x, w, pdl=True, pdl_mode=3),
+            "gemv+pdl/bn4": lambda x, w: gemv(x, w, pdl=True, config=(4, 1024, 4, 2) if w.shape[0] < GEMV_MIN_N
+                                              else None)}
+
+
+def bench_chain(model: str, bw: float, reps: int) -> list[dict]:
+    """All GEMMs of one batch-1 decode step as a dependent chain (each GEMM reads the previous one's output),
+    captured in one CUDA graph: what launch gaps, ramps and tails cost between kernels, and what programmatic
+    dependent launch recovers. Every variant's output is checked bit for bit (PDL) or closely (cuBLAS) against
+    the eager no-PDL chain on fresh inputs, so a missing wait would show up as a mismatch."""
+    from autodeploy.models.builtin import BUILTIN_CONFIGS
+
+    c = BUILTIN_CONFIGS[model]
+    sh = shapes(model)
+    layers = c["num_hidden_layers"]
+    attn_width = sh["o"][1]
+    inter = c["intermediate_size"]
+    dt = torch.bfloat16
+
+    def weight(n, k):
+        return torch.randn(n, k, device="cuda", dtype=dt) / k**0.5
+
+    ws = [[weight(*sh[g][:2]) for g in ("qkv", "o", "gate_up", "down")] for _ in range(layers)]
+    lm = weight(*sh["lm_head"][:2])
+    floor = (sum(w.numel() for layer in ws for w in layer) + lm.numel()) * 2 / bw * 1e6
+    x0 = torch.empty(1, sh["qkv"][1], device="cuda", dtype=dt)
+
+    def step(linear):
+        x = x0
+        for wqkv, wo, wgu, wd in ws:
+            a = linear(x, wqkv)[:, :attn_width]
+            gu = linear(linear(a, wo), wgu)
+            x = linear(gu[:, :inter], wd)
+        return linear(x, lm)
+
+    rows = []
+    variants = chain_variants()
+    x0.normal_()
+    ref = step(variants["gemv"]).float()
+    for name, lin in variants.items():
+        out = {}
+        g = torch.cuda.CUDAGraph()
+        step(lin)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g):
+            out["y"] = step(lin)
+        worst = 0.0
+        for trial in range(3):  # fresh inputs each replay: the graph must follow them
+            x0.normal_()
+            want = step(variants["gemv"]).float()
+            g.replay()
+            got = out["y"].float()
+            worst = max(worst, ((got - want).abs().max() / want.abs().max()).item())
+        us = time_cuda(g.replay, reps, 3) * 1e3
+        rows.append(dict(kind="chain", model=model, variant=name, us=us, floor_us=floor, rel_err=worst))
+        print(f"chain {model:13s} {name:13s} {us:8.1f} us  floor {floor:7.1f} us ({100 * floor / us:4.1f}%)  "
+              f"max rel diff vs eager gemv chain {worst:.1e}", flush=True)
+        del g, out
+    del ws, lm, ref
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     from autodeploy.backends.triton.kernels.gemv import gemv
 
@@ -50,10 +125,15 @@ def main() -> int:
     p.add_argument("--models", nargs="+", default=["llama-3.2-1b", "llama-3.1-8b"])
     p.add_argument("--m", type=int, nargs="+", default=[1])
     p.add_argument("--json", default=None)
+    p.add_argument("--chain", action="store_true", help="time whole-step GEMM chains (cuBLAS / gemv / PDL) only")
     args = p.parse_args()
     bw = copy_bandwidth(1 << 30, reps=10) * 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = []
+    if args.chain:
+        for model in args.models:
+            rows += bench_chain(model, bw, reps=50)
+        args.models = []
     dt = torch.bfloat16
     for model in args.models:
         total = {"cublas": 0.0, "gemv": 0.0, "floor": 0.0}

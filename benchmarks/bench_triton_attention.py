@@ -25,15 +25,15 @@ HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
 
 
-def time_cuda(fn, reps: int, warmup: int, flush: torch.Tensor | None = None) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events; L2 flushed before each run if given)."""
+def time_cuda(fn, reps: int, warmup: int, flush=None) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` runs (CUDA events; ``flush()`` evicts L2 before each run)."""
     for _ in range(warmup):
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if flush is not None:
-            flush.zero_()  # evict K/V from L2 so small decode cases measure HBM, not cache
+            flush()  # evict K/V from L2 so small decode cases measure HBM, not cache
         starts[i].record()
         fn()
         ends[i].record()
@@ -59,6 +59,29 @@ def copy_bandwidth(nbytes: int, reps: int) -> float:
     dst = torch.empty_like(src)
     ms = time_cuda(lambda: dst.copy_(src), reps, warmup=3)
     return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def make_flush(mode: str, nbytes: int = 256 << 20):
+    """An L2 eviction before each timed call. ``read`` streams a buffer 5x the L2 size through it, leaving clean
+    lines, as the weight reads before an attention call do in a decode step. ``write`` (the method until this
+    session) zeroes the buffer, which leaves the L2 full of dirty lines: the call under test then pays for
+    writing ~50 MB back to HBM while it reads, about 15 us on H100, charged to whichever kernel runs next."""
+    buf = torch.ones(nbytes // 4096, 1024, dtype=torch.float32, device="cuda")
+    if mode == "write":
+        return buf.zero_
+    # Row sums into a 256 KB vector: one pass of reads, no cross-block reduction workspace. (A whole-buffer
+    # torch.sum here made the next replay of the new-token decode graph fault with an illegal address; it did
+    # not reproduce under compute-sanitizer and the cause is not found, so the flush avoids that kernel.)
+    sink = torch.empty(buf.shape[0], dtype=torch.float32, device="cuda")
+    return lambda: torch.sum(buf, dim=1, out=sink)
+
+
+def read_bandwidth(nbytes: int, reps: int) -> float:
+    """Read-only streaming bandwidth in GB/s (a sum over a large buffer): the ceiling for a pure-read kernel."""
+    src = torch.ones(nbytes // 4096, 1024, dtype=torch.float32, device="cuda")
+    sink = torch.empty(src.shape[0], dtype=torch.float32, device="cuda")
+    ms = time_cuda(lambda: torch.sum(src, dim=1, out=sink), reps, warmup=3)
+    return nbytes / (ms * 1e-3) / 1e9
 
 
 def make_paged(batch: int, ctx: int, page_size: int, gen: torch.Generator):
@@ -117,7 +140,7 @@ def _decode_bytes(batch: int, ctx: int) -> int:
     return 2 * batch * ctx * HKV * D * DTYPE.itemsize + 2 * batch * HQ * D * DTYPE.itemsize
 
 
-def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
+def sweep_decode(args, copy_gbs: float, flush, rows: list) -> None:
     """Tune the partition size (waves) and the split kernel's tile config on the cases that need splitting."""
     import autodeploy.backends.triton.kernels.attention as attn
 
@@ -160,27 +183,26 @@ def sweep_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None
         print(f"short   B={batch:<3d} ctx={ctx:<6d} " + " | ".join(cells), flush=True)
 
 
-def variants_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
-    """The decode strategy switches side by side: whole-page tiles vs per-key gather, and tile configs
-    (num_warps, num_stages), on latency-bound and bandwidth-bound cases."""
+def variants_decode(args, copy_gbs: float, flush, rows: list) -> None:
+    """The decode strategy switches side by side: whole-page tiles vs per-key gather, each as the plain kernel and as the production launch (+ RoPE and the new token's cache write)."""
     import autodeploy.backends.triton.kernels.attention as attn
 
-    saved = (attn.DECODE_PAGE_TILES, attn._decode_config)
-    configs = [(64, 4, 2), (64, 4, 3), (64, 8, 3), (64, 4, 4)]
+    saved = attn.DECODE_PAGE_TILES
     gen = torch.Generator(device="cuda").manual_seed(3)
-    for batch, ctx in [(1, 512), (1, 1024), (1, 8192), (1, 32768), (16, 8192), (16, 32768), (64, 8192)]:
+    for batch, ctx in [(1, 1024), (1, 32768), (16, 8192), (32, 8192), (64, 1024), (64, 8192), (128, 2048)]:
         case = _decode_case(batch, ctx, args.page_size, gen, 2.0)
         out = torch.empty_like(case[4])
         cells = []
         for tiles in (False, True):
-            for cfg in configs:
-                attn.DECODE_PAGE_TILES, attn._decode_config = tiles, (lambda *a, _c=cfg: _c)
+            for new_token in (False, True):
+                attn.DECODE_PAGE_TILES = tiles
                 try:
-                    us = 1e3 * time_cuda(graphed(_decode_runner(case, out)), args.reps, args.warmup, flush)
+                    us = 1e3 * time_cuda(graphed(_decode_runner(case, out, new_token)), args.reps, args.warmup,
+                                         flush)
                 finally:
-                    attn.DECODE_PAGE_TILES, attn._decode_config = saved
+                    attn.DECODE_PAGE_TILES = saved
                 pct = 100 * _decode_bytes(batch, ctx) / (us * 1e-6) / 1e9 / copy_gbs
-                name = f"{'page' if tiles else 'gather'}/w{cfg[1]}s{cfg[2]}"
+                name = f"{'page' if tiles else 'gather'}{'+rope/write' if new_token else ''}"
                 cells.append((us, name, pct))
                 rows.append(dict(kind="decode_variant", batch=batch, ctx=ctx, variant=name, us=us, pct_copy_bw=pct))
         cells.sort()
@@ -189,7 +211,35 @@ def variants_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> N
         del case, out
 
 
-def bench_decode(args, copy_gbs: float, flush: torch.Tensor, rows: list) -> None:
+def flush_compare(args, copy_gbs: float, rows: list) -> None:
+    """The same decode calls (ours and SDPA's) timed after a write-flush and after a read-flush of L2, side by
+    side, so the change of method is visible as a number rather than a claim."""
+    flushes = {mode: make_flush(mode) for mode in ("write", "read")}
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    for batch, ctx in [(1, 8192), (1, 32768), (16, 32768)]:
+        case = _decode_case(batch, ctx, args.page_size, gen, 2.0)
+        k_cache, v_cache, page_table, _, q, _, _ = case
+        k = gather_contiguous(k_cache, page_table, ctx)
+        v = gather_contiguous(v_cache, page_table, ctx)
+        q4 = q.unsqueeze(2)
+        fns = {"ours": graphed(_decode_runner(case, torch.empty_like(q))),
+               "sdpa": graphed(lambda: torch.nn.functional.scaled_dot_product_attention(
+                   q4, k, v, scale=D**-0.5, enable_gqa=True))}  # fmt: skip
+        cells = []
+        for name, fn in fns.items():
+            for mode, flush in flushes.items():
+                us = 1e3 * time_cuda(fn, args.reps, args.warmup, flush)
+                pct = 100 * _decode_bytes(batch, ctx) / (us * 1e-6) / 1e9 / copy_gbs
+                cells.append(f"{name}/{mode}-flush {us:.1f} us ({pct:.1f}%)")
+                rows.append(dict(kind="flush_compare", batch=batch, ctx=ctx, kernel=name, flush=mode, us=us,
+                                 pct_copy_bw=pct))
+        print(f"flush   B={batch:<3d} ctx={ctx:<6d} " + " | ".join(cells), flush=True)
+        del case, k, v, fns
+    del flushes
+    torch.cuda.empty_cache()
+
+
+def bench_decode(args, copy_gbs: float, flush, rows: list) -> None:
     from autodeploy.backends.triton.partition import DEFAULT_WAVES
 
     scale = D**-0.5
@@ -292,6 +342,10 @@ def main(argv=None) -> int:
     p.add_argument("--variants", action="store_true",
                    help="time the decode strategy switches (page tiles, merge placement, tile configs) side by side")
     p.add_argument("--no-main", action="store_true", help="skip the main decode table")
+    p.add_argument("--flush", choices=("read", "write"), default="read",
+                   help="how L2 is evicted before each timed decode call (see make_flush)")
+    p.add_argument("--flush-compare", action="store_true",
+                   help="time the batch-1 decode cases under both flush methods side by side")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -300,9 +354,13 @@ def main(argv=None) -> int:
 
     dev = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth(args.copy_mib << 20, reps=20)
-    print(f"device: {dev}   measured D2D copy bandwidth: {copy_gbs:.0f} GB/s")
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    read_gbs = read_bandwidth(args.copy_mib << 20, reps=20)
+    print(f"device: {dev}   measured D2D copy bandwidth: {copy_gbs:.0f} GB/s   read-only: {read_gbs:.0f} GB/s   "
+          f"L2 flush: {args.flush}")
+    flush = make_flush(args.flush)
     rows: list = []
+    if args.flush_compare:
+        flush_compare(args, copy_gbs, rows)
     if args.variants:
         variants_decode(args, copy_gbs, flush, rows)
     if not args.no_main:
@@ -314,6 +372,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, dtype=str(DTYPE), hq=HQ, hkv=HKV, head_dim=D, copy_gb_s=copy_gbs,
+                           read_gb_s=read_gbs, flush=args.flush,
                            torch=torch.__version__, results=rows), f, indent=2)  # fmt: skip
         print(f"wrote {args.json}")
     return 0

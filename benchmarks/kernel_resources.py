@@ -71,7 +71,7 @@ def main() -> int:
     base = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=64,
                 NEED_DMASK=False, HAS_SOFTCAP=False, HAS_SINKS=False, NEW_KV=False, ROPE=False, ROT=0,
                 PAGE_TILES=True,
-                EMULATE_RNE=False, UPCAST=False, IEEE=False)
+                EMULATE_RNE=False, UPCAST=False, IEEE=False, PDL=True)
     kernel = attn._decode_kernel
     sig = _decode_signature(kernel)
     sig = {k: v for k, v in sig.items() if k in kernel.arg_names}

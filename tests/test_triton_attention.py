@@ -335,13 +335,11 @@ def test_decode_mixed(dtype, target):
     run_decode([1, 17, 75, 140], dtype=dtype, target=target, seed=100 + (target or 0))
 
 
-@pytest.fixture(params=["page-tiles", "gather", "gather-by-batch"])
+@pytest.fixture(params=["page-tiles", "gather"])
 def decode_strategy(request, monkeypatch):
-    """Every way the decode kernel reads K/V: whole pages as tiles, keys gathered one by one (switched off, or
-    chosen because the batch is large)."""
+    """Both ways the decode kernel reads K/V: whole pages as tiles, or keys gathered one by one (the path for
+    page sizes the page tiles do not take)."""
     monkeypatch.setattr(attn_mod, "DECODE_PAGE_TILES", request.param != "gather")
-    if request.param == "gather-by-batch":
-        monkeypatch.setattr(attn_mod, "DECODE_GATHER_MIN_SEQS", 2)
     return request.param
 
 

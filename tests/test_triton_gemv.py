@@ -52,3 +52,49 @@ def test_triton_linear_dispatch():
         x = x.to(DEV)
         for weight in (w, w_t):
             torch.testing.assert_close(op(x, weight), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_pdl_selection(monkeypatch):
+    """AUTODEPLOY_PDL picks the kernel kinds that launch with PDL; never off a Hopper GPU or in the interpreter."""
+    from autodeploy.backends.triton.kernels import pdl
+
+    for env, kind, want in [("0", "gemv", False), ("1", "gemv", True), ("norm,act", "act", True),
+                            ("norm,act", "gemv", False)]:
+        monkeypatch.setenv("AUTODEPLOY_PDL", env)
+        assert pdl._selected(kind) is want
+    monkeypatch.setenv("AUTODEPLOY_PDL", "1")
+    assert pdl.pdl_enabled(torch.device("cpu"), "gemv") is False
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA with compiled Triton kernels")
+@pytest.mark.parametrize("mode", [1, 2, 3])
+def test_gemv_pdl_chain_in_cuda_graph(mode):
+    """A chain of dependent batch-1 GEMVs launched with PDL (each prefetches its weight before waiting on the
+    GEMV that produced its input), captured in a CUDA graph and replayed on fresh inputs, equals the eager chain
+    without PDL bit for bit. A missing or misplaced wait would read a half-written input."""
+    from autodeploy.backends.triton.kernels.pdl import pdl_enabled
+
+    if not pdl_enabled(torch.device("cuda"), "gemv"):
+        pytest.skip("PDL needs a Hopper-or-newer GPU")
+    g = torch.Generator(device="cuda").manual_seed(mode)
+    dims = [2048, 3072, 2048, 8192, 2048, 16384, 2048]
+    ws = [torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
+          for k, n in zip(dims[:-1], dims[1:])]
+    x0 = torch.empty(1, dims[0], device="cuda", dtype=torch.bfloat16)
+
+    def chain(pdl):
+        x = x0
+        for w in ws * 4:
+            x = gemv(x, w, pdl=pdl, pdl_mode=mode)  # each output is the next GEMV's input
+        return x
+
+    chain(True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(True)
+    for _ in range(3):
+        x0.normal_(generator=g)
+        want = chain(False)
+        graph.replay()
+        assert torch.equal(out, want)

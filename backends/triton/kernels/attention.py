@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 from autodeploy.backends.triton.kernels.rope_cache import rope_coeffs, rotate
 from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
@@ -378,7 +380,7 @@ def _decode_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
     NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
-    EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
     """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
     table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
@@ -391,6 +393,8 @@ def _decode_kernel(
     A sequence with one item writes its output directly; otherwise the item stores its normalised partial and
     base-2 LSE for :func:`_decode_reduce_kernel`.
     """
+    pdl_wait(PDL)  # before anything else: q, the new K/V and the cache all come from earlier kernels
+    pdl_launch_dependents(PDL)
     w = tl.program_id(0)
     kvh = tl.program_id(1)
     seq = tl.load(work_ptr + 3 * w)
@@ -507,10 +511,13 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Grid ``(S, Hq)``: merge a sequence's split partials (workspace rows ``split_start[s]:split_start[s+1]``,
     at most BLOCK_S of them) with LSE weights, all loaded at once; the sink joins the max and the denominator.
     Sequences with 0 items (prefill) or 1 item (already written by the split kernel) exit at once."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     first = tl.load(split_start + s)
@@ -619,12 +626,13 @@ def _context_config(block_d: int, dtype: torch.dtype):
 
 
 # A decode KV tile is one whole page (one scalar page lookup, loop-invariant offsets) when the page size allows;
-# else keys are gathered one by one. Measured on H100 (bench_triton_attention.py --variants, Hq/Hkv 32/8, D 128,
-# page 64): B=1 512/1k/8k/32k keys 13.2/14.4/26.5/65.4 us vs 13.6/15.7/29.0/68.6 gathered; B=16 8k/32k 202/738 vs
-# 213/775 us; but B=64 8k 796-800 us vs 731-762 gathered (every tile config), so from 64 sequences on (the only
-# large batch measured; the crossover between 16 and 64 is not measured) the gather path is used.
+# else keys are gathered one by one. Measured on H100 for the production launch (RoPE + new-token write +
+# attention; bench_triton_attention.py --variants, Hq/Hkv 32/8, D 128, page 64, read-flushed L2): page tiles vs
+# gathered B=1 1k/32k 14.7/58.9 vs 16.8/63.7 us, B=16 8k 195.7 vs 205.8, B=32 8k 381.5 vs 396.3, B=64 1k/8k
+# 114.3/797.7 vs 124.4/859.9, B=128 2k 373.0 vs 383.1 us. (The plain kernel without the new token gathers faster
+# at B=64, 724 vs 784 us at 8k, which is why an earlier version switched to gathering from 64 sequences on; the
+# launch that serving runs is the one above.)
 DECODE_PAGE_TILES = True
-DECODE_GATHER_MIN_SEQS = 64
 _PAGE_TILE_SIZES = (16, 32, 64, 128)
 
 
@@ -738,11 +746,12 @@ def decode_attention(
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
     block_n, num_warps, num_stages = _decode_config(block_d, q.dtype)
-    page_tiles = (DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
-                  and num_seqs < DECODE_GATHER_MIN_SEQS)
+    page_tiles = DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
     if page_tiles:
         block_n = page_size
     n_items = work.shape[0]
+    pdl = pdl_enabled(q.device, "decode")
+    pdl_reduce = pdl_enabled(q.device, "reduce")
     mid_o = torch.empty((n_items, hq, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((n_items, hq), dtype=torch.float32, device=q.device)
     sinks_arg = sinks if sinks is not None else q
@@ -760,7 +769,7 @@ def decode_attention(
         HAS_SINKS=sinks is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)
@@ -768,7 +777,7 @@ def decode_attention(
         mid_o, mid_lse, cu_seqlens_q, split_start, sinks_arg, out,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), out.stride(0), out.stride(1),
         HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max_splits), HAS_SINKS=sinks is not None,
-        num_warps=4 if block_d <= 128 else 8,
+        PDL=pdl_reduce, num_warps=4 if block_d <= 128 else 8, **launch_options(pdl_reduce),
     )  # fmt: skip
 
 

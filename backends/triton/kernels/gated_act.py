@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+
 from .rms_norm import cast_rn, emulate_rne
 
 __all__ = ["gated_act", "ACTIVATIONS"]
@@ -27,8 +29,10 @@ _BLOCK = 1024
 @triton.jit
 def _gated_act_kernel(
     gate_ptr, up_ptr, out_ptr, stride_g, stride_u, stride_o, N,
-    ACT: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    ACT: tl.constexpr, BLOCK: tl.constexpr, EMULATE_RNE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
@@ -57,9 +61,10 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.
     g2, u2 = (x.reshape(-1, n) for x in (gate, up))
     g2, u2 = (x if x.stride(-1) == 1 else x.contiguous() for x in (g2, u2))
     block = min(_BLOCK, triton.next_power_of_2(n))
+    pdl = pdl_enabled(gate.device, "act")
     _gated_act_kernel[(g2.shape[0], triton.cdiv(n, block))](
         g2, u2, out.view(-1, n), g2.stride(0), u2.stride(0), n, n,
         ACT=ACTIVATIONS[act], BLOCK=block, EMULATE_RNE=emulate_rne(_gated_act_kernel, gate.dtype),
-        num_warps=4,
+        PDL=pdl, num_warps=4, **launch_options(pdl),
     )
     return out

@@ -3,7 +3,8 @@
 At batch 1 a decode step is a chain of weight reads; the GEMM kernels' fixed costs (ramp-up, tail, split-K
 reduction kernels) are what separates a step from its bandwidth floor. This kernel streams W once in
 ``[BLOCK_N, BLOCK_K]`` tiles (16-byte loads along K), keeps the few activation rows in registers, and needs no
-second reduction kernel: each program owns BLOCK_N whole output columns.
+second reduction kernel: each program owns BLOCK_N whole output columns. On Hopper it launches with programmatic
+dependent launch and loads its first weight tile before waiting for the kernel that produces x (kernels/pdl.py).
 """
 
 from __future__ import annotations
@@ -14,20 +15,47 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+
 __all__ = ["gemv", "GEMV_MAX_M", "GEMV_MIN_N", "gemv_config"]
 
 GEMV_MAX_M = 4
 # Linears with fewer output features stay on cuBLAS at M=1 too: measured on H100, the kernel beat cuBLAS for
 # every N >= 4096 shape of Llama-1B/8B (8B step: 5.37 vs 5.63 ms of GEMMs) and lost or tied below (N = 2048/3072).
 GEMV_MIN_N = 4096
+# How the kernel uses programmatic dependent launch (see _gemv_kernel).
+PDL_MODE = 3
+
+
+@triton.jit
+def _load_w(w_rows, k, n_ok, K, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        return tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
+    return tl.load(w_rows + k[None, :], mask=n_ok[:, None] & (k < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _gemv_tile(acc, w, x_ptr, k, offs_m, m_ok, K, stride_xm, EVEN_K: tl.constexpr):
+    """acc += x[:, k] @ w.T for one loaded ``[BLOCK_N, BLOCK_K]`` weight tile."""
+    if EVEN_K:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
+    else:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
+                    other=0.0)
+    # [BLOCK_M, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K] summed over K
+    return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    """PDL (launched with programmatic dependent launch, see kernels/pdl.py): 1 loads the first weight tile
+    before waiting for the kernel that produces x, so the weight stream of this GEMM starts while the previous
+    kernel drains, then lets the next kernel launch; 2 waits first (no prefetch); 3 prefetches but leaves the
+    next kernel's launch to the implicit trigger at exit."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -36,20 +64,21 @@ def _gemv_kernel(
     m_ok = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL == 1 or PDL == 3:
+        w0 = _load_w(w_rows, offs_k, n_ok, K, EVEN_K)
+        pdl_wait(True)
+        if PDL == 1:
+            pdl_launch_dependents(True)
+        acc = _gemv_tile(acc, w0, x_ptr, offs_k, offs_m, m_ok, K, stride_xm, EVEN_K)
+        k_start = BLOCK_K
+    else:
+        if PDL == 2:
+            pdl_wait(True)
+            pdl_launch_dependents(True)
+        k_start = 0
+    for k0 in range(k_start, K, BLOCK_K):
         k = k0 + offs_k
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-        else:
-            k_ok = k < K
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-        wf = w.to(tl.float32)
-        xf = x.to(tl.float32)
-        # [BLOCK_M, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K] summed over K
-        acc += tl.sum(xf[:, None, :] * wf[None, :, :], 2)
+        acc = _gemv_tile(acc, _load_w(w_rows, k, n_ok, K, EVEN_K), x_ptr, k, offs_m, m_ok, K, stride_xm, EVEN_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -66,7 +95,8 @@ def gemv_config(k: int, m: int = 1) -> tuple[int, int, int, int]:
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-         config: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+         config: Optional[tuple[int, int, int, int]] = None, pdl: Optional[bool] = None,
+         pdl_mode: Optional[int] = None) -> torch.Tensor:
     """``x [..., K] @ weight[N, K].T (+ bias)`` for at most GEMV_MAX_M rows of x (in x's dtype)."""
     k = x.shape[-1]
     n = weight.shape[0]
@@ -82,9 +112,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
     block_n, block_k, warps, stages = config or gemv_config(k, m)
+    pdl = pdl_enabled(x.device, "gemv") if pdl is None else pdl
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, num_warps=warps, num_stages=stages,
+        EVEN_K=k % block_k == 0, PDL=(pdl_mode or PDL_MODE) if pdl else 0, num_warps=warps, num_stages=stages, **launch_options(pdl),
     )
     return y.reshape(*x.shape[:-1], n)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+
 __all__ = ["rms_norm", "fused_add_rms_norm"]
 
 # Largest row kept entirely in registers; longer rows use the two-pass loop.
@@ -57,8 +59,10 @@ def _rms_norm_kernel(
     stride_x, stride_r, stride_o, stride_ro,
     N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, EMULATE_RNE: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     r_row = res_ptr + row * stride_r
@@ -129,6 +133,7 @@ def _launch(x2, r2, weight, out, res_out, eps, block):
         block = min(triton.next_power_of_2(N), _MAX_SINGLE_BLOCK)
     single = block >= N
     num_warps = min(max(block // 256, 1), 16)
+    pdl = pdl_enabled(x2.device, "norm")
     _rms_norm_kernel[(M,)](
         x2, r2 if r2 is not None else x2, weight if weight is not None else x2, out,
         res_out if res_out is not None else out,
@@ -136,7 +141,7 @@ def _launch(x2, r2, weight, out, res_out, eps, block):
         res_out.stride(0) if res_out is not None else 0,
         N, float(eps),
         HAS_RES=r2 is not None, HAS_W=weight is not None,
-        BLOCK_N=block, SINGLE_PASS=single, num_warps=num_warps,
+        BLOCK_N=block, SINGLE_PASS=single, num_warps=num_warps, PDL=pdl, **launch_options(pdl),
         EMULATE_RNE=emulate_rne(_rms_norm_kernel, x2.dtype, out.dtype,
                                 *((res_out.dtype,) if res_out is not None else ())),
     )
