@@ -58,15 +58,21 @@ def _selected(kernel: str) -> bool:
     return kernel in env.split(",")
 
 
+@functools.lru_cache(maxsize=None)
+def _enabled(device_type: str, index: int, kernel: str) -> bool:
+    if device_type != "cuda" or not _HAS_GDC or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _selected(kernel) and _capability_ok(index)
+
+
 def pdl_enabled(device: torch.device, kernel: str = "") -> bool:
     """Whether ``kernel`` (its kind: gemv, norm, act, decode, reduce) launches with PDL on ``device``: a
     Hopper-or-newer GPU, compiled (not interpreted) Triton that has grid dependency control, and selected by
-    ``AUTODEPLOY_PDL``."""
-    if device.type != "cuda" or not _HAS_GDC or os.environ.get("TRITON_INTERPRET") == "1":
+    ``AUTODEPLOY_PDL``. Decided once per (device, kind) and process: it is asked on every kernel launch of
+    uncaptured steps, so the environment is not re-read there."""
+    if device.type != "cuda":
         return False
-    if not _selected(kernel):
-        return False
-    return _capability_ok(device.index if device.index is not None else torch.cuda.current_device())
+    return _enabled("cuda", device.index if device.index is not None else torch.cuda.current_device(), kernel)
 
 
 @triton.jit
