@@ -21,6 +21,7 @@ from autodeploy.errors import (  # noqa: E402
 from autodeploy.logging_utils import configure_logging  # noqa: E402
 from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria  # noqa: E402
 from autodeploy.runtime.sampling import SamplingConfig  # noqa: E402
+from autodeploy.runtime.scheduler import AdmissionPolicy  # noqa: E402
 
 
 def __getattr__(name: str):
@@ -36,7 +37,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "compile", "LLM", "CompiledModel", "SamplingConfig", "LogitsProcessor", "StoppingCriteria",
+    "compile", "LLM", "CompiledModel", "SamplingConfig", "AdmissionPolicy", "LogitsProcessor", "StoppingCriteria",
     "AutoDeployError", "UnsupportedModelError", "InvalidRequestError", "SamplingConfigError",
     "CacheCapacityError", "BackendUnavailableError", "configure_logging",
 ]

@@ -12,7 +12,7 @@ import json
 import random
 import statistics
 import time
-from typing import Any
+from typing import Any, Optional
 
 
 
@@ -81,6 +81,7 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
         "ttft_s": percentiles([r.metrics.ttft for r in reqs if r.metrics.ttft is not None]),
         "tpot_s": percentiles([r.metrics.tpot for r in reqs if r.metrics.tpot is not None]),
         "steps": len(steps), "preemptions": engine.stats.num_preemptions, "max_running_seqs": max_running,
+        "admission_held_steps": engine.scheduler.total_held_steps,
         "host_overhead_per_step_s": {
             **percentiles([s.host_overhead for s in steps]),
             "at_max_batch_median": statistics.median(busy) if busy else float("nan"),
@@ -133,11 +134,20 @@ def render(results: dict, console: Any) -> None:
     t.add_row("  schedule / pack / sample / bookkeeping", " / ".join(
         f"{h[k] * 1e3:.3f}" for k in ("schedule_median", "pack_median", "sample_median", "bookkeeping_median")) + " ms")
     t.add_row("forward median", f"{results['forward_median_s'] * 1e3:.2f} ms")
-    t.add_row("steps / preemptions", f"{results['steps']} / {results['preemptions']}")
+    t.add_row("steps / preemptions / admission held", f"{results['steps']} / {results['preemptions']} / "
+              f"{results['admission_held_steps']}")
     for kind, k in results["step_kinds"].items():
         t.add_row(f"  {kind} steps", f"{k['steps']} steps, {k['wall_s']:.2f} s, {k['tokens']} tokens, "
                   f"median {k['step_median_ms']:.2f} ms")
     console.print(t)
+
+
+def admission_policy(min_tokens: Optional[int], max_wait: Optional[int]):
+    """An AdmissionPolicy with the given overrides (None keeps the default)."""
+    from autodeploy.runtime.scheduler import AdmissionPolicy
+
+    given = {"min_tokens": min_tokens, "max_wait_steps": max_wait}
+    return AdmissionPolicy(**{k: v for k, v in given.items() if v is not None})
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -155,7 +165,8 @@ def run_bench(args: argparse.Namespace) -> int:
                              cm.vocab_size, args.seed)
     warm = Engine(cm)  # one warm-up pass so first-call costs are not billed to the workload
     warm.generate([workload[0]["prompt"]], None)
-    results = run_workload(Engine(cm), workload, progress=not args.no_progress)
+    admission = admission_policy(args.admit_min_tokens, args.admit_max_wait)
+    results = run_workload(Engine(cm, admission=admission), workload, progress=not args.no_progress)
     results.update(compile_s=compile_s, model=args.model, device=str(cm.device), dtype=str(cm.dtype),
                    backend=cm.report.backend, lowering=cm.report.lowering,
                    workload=dict(num_requests=args.num_requests, input_len=args.input_len,

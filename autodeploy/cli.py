@@ -139,6 +139,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--output-len", default="16:64", help="MIN:MAX uniform, or N")
     p.add_argument("--arrival-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
     p.add_argument("--max-num-tokens", type=int, default=None, help="token budget per step")
+    p.add_argument("--admit-min-tokens", type=int, default=None,
+                   help="while the batch is nearly full, admit waiting requests only when this many prompt tokens "
+                        "can start together (0: admit each request as soon as it fits; default: AdmissionPolicy's)")
+    p.add_argument("--admit-max-wait", type=int, default=None,
+                   help="...but never hold admission longer than this many steps (default: AdmissionPolicy's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write results JSON here")
     p.add_argument("--no-progress", action="store_true")

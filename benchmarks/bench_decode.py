@@ -146,6 +146,30 @@ def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dic
     return {"decodes": n_decode, "prefill_len": prefill_len, "wall_ms": wall * 1e3, "gpu_busy_ms": busy / 1e3}
 
 
+def prefill_and_profile(cm, args, res: dict, batches: list[int], vocab: int) -> None:
+    """Prefill throughput, mixed prefill+decode steps and the per-step profile breakdown, into ``res``."""
+    # prefill throughput: 8 prompts of prefill_len tokens in one step
+    from autodeploy.metadata import SequenceChunk
+
+    n_pre = max(1, 8192 // args.prefill_len)
+    pages_per = -(-args.prefill_len // cm.page_size)
+    g = torch.Generator().manual_seed(0)
+    chunks = [SequenceChunk(torch.randint(0, vocab, (args.prefill_len,), generator=g).tolist(), 0,
+                            list(range(i * pages_per, (i + 1) * pages_per))) for i in range(n_pre)]
+    pre = time_forward(cm, cm.pack(chunks))
+    res["prefill"] = {"tokens": n_pre * args.prefill_len, "step_ms": pre * 1e3,
+                      "tok_per_s": n_pre * args.prefill_len / pre}
+    print(f"prefill {n_pre}x{args.prefill_len}: {pre * 1e3:.1f} ms, {n_pre * args.prefill_len / pre:,.0f} tok/s")
+
+    res["mixed_steps"] = [mixed_step(cm, nd, pl, args.ctx, vocab) for nd, pl in ((64, 512), (256, 512), (0, 2048))
+                          if nd <= cm.max_batch_size - 1]
+    for row in res["mixed_steps"]:
+        print(f"mixed step {row['decodes']} decodes + {row['prefill_len']}-token prefill: wall {row['wall_ms']:.2f} ms,"
+              f" GPU busy {row['gpu_busy_ms']:.2f} ms")
+    res["breakdown_ms_per_step"] = {str(b): profile_breakdown(cm, b, args.ctx, vocab) for b in (1, batches[-1])}
+    print("per-step GPU time by category (eager step, ms):", json.dumps(res["breakdown_ms_per_step"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -157,6 +181,12 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--cb-requests", type=int, default=0, help="continuous-batching workload size (0: skip)")
     p.add_argument("--cb-repeats", type=int, default=1, help="run the workload this many times, report the last")
+    p.add_argument("--cb-input", default="128:1024", help="continuous batching: prompt lengths (N or LO:HI)")
+    p.add_argument("--cb-output", default="128", help="continuous batching: output lengths (N or LO:HI)")
+    p.add_argument("--cb-only", action="store_true", help="run only the continuous-batching workload")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget of one engine step")
+    p.add_argument("--admit-min-tokens", type=int, default=None, help="AdmissionPolicy.min_tokens (0: greedy)")
+    p.add_argument("--admit-max-wait", type=int, default=None, help="AdmissionPolicy.max_wait_steps")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
@@ -185,7 +215,7 @@ def main() -> None:
     t0 = time.perf_counter()
     cm = autodeploy.compile(model, max_batch_size=args.max_batch_size or max(batches + [64]),
                             max_seq_len=args.max_seq_len,
-                            backend=args.backend, lowering=args.lowering, max_num_tokens=8192)
+                            backend=args.backend, lowering=args.lowering, max_num_tokens=args.max_num_tokens)
     compile_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_tok = kv_bytes_per_token(cm)
@@ -196,7 +226,7 @@ def main() -> None:
     print(f"device copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; compile {compile_s:.1f} s")
     print(f"{'batch':>5} {'ctx':>5} {'sched':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} "
           f"{'host ms':>7} {'mean ms':>8} {'max ms':>8}")
-    for b in batches:
+    for b in [] if args.cb_only else batches:
         for mode in (True, False) if args.sync_too else (True,):
             step, mean, worst, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode)
             floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
@@ -209,43 +239,31 @@ def main() -> None:
 
     if args.decode_only:
         return
-    # prefill throughput: 8 prompts of prefill_len tokens in one step
-    from autodeploy.metadata import SequenceChunk
-
-    n_pre = max(1, 8192 // args.prefill_len)
-    pages_per = -(-args.prefill_len // cm.page_size)
-    g = torch.Generator().manual_seed(0)
-    chunks = [SequenceChunk(torch.randint(0, vocab, (args.prefill_len,), generator=g).tolist(), 0,
-                            list(range(i * pages_per, (i + 1) * pages_per))) for i in range(n_pre)]
-    pre = time_forward(cm, cm.pack(chunks))
-    res["prefill"] = {"tokens": n_pre * args.prefill_len, "step_ms": pre * 1e3,
-                      "tok_per_s": n_pre * args.prefill_len / pre}
-    print(f"prefill {n_pre}x{args.prefill_len}: {pre * 1e3:.1f} ms, {n_pre * args.prefill_len / pre:,.0f} tok/s")
-
-    res["mixed_steps"] = [mixed_step(cm, nd, pl, args.ctx, vocab) for nd, pl in ((64, 512), (256, 512), (0, 2048))
-                          if nd <= cm.max_batch_size - 1]
-    for row in res["mixed_steps"]:
-        print(f"mixed step {row['decodes']} decodes + {row['prefill_len']}-token prefill: wall {row['wall_ms']:.2f} ms,"
-              f" GPU busy {row['gpu_busy_ms']:.2f} ms")
-    res["breakdown_ms_per_step"] = {str(b): profile_breakdown(cm, b, args.ctx, vocab) for b in (1, batches[-1])}
-    print("per-step GPU time by category (eager step, ms):", json.dumps(res["breakdown_ms_per_step"]))
-
+    if not args.cb_only:
+        prefill_and_profile(cm, args, res, batches, vocab)
     if args.cb_requests:
-        from autodeploy.bench import make_workload, run_workload
+        from autodeploy.bench import admission_policy, make_workload, run_workload
         from autodeploy.runtime.engine import Engine
 
-        wl = make_workload(args.cb_requests, "128:1024", "128", float("inf"), vocab, 0)
+        wl = make_workload(args.cb_requests, args.cb_input, args.cb_output, float("inf"), vocab, 0)
+        policy = admission_policy(args.admit_min_tokens, args.admit_max_wait)
         for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
-            first = run_workload(Engine(cm, max_num_tokens=8192), wl, progress=False)
+            first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
+                                 progress=False)
             print(f"continuous batching pass {rep + 1}: {first['output_tok_per_s']:,.0f} output tok/s "
                   f"({first['elapsed_s']:.1f} s); by step kind: {json.dumps(first['step_kinds'])}")
-        cb = run_workload(Engine(cm, max_num_tokens=8192), wl, progress=False)
+        cb = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
+                                 progress=False)
         res["continuous_batching"] = {k: cb[k] for k in ("output_tok_per_s", "total_tok_per_s", "elapsed_s",
                                                           "ttft_s", "tpot_s", "steps", "preemptions",
                                                           "max_running_seqs", "host_overhead_per_step_s",
-                                                          "step_kinds")}
-        print(f"continuous batching {args.cb_requests} req: {cb['output_tok_per_s']:,.0f} output tok/s "
-              f"({cb['elapsed_s']:.1f} s, max running {cb['max_running_seqs']}, preemptions {cb['preemptions']})")
+                                                          "admission_held_steps", "step_kinds")}
+        print(f"continuous batching {args.cb_requests} req (in {args.cb_input}, out {args.cb_output}, max batch "
+              f"{cm.max_batch_size}, {args.max_num_tokens} tokens/step, {policy}): "
+              f"{cb['output_tok_per_s']:,.0f} output tok/s "
+              f"({cb['elapsed_s']:.1f} s, max running {cb['max_running_seqs']}, preemptions {cb['preemptions']}, "
+              f"admission held {cb['admission_held_steps']} steps; TTFT p50/p90 {cb['ttft_s']['p50']:.2f}/"
+              f"{cb['ttft_s']['p90']:.2f} s)")
         print("  by step kind:", json.dumps(cb["step_kinds"]))
     if args.json:
         with open(args.json, "w") as f:

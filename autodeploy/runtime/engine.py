@@ -29,7 +29,7 @@ from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.request import Request, RequestOutput, Sequence as Seq, SeqState
 from autodeploy.runtime.sampling import Sampler, SamplingConfig, build_stopping_criteria, make_generator
-from autodeploy.runtime.scheduler import Scheduler
+from autodeploy.runtime.scheduler import AdmissionPolicy, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,15 @@ class Engine:
     def __init__(self, cm: Any, logits_processors: Sequence[Any] = (), stopping_criteria: Sequence[Any] = (),
                  tokenizer: Any = None, max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None, record_stats: bool = False,
-                 async_scheduling: Optional[bool] = None):
+                 async_scheduling: Optional[bool] = None, admission: Optional[AdmissionPolicy] = None):
         self.cm = cm
         # Overlapping host and GPU only pays where the forward is asynchronous; forcing it on CPU tests it.
         self.async_scheduling = cm.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._inflight: Optional[_Launched] = None
         self.kv = KVCacheManager(cm.num_pages, cm.page_size, enable_prefix_caching=cm.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_batch_size or cm.max_batch_size,
-                                   max_num_tokens or cm.max_num_tokens, on_preempt=self._on_preempt)
+                                   max_num_tokens or cm.max_num_tokens, on_preempt=self._on_preempt,
+                                   admission=admission)
         self.sampler = Sampler()
         self.global_processors = list(logits_processors)
         self.global_stopping = list(stopping_criteria)
@@ -269,7 +270,7 @@ class Engine:
         n_running = sum(len(r.live_seqs()) for r in sched.running)
         if n_running != len(alive):
             return None  # someone is still prefilling, or prev did not sample every running sequence
-        if sched.waiting and n_running < sched.max_batch_size:
+        if sched.waiting and n_running < sched.max_batch_size and not sched.hold_admission_for_decode_step(n_running):
             return None  # a waiting request may fit: let the scheduler admit it
         src_rows, seqs = [], []
         for i, s in alive:
