@@ -15,8 +15,8 @@ __version__ = "0.1.0"
 
 from autodeploy.compiler import compile  # noqa: E402  (the public entry point shadows the builtin on purpose)
 from autodeploy.errors import (  # noqa: E402
-    AutoDeployError, BackendUnavailableError, CacheCapacityError, InvalidRequestError, SamplingConfigError,
-    UnsupportedModelError,
+    AutoDeployError, BackendUnavailableError, CacheCapacityError, ConfigError, InvalidRequestError,
+    SamplingConfigError, UnsupportedModelError,
 )
 from autodeploy.logging_utils import configure_logging  # noqa: E402
 from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria  # noqa: E402
@@ -39,5 +39,5 @@ def __getattr__(name: str):
 __all__ = [
     "compile", "LLM", "CompiledModel", "SamplingConfig", "AdmissionPolicy", "LogitsProcessor", "StoppingCriteria",
     "AutoDeployError", "UnsupportedModelError", "InvalidRequestError", "SamplingConfigError",
-    "CacheCapacityError", "BackendUnavailableError", "configure_logging",
+    "CacheCapacityError", "BackendUnavailableError", "ConfigError", "configure_logging",
 ]

@@ -157,6 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from autodeploy.runtime.engine import Engine
 
     console = Console(stderr=True)
+    admission = admission_policy(args.admit_min_tokens, args.admit_max_wait)  # bad settings fail before compiling
     t0 = time.perf_counter()
     extra = {"max_num_tokens": args.max_num_tokens} if args.max_num_tokens else {}
     _model, cm = _compile(args, **extra)
@@ -165,7 +166,6 @@ def run_bench(args: argparse.Namespace) -> int:
                              cm.vocab_size, args.seed)
     warm = Engine(cm)  # one warm-up pass so first-call costs are not billed to the workload
     warm.generate([workload[0]["prompt"]], None)
-    admission = admission_policy(args.admit_min_tokens, args.admit_max_wait)
     results = run_workload(Engine(cm, admission=admission), workload, progress=not args.no_progress)
     results.update(compile_s=compile_s, model=args.model, device=str(cm.device), dtype=str(cm.dtype),
                    backend=cm.report.backend, lowering=cm.report.lowering,

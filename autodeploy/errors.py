@@ -17,6 +17,10 @@ class SamplingConfigError(InvalidRequestError):
     """A sampling parameter is outside its valid range."""
 
 
+class ConfigError(AutoDeployError, ValueError):
+    """An engine or compile setting is outside its valid range."""
+
+
 class CacheCapacityError(AutoDeployError):
     """The KV cache cannot hold a request even when it runs alone."""
 

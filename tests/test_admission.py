@@ -76,5 +76,13 @@ def test_no_hold_at_low_load(cm):
 
 def test_policy_validation():
     for bad in (dict(min_tokens=-1), dict(max_wait_steps=-2), dict(busy_fraction=1.5)):
-        with pytest.raises(ValueError, match="invalid admission policy"):
+        with pytest.raises(autodeploy.ConfigError, match="invalid admission policy"):
             AdmissionPolicy(**bad)
+
+
+def test_cli_rejects_bad_policy_with_a_clear_error(capsys):
+    """The CLI names the bad setting (exit code 2, no stack trace)."""
+    from autodeploy.cli import main
+
+    assert main(["bench", "--num-requests", "1", "--admit-min-tokens", "-1"]) == 2
+    assert "invalid admission policy" in capsys.readouterr().err

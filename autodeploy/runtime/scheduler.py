@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from autodeploy.errors import CacheCapacityError
+from autodeploy.errors import CacheCapacityError, ConfigError
 from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.request import Request, Sequence, SeqState
 
@@ -48,7 +48,7 @@ class AdmissionPolicy:
 
     def __post_init__(self) -> None:
         if self.min_tokens < 0 or self.max_wait_steps < 0 or not 0.0 <= self.busy_fraction <= 1.0:
-            raise ValueError(f"invalid admission policy {self}: min_tokens and max_wait_steps must be >= 0 and "
+            raise ConfigError(f"invalid admission policy {self}: min_tokens and max_wait_steps must be >= 0 and "
                              "busy_fraction in [0, 1]")
 
 
