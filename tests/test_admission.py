@@ -72,6 +72,11 @@ def test_no_hold_at_low_load(cm):
     engine.step()
     assert first.seqs[0].num_computed > 0 and second.seqs[0].num_computed > 0
     assert engine.scheduler.total_held_steps == 0
+    # an idle engine never holds, whatever the policy says
+    idle = Engine(cm, admission=AdmissionPolicy(min_tokens=10**6, busy_fraction=0.0))
+    alone = idle.add_request(_PROMPTS[2], _greedy(2))
+    idle.step()
+    assert alone.seqs[0].num_computed > 0 and idle.scheduler.total_held_steps == 0
 
 
 def test_policy_validation():

@@ -33,7 +33,7 @@ class AdmissionPolicy:
     """When to let waiting requests in while the batch is busy.
 
     Admission is held back only if all of these hold: at least ``busy_fraction`` of ``max_batch_size`` sequences
-    are running; this step carries no prefill already; the requests that could start now bring fewer than
+    (and at least one) are running; this step carries no prefill already; the requests that could start now bring fewer than
     ``min_tokens`` prompt tokens (capped at the step's token budget); the head of the queue was not preempted; and
     admission has been held for fewer than ``max_wait_steps`` steps in a row. ``min_tokens=0`` admits greedily.
     The cost is bounded: at most ``max_wait_steps`` extra steps of queueing for a request, at most
@@ -183,7 +183,7 @@ class Scheduler:
     def _hold_admission(self, items: list[tuple[Sequence, int]], n_seqs: int, budget: int) -> bool:
         """Whether to keep this step decode-only and let the waiting requests in later (see AdmissionPolicy)."""
         policy = self.admission
-        if (policy.min_tokens <= 0 or self.held_steps >= policy.max_wait_steps
+        if (policy.min_tokens <= 0 or self.held_steps >= policy.max_wait_steps or n_seqs == 0
                 or n_seqs < policy.busy_fraction * self.max_batch_size
                 or self.waiting[0].metrics.num_preemptions > 0
                 or any(n > 1 or seq.num_computed < seq.prompt_len for seq, n in items)):
