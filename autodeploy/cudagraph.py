@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from autodeploy.metadata import SequenceChunk, StepBatch
+from autodeploy.metadata import SequenceChunk, StepBatch, decode_step_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,7 @@ class CudaGraphRunner:
     def _bucket(self, n: int) -> _Bucket:
         size = next(b for b in self.buckets if b >= n)
         if size not in self._entries:
-            # the step's 7 arrays, each section padded to 16 bytes (metadata._to_device)
-            nbytes = 8 * (4 * size + (size + 2) // 2 + 1 + (size + 1) // 2 + 1) + 4 * size * self.pages_width + 128
-            buf = torch.zeros(nbytes, dtype=torch.uint8, device=self.cm.device)
+            buf = torch.zeros(decode_step_nbytes(size, self.pages_width), dtype=torch.uint8, device=self.cm.device)
             self._entries[size] = _Bucket(size, buf)
         return self._entries[size]
 

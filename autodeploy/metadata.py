@@ -197,6 +197,23 @@ def _device_inputs(arrays: dict[str, np.ndarray], batch_info: tuple[int, int, in
     return inputs
 
 
+def _dtype(name: str) -> type:
+    return np.int32 if name in _INT32 else np.int64
+
+
+def _section_bytes(name: str, count: int) -> int:
+    """Bytes of one array's section in the packed step buffer (16-byte aligned, see _to_device)."""
+    return (count * np.dtype(_dtype(name)).itemsize + 15) // 16 * 16
+
+
+def decode_step_nbytes(num_seqs: int, pages_width: int) -> int:
+    """Size of the packed inputs of a decode-only step of ``num_seqs`` sequences with a ``pages_width``-wide
+    page table: what a CUDA-graph bucket's fixed-address buffer must hold (cudagraph.py)."""
+    counts = {"input_ids": num_seqs, "position_ids": num_seqs, "slot_mapping": num_seqs, "logits_index": num_seqs,
+              "cu_seqlens_q": num_seqs + 1, "seq_lens_kv": num_seqs, "page_table": num_seqs * max(1, pages_width)}
+    return sum(_section_bytes(name, n) for name, n in counts.items())
+
+
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker],
                target: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Write every array into one byte buffer (16-byte aligned sections) and copy it to the device once
@@ -204,10 +221,8 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Opti
     16-byte pointer alignment: 8-byte sections would flip it with the token count and recompile mid-serving."""
     layout, nbytes = [], 0
     for name, arr in arrays.items():
-        dtype = np.int32 if name in _INT32 else np.int64
-        size = arr.size * np.dtype(dtype).itemsize
-        layout.append((name, dtype, nbytes, arr.size))
-        nbytes += (size + 15) // 16 * 16
+        layout.append((name, _dtype(name), nbytes, arr.size))
+        nbytes += _section_bytes(name, arr.size)
     host = packer._staging(nbytes) if packer is not None else torch.empty(nbytes, dtype=torch.uint8)
     host_np = host.numpy()
     for (name, dtype, off, n) in layout:

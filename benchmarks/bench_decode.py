@@ -123,20 +123,24 @@ def time_forward(cm, batch, reps: int = 5, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / reps
 
 
-def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dict:
-    """One uncaptured step of ``n_decode`` decodes (context ``ctx``) plus one ``prefill_len``-token prefill:
-    wall time vs the GPU's busy time (sum of kernel times from the profiler). wall >> busy means host-bound."""
-    from torch.profiler import ProfilerActivity, profile
-
+def mixed_chunks(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> list:
+    """One ``prefill_len``-token prompt followed by ``n_decode`` one-token decodes at context ``ctx``."""
     from autodeploy.metadata import SequenceChunk
 
     pages_per = -(-(max(ctx + 1, prefill_len)) // cm.page_size)
     g = torch.Generator().manual_seed(3)
     chunks = [SequenceChunk(torch.randint(0, vocab, (prefill_len,), generator=g).tolist(), 0,
                             list(range(pages_per)))]
-    chunks += [SequenceChunk([1], ctx, list(range((i + 1) * pages_per, (i + 2) * pages_per)))
-               for i in range(n_decode)]
-    batch = cm.packer.pack(chunks)
+    return chunks + [SequenceChunk([1], ctx, list(range((i + 1) * pages_per, (i + 2) * pages_per)))
+                     for i in range(n_decode)]
+
+
+def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dict:
+    """One uncaptured step of ``n_decode`` decodes (context ``ctx``) plus one ``prefill_len``-token prefill:
+    wall time vs the GPU's busy time (sum of kernel times from the profiler). wall >> busy means host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    batch = cm.packer.pack(mixed_chunks(cm, n_decode, prefill_len, ctx, vocab))
     wall = time_forward(cm, batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         cm.forward(batch)

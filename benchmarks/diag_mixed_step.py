@@ -13,7 +13,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import mixed_step  # noqa: E402
+from bench_decode import mixed_chunks, mixed_step  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +25,6 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
     import autodeploy
-    from autodeploy.metadata import SequenceChunk
     from autodeploy.models.builtin import build_builtin
 
     cm = autodeploy.compile(build_builtin(args.model, dtype=torch.bfloat16, device="cuda"), max_batch_size=256,
@@ -33,10 +32,7 @@ def main() -> None:
     row = mixed_step(cm, args.decodes, args.prefill, args.ctx, cm.vocab_size)
     print(f"{args.decodes} decodes + {args.prefill}-token prefill: wall {row['wall_ms']:.2f} ms, GPU busy "
           f"{row['gpu_busy_ms']:.2f} ms", flush=True)
-    pages_per = -(-(max(args.ctx + 1, args.prefill)) // cm.page_size)
-    chunks = [SequenceChunk(list(range(args.prefill)), 0, list(range(pages_per)))]
-    chunks += [SequenceChunk([1], args.ctx, list(range((i + 1) * pages_per, (i + 2) * pages_per)))
-               for i in range(args.decodes)]
+    chunks = mixed_chunks(cm, args.decodes, args.prefill, args.ctx, cm.vocab_size)
     for label in ("pack+forward", "forward only"):
         batch = cm.packer.pack(chunks)
         torch.cuda.synchronize()

@@ -81,3 +81,22 @@ def test_decode_fast_path_equals_general_path():
     assert fast.order == general.order and fast.logits_rows == general.logits_rows
     with pytest.raises(ValueError, match="needs"):
         nest_sequences([SequenceChunk([1], 8, [0, 1])], page_size=4)
+
+
+def test_decode_step_nbytes_is_the_packed_size():
+    """A CUDA-graph bucket's buffer (sized by decode_step_nbytes) holds a padded decode step exactly: a buffer
+    one 16-byte section smaller is refused."""
+    import pytest
+    import torch
+
+    from autodeploy.metadata import SequenceChunk, decode_step_nbytes, nest_sequences
+
+    for n, bucket, width in ((1, 1, 3), (3, 4, 5), (5, 8, 2)):
+        chunks = [SequenceChunk([7], 4 + i % 4, [i, i + 10]) for i in range(n)]
+        size = decode_step_nbytes(bucket, width)
+        batch = nest_sequences(chunks, 4, pad_to=bucket, pad_page=99, pages_width=width,
+                               target=torch.zeros(size, dtype=torch.uint8))
+        assert batch.inputs["page_table"].shape == (bucket, width)
+        with pytest.raises(ValueError, match="static input buffer"):
+            nest_sequences(chunks, 4, pad_to=bucket, pad_page=99, pages_width=width,
+                           target=torch.zeros(size - 16, dtype=torch.uint8))
