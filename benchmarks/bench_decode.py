@@ -198,6 +198,10 @@ def main() -> None:
     p.add_argument("--gemv-min-n", type=int, default=None,
                    help="tuning: batch-1 linears with at least this many outputs use the skinny GEMM")
     p.add_argument("--gemv-pdl-mode", type=int, default=None, help="tuning: the skinny GEMM's PDL mode (1-3)")
+    p.add_argument("--gemv-config", default=None,
+                   help="tuning: the skinny GEMM's BLOCK_N,BLOCK_K,warps,stages for every shape")
+    p.add_argument("--torch-partition", action="store_true",
+                   help="tuning: derive the decode partition with torch ops instead of its one-kernel version")
     p.add_argument("--sync-too", action="store_true",
                    help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
@@ -211,6 +215,13 @@ def main() -> None:
         gemv.GEMV_MIN_N = args.gemv_min_n
     if args.gemv_pdl_mode is not None:
         gemv.PDL_MODE = args.gemv_pdl_mode
+    if args.gemv_config:
+        cfg = tuple(int(v) for v in args.gemv_config.split(","))
+        gemv.gemv_config = lambda k, m=1: cfg
+    if args.torch_partition:
+        from autodeploy.backends.triton import partition
+
+        partition.PARTITION_KERNEL = False
     bw = measure_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()

@@ -124,6 +124,7 @@ def main() -> int:
     p.add_argument("--m", type=int, nargs="+", default=[1])
     p.add_argument("--json", default=None)
     p.add_argument("--chain", action="store_true", help="time whole-step GEMM chains (cuBLAS / gemv / PDL) only")
+    p.add_argument("--verbose", action="store_true", help="print every config's time")
     args = p.parse_args()
     bw = copy_bandwidth(1 << 30, reps=10) * 1e9
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -148,9 +149,11 @@ def main() -> int:
                     try:
                         us = time_cuda(graph_of([lambda w=w: gemv(x, w, config=cfg) for w in ws]), 20, 3) * 1e3
                     except Exception as exc:  # a config that does not compile is skipped
-                        print(f"  skip {cfg}: {type(exc).__name__}")
+                        print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
                         continue
                     rows.append(dict(model=model, gemm=name, m=m, config=cfg, us=us))
+                    if args.verbose:
+                        print(f"    {name} {cfg}: {us:.1f} us", flush=True)
                     if best is None or us < best[0]:
                         best = (us, cfg)
                 rows.append(dict(model=model, gemm=name, m=m, n=n, k=k, count=count, cublas_us=cub, gemv_us=best[0],

@@ -1,8 +1,9 @@
-"""Triton backend: linears with a large output dimension run batch-1 rows on the skinny-GEMM kernel.
+"""Triton backend: linears run their batch-1 rows on the skinny-GEMM kernel.
 
 At batch-1 decode every GEMM is a weight read (M=1); the kernel in ``backends/triton/kernels/gemv.py`` gets
-closer to the bandwidth floor than cuBLAS for wide outputs (N >= ``GEMV_MIN_N``). The replacement op picks the
-kernel per call from the row count (a host-known shape), so prefill and larger batches still use cuBLAS.
+closer to the bandwidth floor than cuBLAS (for every output width from ``GEMV_MIN_N`` up, now all of them). The
+replacement op picks the kernel per call from the row count (a host-known shape), so prefill and larger batches
+still use cuBLAS.
 """
 
 from __future__ import annotations

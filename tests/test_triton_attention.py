@@ -458,6 +458,28 @@ def test_decode_partition_covers_visible_keys(seed):
         assert all((hi - lo_) % 64 == 0 for lo_, hi in cover[:-1])
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_decode_partition_kernel_equals_torch(seed):
+    """The one-kernel partition equals the torch derivation exactly: mixed prefill/decode batches, windows,
+    min_chunk, batches wider than one comparison tile (several programs), and one-sequence batches."""
+    from autodeploy.backends.triton.kernels.decode_partition import decode_partition_kernel
+
+    g = torch.Generator().manual_seed(seed)
+    n = [1, 3, 17, 300][seed % 4]
+    kv = torch.randint(1, 9000, (n,), generator=g)
+    q_lens = torch.where(torch.rand(n, generator=g) < 0.3, torch.randint(2, 50, (n,), generator=g), 1)
+    if seed == 5:
+        q_lens[:] = 7  # no decode at all
+    kv = torch.maximum(kv, q_lens)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = q_lens.cumsum(0)
+    kwargs = dict(target=[1, 7, 33, 17][seed % 4], window=[0, 300][seed % 2], align=64, min_chunk=[0, 128][seed % 2])
+    want = decode_partition(kv.int(), cu, **kwargs)
+    got = decode_partition_kernel(kv.int().to(DEVICE), cu.to(DEVICE), **kwargs)
+    for w, o in zip(want, got):
+        assert o.dtype == w.dtype and torch.equal(o.cpu(), w)
+
+
 def test_decode_partition_balances_long_and_short():
     """A 32k sequence gets many splits, 100-token neighbours one each; an all-long batch of 64 needs none."""
     kv = torch.tensor([32768] + [100] * 15, dtype=torch.int32)

@@ -16,9 +16,11 @@ Pure torch, no data-dependent shapes: it runs on fake tensors, inside CUDA graph
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from autodeploy.metadata import register_metadata_field
 
@@ -32,6 +34,9 @@ MIN_CHUNK = 128
 # benchmarks/bench_triton_attention.py --sweep.
 DEFAULT_WAVES = 2.0
 NOMINAL_SMS = 8  # off-GPU (CPU interpreter): keep the partition small
+# Derive the partition with the one-kernel version (kernels/decode_partition.py) on real tensors; the torch ops
+# below stay the reference and serve fake tensors (export, shape propagation). A tuning switch for benchmarks.
+PARTITION_KERNEL = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -90,12 +95,25 @@ def field_params(window: int | None, num_kv_heads: int) -> str:
     return f"window={int(window or 0)};kv_heads={int(num_kv_heads)}"
 
 
+def _kernel_runs_on(t: Tensor) -> bool:
+    """Real (not fake) tensors where a Triton kernel can run: a GPU, or the CPU under TRITON_INTERPRET=1."""
+    if isinstance(t, FakeTensor) or t.device.type == "meta":
+        return False
+    return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _partition_field(m: dict, window: int, kv_heads: int) -> tuple[Tensor, Tensor]:
     key = f"_decode_partition:{window}:{kv_heads}"  # both fields come from one computation
     if key not in m:
-        sms = device_sms(m["seq_lens_kv"].device)
-        m[key] = decode_partition(m["seq_lens_kv"], m["cu_seqlens_q"], window=window,
-                                  target=target_work_items(kv_heads, sms), min_chunk=MIN_CHUNK)
+        seq_lens, cu = m["seq_lens_kv"], m["cu_seqlens_q"]
+        kwargs = dict(window=window, target=target_work_items(kv_heads, device_sms(seq_lens.device)),
+                      align=CHUNK_ALIGN, min_chunk=MIN_CHUNK)
+        if PARTITION_KERNEL and seq_lens.shape[0] > 0 and _kernel_runs_on(seq_lens):
+            from autodeploy.backends.triton.kernels.decode_partition import decode_partition_kernel
+
+            m[key] = decode_partition_kernel(seq_lens, cu, **kwargs)
+        else:
+            m[key] = decode_partition(seq_lens, cu, **kwargs)
     return m[key]
 
 

@@ -20,9 +20,11 @@ from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, 
 __all__ = ["gemv", "GEMV_MAX_M", "GEMV_MIN_N", "gemv_config"]
 
 GEMV_MAX_M = 4
-# Linears with fewer output features stay on cuBLAS at M=1 too: measured on H100, the kernel beat cuBLAS for
-# every N >= 4096 shape of Llama-1B/8B (8B step: 5.37 vs 5.63 ms of GEMMs) and lost or tied below (N = 2048/3072).
-GEMV_MIN_N = 4096
+# Linears with at least this many output features run their single-row calls here. Every linear does since the
+# one-row config streams 8 x 2048 tiles with 8 warps (gemv_config): measured on H100 (bench_gemv.py) that beat
+# cuBLAS on the narrow Llama-1B shapes too (qkv / o / down x16: 97-105 / 81-89 / 223 us vs 113 / 104 / 247 us),
+# and a 1B batch-1 step went from 1.28 to 1.23 ms (8B unchanged at 5.96 ms, its linears were all here already).
+GEMV_MIN_N = 0
 # How the kernel uses programmatic dependent launch (see _gemv_kernel).
 PDL_MODE = 3
 
@@ -86,12 +88,15 @@ def _gemv_kernel(
 
 
 def gemv_config(k: int, m: int = 1) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Measured on H100 (benchmarks/bench_gemv.py): 8 rows x 1024
-    columns per tile, 2 stages won for every Llama-1B/8B shape at M=1; the K tile shrinks as rows grow so the
-    [M, N, K] product stays in registers."""
-    block_n = 8
-    block_k = min(1024 // triton.next_power_of_2(max(1, m)), triton.next_power_of_2(k))
-    return block_n, max(16, block_k), 4, 2
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages). Measured on H100 (benchmarks/bench_gemv.py, decode steps of
+    bench_decode.py): one row streams 8 x 2048 tiles with 8 warps (1B step 1.23 ms vs 1.29 with 8 x 1024 on 4
+    warps once the narrow linears run here too; 8B the same 5.96 ms either way); with more rows the K tile shrinks
+    so the [M, N, K] product stays in registers."""
+    if m <= 1:
+        block_k = min(2048, triton.next_power_of_2(k))
+        return 8, max(16, block_k), 8 if block_k >= 2048 else 4, 2
+    block_k = min(1024 // triton.next_power_of_2(m), triton.next_power_of_2(k))
+    return 8, max(16, block_k), 4, 2
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
