@@ -18,7 +18,9 @@ __all__ = ["decode_partition_kernel"]
 _TILE = 8192
 
 
-@triton.jit
+# Uncaptured steps change the sequence count every step: unspecialised integers keep Triton from compiling a new
+# variant whenever one of them flips between 1, a multiple of 16 and neither (only the power-of-two blocks vary).
+@triton.jit(do_not_specialize=["S", "W", "target", "window", "align", "min_chunk"])
 def _decode_partition_kernel(
     seq_lens_ptr, cu_ptr, work_ptr, split_ptr, S, W, target, window, align, min_chunk,
     BLOCK_S: tl.constexpr, BLOCK_I: tl.constexpr,
