@@ -33,6 +33,21 @@ def kv_bytes_per_token(cm) -> int:
     return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * item for s in cm.ctx.attention_specs)
 
 
+def run_prefills(engine) -> None:
+    """Step ``engine`` until every request has been admitted and has its whole prompt in the cache."""
+    while engine.scheduler.waiting or any(s.num_computed < s.prompt_len for r in engine.scheduler.running
+                                          for s in r.seqs):
+        engine.step()
+
+
+def decode_chunks(cm, batch: int, ctx: int) -> list:
+    """``batch`` one-token decodes at context ``ctx``, each on its own pages."""
+    from autodeploy.metadata import SequenceChunk
+
+    pages_per = -(-(ctx + 1) // cm.page_size)
+    return [SequenceChunk([1], ctx, list(range(i * pages_per, (i + 1) * pages_per))) for i in range(batch)]
+
+
 def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_scheduling: bool = True):
     """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding).
 
@@ -48,9 +63,7 @@ def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_schedulin
     for _ in range(batch):
         engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(),
                            SamplingConfig(max_new_tokens=steps + 8, ignore_eos=True))
-    while any(s.num_computed < s.prompt_len for r in engine.scheduler.running + list(engine.scheduler.waiting)
-              for s in r.seqs) or engine.scheduler.waiting:
-        engine.step()
+    run_prefills(engine)
     for _ in range(3):
         engine.step()  # warm-up (captures the bucket's graph)
     torch.cuda.synchronize()
@@ -74,11 +87,7 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
     """Per-step GPU time by category from the torch profiler (eager steps, so kernels are attributable)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from autodeploy.metadata import SequenceChunk
-
-    pages_per = -(-(ctx + 1) // cm.page_size)
-    chunks = [SequenceChunk([1], ctx, list(range(i * pages_per, (i + 1) * pages_per))) for i in range(batch)]
-    batch_in = cm.packer.pack(chunks)
+    batch_in = cm.packer.pack(decode_chunks(cm, batch, ctx))
     for _ in range(3):
         cm.forward(batch_in)
     torch.cuda.synchronize()

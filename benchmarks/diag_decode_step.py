@@ -20,6 +20,9 @@ import tempfile
 
 import torch
 
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_decode import decode_chunks, run_prefills  # noqa: E402
+
 
 def short(name: str) -> str:
     """A kernel's kind: Triton kernels keep their function name, library kernels a recognisable stem."""
@@ -89,14 +92,10 @@ def main() -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import autodeploy
-    from autodeploy.metadata import SequenceChunk
     from autodeploy.models.builtin import build_builtin
 
     cm = autodeploy.compile(build_builtin(args.model, dtype=torch.bfloat16, device="cuda"),
                             max_batch_size=max(8, args.batch), max_seq_len=args.ctx + 256)
-    pages_per = -(-(args.ctx + 1) // cm.page_size)
-    chunks = [SequenceChunk([1], args.ctx, list(range(i * pages_per, (i + 1) * pages_per)))
-              for i in range(args.batch)]
     if args.engine:
         from autodeploy.runtime.engine import Engine
         from autodeploy.runtime.sampling import SamplingConfig
@@ -104,12 +103,10 @@ def main() -> int:
         engine = Engine(cm)
         for i in range(args.batch):
             engine.add_request([1 + i] * args.ctx, SamplingConfig(max_new_tokens=200, ignore_eos=True))
-        while engine.scheduler.waiting or any(s.num_computed < s.prompt_len for r in engine.scheduler.running
-                                              for s in r.seqs):
-            engine.step()
+        run_prefills(engine)
         fn = engine.step
     else:
-        batch = cm.pack(chunks)
+        batch = cm.pack(decode_chunks(cm, args.batch, args.ctx))
         if not batch.bucket:
             print("this step is not a captured bucket (is the lowering cudagraph and the GPU present?)")
         fn = lambda: cm.forward(batch)  # noqa: E731

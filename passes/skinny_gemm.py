@@ -32,6 +32,6 @@ def skinny_gemm(gm: fx.GraphModule, ctx) -> PassResult:
         node.target = torch.ops.autodeploy.triton_linear.default
         result.num_matches += 1
     if result.num_matches:
-        result.notes.append(f"batch-1 rows of {result.num_matches} linears (N >= {gemv.GEMV_MIN_N}) use the "
-                            "skinny-GEMM kernel")
+        only = f" (N >= {gemv.GEMV_MIN_N})" if gemv.GEMV_MIN_N > 0 else ""
+        result.notes.append(f"batch-1 rows of {result.num_matches} linears{only} use the skinny-GEMM kernel")
     return result

@@ -102,18 +102,24 @@ def _kernel_runs_on(t: Tensor) -> bool:
     return t.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def derive_partition(seq_lens_kv: Tensor, cu_seqlens_q: Tensor, *, target: int, window: int = 0
+                     ) -> tuple[Tensor, Tensor]:
+    """The production partition (``min_chunk=MIN_CHUNK``): one kernel on real tensors where Triton runs, the
+    torch ops of :func:`decode_partition` otherwise (fake tensors during export, or PARTITION_KERNEL off)."""
+    kwargs = dict(target=target, window=window, align=CHUNK_ALIGN, min_chunk=MIN_CHUNK)
+    if PARTITION_KERNEL and seq_lens_kv.shape[0] > 0 and _kernel_runs_on(seq_lens_kv):
+        from autodeploy.backends.triton.kernels.decode_partition import decode_partition_kernel
+
+        return decode_partition_kernel(seq_lens_kv, cu_seqlens_q, **kwargs)
+    return decode_partition(seq_lens_kv, cu_seqlens_q, **kwargs)
+
+
 def _partition_field(m: dict, window: int, kv_heads: int) -> tuple[Tensor, Tensor]:
     key = f"_decode_partition:{window}:{kv_heads}"  # both fields come from one computation
     if key not in m:
-        seq_lens, cu = m["seq_lens_kv"], m["cu_seqlens_q"]
-        kwargs = dict(window=window, target=target_work_items(kv_heads, device_sms(seq_lens.device)),
-                      align=CHUNK_ALIGN, min_chunk=MIN_CHUNK)
-        if PARTITION_KERNEL and seq_lens.shape[0] > 0 and _kernel_runs_on(seq_lens):
-            from autodeploy.backends.triton.kernels.decode_partition import decode_partition_kernel
-
-            m[key] = decode_partition_kernel(seq_lens, cu, **kwargs)
-        else:
-            m[key] = decode_partition(seq_lens, cu, **kwargs)
+        seq_lens = m["seq_lens_kv"]
+        m[key] = derive_partition(seq_lens, m["cu_seqlens_q"], window=window,
+                                  target=target_work_items(kv_heads, device_sms(seq_lens.device)))
     return m[key]
 
 
@@ -127,4 +133,4 @@ def _decode_split_start(m: dict, window: int, kv_heads: int) -> Tensor:
     return _partition_field(m, window, kv_heads)[1]
 
 
-__all__ = ["decode_partition", "device_sms", "target_work_items", "field_params", "CHUNK_ALIGN"]
+__all__ = ["decode_partition", "derive_partition", "device_sms", "target_work_items", "field_params", "CHUNK_ALIGN"]

@@ -39,7 +39,7 @@ from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, 
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 from autodeploy.backends.triton.kernels.rope_cache import rope_coeffs, rotate
-from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
+from autodeploy.backends.triton.partition import derive_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -716,7 +716,7 @@ def decode_attention(
 
     ``cu_seqlens_q`` ``[S+1]`` locates each sequence's query row in q/out (default: one row per sequence,
     q/out ``[S, Hq, D]``); prefill rows are left untouched. ``partition`` is the ``(work, split_start)`` table of
-    :func:`~autodeploy.backends.triton.partition.decode_partition` (in a compiled graph it comes from the
+    :func:`~autodeploy.backends.triton.partition.derive_partition` (in a compiled graph it comes from the
     metadata node); when None it is derived here with ``target`` work items (default: two waves of programs).
     ``new_kv``: the step's new K/V (and RoPE inputs), written into the cache by this launch; without it
     the cache must already hold the new token and q is used as is.
@@ -734,7 +734,7 @@ def decode_attention(
     if partition is None:
         if target is None:
             target = target_work_items(hkv, device_sms(q.device))
-        partition = decode_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window, min_chunk=MIN_CHUNK)
+        partition = derive_partition(seq_lens_kv, cu_seqlens_q, target=target, window=window)
     work, split_start = partition
     nk = new_kv if new_kv is not None else NewTokenKV(q, q, q[:, 0, 0])  # placeholders: NEW_KV=False
     if new_kv is not None:
