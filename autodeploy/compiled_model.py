@@ -42,7 +42,7 @@ class CompiledModel:
             self.caches[k_name], self.caches[v_name] = k, v
         self.report.cache = (f"{self.num_pages} pages x {self.page_size} tokens "
                              f"({self.num_pages * self._bytes_per_page() / 2**20:.1f} MiB) on {self.device}")
-        self.packer = SequencePacker(self.page_size, self.device)
+        self.packer = SequencePacker(self.page_size, self.device, self.max_seq_len)
         self._runner = gm
         self.graph_runner = None  # CudaGraphRunner when lowered with "cudagraph"
 
@@ -78,10 +78,12 @@ class CompiledModel:
         if self._runner is None:
             self._runner = self.graph_module
 
-    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> StepBatch:
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False,
+             token_src: Optional[torch.Tensor] = None) -> StepBatch:
+        """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences)."""
         if self.graph_runner is not None and self.graph_runner.handles(chunks, all_logits):
-            return self.graph_runner.pack(chunks)
-        return self.packer.pack(chunks, all_logits=all_logits)
+            return self.graph_runner.pack(chunks, token_src)
+        return self.packer.pack(chunks, all_logits=all_logits, token_src=token_src)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:

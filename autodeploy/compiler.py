@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # The pipeline, in order. Each name is a file under passes/.
 DEFAULT_PASSES = [
-    "cleanup", "match_attention", "remove_repeat_kv", "match_rope", "match_rmsnorm",
+    "cleanup", "match_attention", "remove_repeat_kv", "match_rope", "tabulate_rope", "match_rmsnorm",
     "gather_logits", "insert_kv_cache", "fuse_gemms",
 ]
 

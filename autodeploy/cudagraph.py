@@ -55,10 +55,10 @@ class CudaGraphRunner:
             self._entries[size] = _Bucket(size, buf)
         return self._entries[size]
 
-    def pack(self, chunks: Sequence[SequenceChunk]) -> StepBatch:
+    def pack(self, chunks: Sequence[SequenceChunk], token_src: Optional[torch.Tensor] = None) -> StepBatch:
         entry = self._bucket(len(chunks))
         batch = self.cm.packer.pack(chunks, pad_to=entry.size, pad_page=self.scratch_page,
-                                    pages_width=self.pages_width, target=entry.buffer)
+                                    pages_width=self.pages_width, target=entry.buffer, token_src=token_src)
         batch.bucket = entry.size
         return batch
 

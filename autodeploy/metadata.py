@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from autodeploy.step_upload import upload
+
 # Graph inputs the cache-insertion pass adds, in this order, after input_ids and position_ids.
 STEP_INPUT_NAMES: tuple[str, ...] = (
     "cu_seqlens_q", "seq_lens_kv", "page_table", "slot_mapping", "logits_index", "batch_info",
@@ -60,8 +62,9 @@ _INT32 = ("cu_seqlens_q", "seq_lens_kv", "page_table")
 class SequencePacker:
     """Builds :class:`StepBatch` objects, reusing one staging buffer so a step allocates nothing."""
 
-    def __init__(self, page_size: int, device: torch.device | str):
+    def __init__(self, page_size: int, device: torch.device | str, max_seq_len: int = 0):
         self.page_size = page_size
+        self.max_seq_len = max_seq_len
         self.device = torch.device(device)
         self._host = torch.empty(0, dtype=torch.uint8)
         self._copy_done: Optional[torch.cuda.Event] = None
@@ -74,8 +77,9 @@ class SequencePacker:
             self._host = torch.empty(max(nbytes, 2 * self._host.numel()), dtype=torch.uint8, pin_memory=pin)
         return self._host
 
-    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False, **padding) -> StepBatch:
-        return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self, **padding)
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False, **options) -> StepBatch:
+        return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self,
+                              max_seq_len=self.max_seq_len, **options)
 
 
 def nest_sequences(
@@ -88,6 +92,8 @@ def nest_sequences(
     pad_page: int = 0,
     pages_width: int = 0,
     target: Optional[Tensor] = None,
+    max_seq_len: int = 0,
+    token_src: Optional[Tensor] = None,
 ) -> StepBatch:
     """Pack sequences into the flattened layout: prefill/extend sequences first, then decodes (1 token).
 
@@ -96,7 +102,13 @@ def nest_sequences(
 
     CUDA-graph buckets: ``pad_to`` appends dummy one-token sequences (writing into the scratch page
     ``pad_page``) up to that many sequences, ``pages_width`` fixes the page-table width, and ``target`` is the
-    bucket's fixed-address device buffer that the one host-to-device copy refreshes in place.
+    bucket's fixed-address device buffer that the one host-to-device copy refreshes in place. ``max_seq_len``
+    (0: unchecked) rejects a chunk that reaches past it: the compiled graph knows no later position (its RoPE
+    table ends there, passes/tabulate_rope.py).
+
+    ``token_src``: a device tensor with the new token of the first ``len(token_src)`` chunks (asynchronous decode:
+    the previous step's samples, never seen by the host); the upload takes them from there. Those chunks must
+    keep their order in the packed layout (one-token chunks do).
     """
     if not chunks:
         raise ValueError("nest_sequences needs at least one sequence")
@@ -104,7 +116,7 @@ def nest_sequences(
         chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
     if not all_logits and all(len(c.token_ids) == 1 and c.want_logits for c in chunks):
-        return _nest_decodes(chunks, page_size, device, packer, pages_width, target)
+        return _nest_decodes(chunks, page_size, device, packer, pages_width, target, max_seq_len, token_src)
     new_counts = [len(c.token_ids) for c in chunks]
     prefill = [i for i, n in enumerate(new_counts) if n != 1]
     decode = [i for i, n in enumerate(new_counts) if n == 1] if prefill else list(range(len(chunks)))
@@ -115,6 +127,7 @@ def nest_sequences(
     cached = np.fromiter((chunks[i].num_cached for i in order), dtype=np.int64, count=len(order))
     n_seq, n_tok = len(order), int(q_lens.sum())
     kv_lens = cached + q_lens
+    _check_context(kv_lens, max_seq_len, order)
     need_pages = (kv_lens + page_size - 1) // page_size
     n_pages = np.fromiter((len(chunks[i].pages) for i in order), dtype=np.int64, count=n_seq)
     max_pages = max(1, pages_width, int(n_pages.max()))
@@ -144,8 +157,10 @@ def nest_sequences(
         "cu_seqlens_q": cu, "seq_lens_kv": kv_lens, "page_table": page_table,
     }
     n_prefill = len(prefill)
+    if token_src is not None and order[:token_src.numel()] != list(range(token_src.numel())):
+        raise ValueError("token_src covers chunks that the packed layout reorders")
     inputs = _device_inputs(arrays, (n_prefill, int(q_lens[:n_prefill].sum()), len(decode), int(q_lens.max())),
-                            max_pages, device, packer, target)
+                            max_pages, device, packer, target, token_src)
     return StepBatch(
         inputs=inputs, order=order, logits_rows=logits_rows, num_tokens=n_tok,
         num_prefill=n_prefill, num_decode=len(decode),
@@ -153,10 +168,12 @@ def nest_sequences(
 
 
 def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch.device,
-                  packer: Optional[SequencePacker], pages_width: int, target: Optional[Tensor]) -> StepBatch:
+                  packer: Optional[SequencePacker], pages_width: int, target: Optional[Tensor],
+                  max_seq_len: int = 0, token_src: Optional[Tensor] = None) -> StepBatch:
     """The steady-state step (every sequence decodes one token) with the fewest host operations."""
     n = len(chunks)
     positions = np.fromiter((c.num_cached for c in chunks), dtype=np.int64, count=n)
+    _check_context(positions + 1, max_seq_len, range(n))
     n_pages = np.fromiter((len(c.pages) for c in chunks), dtype=np.int64, count=n)
     if (n_pages * page_size <= positions).any():
         row = int(np.argmax(n_pages * page_size <= positions))
@@ -171,9 +188,16 @@ def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch
         "logits_index": rows, "cu_seqlens_q": np.arange(n + 1), "seq_lens_kv": positions + 1,
         "page_table": page_table,
     }
-    inputs = _device_inputs(arrays, (0, 0, n, 1), max_pages, device, packer, target)
+    inputs = _device_inputs(arrays, (0, 0, n, 1), max_pages, device, packer, target, token_src)
     order = list(range(n))
     return StepBatch(inputs=inputs, order=order, logits_rows=order, num_tokens=n, num_prefill=0, num_decode=n)
+
+
+def _check_context(kv_lens: np.ndarray, max_seq_len: int, order: Sequence[int]) -> None:
+    if max_seq_len and kv_lens.size and int(kv_lens.max()) > max_seq_len:
+        row = int(np.argmax(kv_lens > max_seq_len))
+        raise ValueError(f"sequence {order[row]} would hold {int(kv_lens[row])} tokens, past the compiled "
+                         f"max_seq_len {max_seq_len}")
 
 
 def _page_table(page_lists, n_pages: np.ndarray, max_pages: int) -> np.ndarray:
@@ -186,9 +210,9 @@ def _page_table(page_lists, n_pages: np.ndarray, max_pages: int) -> np.ndarray:
 
 def _device_inputs(arrays: dict[str, np.ndarray], batch_info: tuple[int, int, int, int], max_pages: int,
                    device: torch.device, packer: Optional[SequencePacker],
-                   target: Optional[Tensor]) -> dict[str, Tensor]:
-    """One H2D copy, graph-shaped views, and the host-side ``batch_info``."""
-    inputs = _to_device(arrays, device, packer, target)
+                   target: Optional[Tensor], token_src: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """One upload, graph-shaped views, and the host-side ``batch_info``."""
+    inputs = _to_device(arrays, device, packer, target, token_src)
     n_tok = arrays["input_ids"].size
     inputs["input_ids"] = inputs["input_ids"].view(1, n_tok)
     inputs["position_ids"] = inputs["position_ids"].view(1, n_tok)
@@ -215,7 +239,7 @@ def decode_step_nbytes(num_seqs: int, pages_width: int) -> int:
 
 
 def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Optional[SequencePacker],
-               target: Optional[Tensor] = None) -> dict[str, Tensor]:
+               target: Optional[Tensor] = None, token_src: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Write every array into one byte buffer (16-byte aligned sections) and copy it to the device once
     (into ``target``, a fixed-address buffer, when given). 16 bytes because Triton specialises kernels on
     16-byte pointer alignment: 8-byte sections would flip it with the token count and recompile mid-serving."""
@@ -227,18 +251,18 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Opti
     host_np = host.numpy()
     for (name, dtype, off, n) in layout:
         host_np[off : off + n * np.dtype(dtype).itemsize].view(dtype)[:] = arrays[name].reshape(-1)
-    if target is not None:
-        if target.numel() < nbytes:
-            raise ValueError(f"static input buffer holds {target.numel()} bytes, step needs {nbytes}")
-        dev = target
-        dev[:nbytes].copy_(host[:nbytes], non_blocking=True)
-        if packer is not None and device.type == "cuda":
-            packer._copy_done = torch.cuda.Event()
-            packer._copy_done.record()
-    elif device.type == "cpu":
-        dev = host[:nbytes].clone() if packer is not None else host
+    token_word = next(off for name, _, off, _ in layout if name == "input_ids") // 8  # an int64 section
+    if target is not None and target.numel() < nbytes:
+        raise ValueError(f"static input buffer holds {target.numel()} bytes, step needs {nbytes}")
+    if device.type == "cpu":
+        dev = target if target is not None else (host[:nbytes].clone() if packer is not None else host)
+        if target is not None:
+            dev[:nbytes].copy_(host[:nbytes])
+        if token_src is not None:
+            dev[:nbytes].view(torch.int64)[token_word:token_word + token_src.numel()] = token_src.reshape(-1)
     else:
-        dev = host[:nbytes].to(device, non_blocking=True)
+        dev = target if target is not None else torch.empty(nbytes, dtype=torch.uint8, device=device)
+        upload(host[:nbytes], dev[:nbytes], token_src, token_word)
         if packer is not None:
             packer._copy_done = torch.cuda.Event()
             packer._copy_done.record()

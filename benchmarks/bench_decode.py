@@ -211,6 +211,12 @@ def main() -> None:
                    help="tuning: the skinny GEMM's BLOCK_N,BLOCK_K,warps,stages for every shape")
     p.add_argument("--torch-partition", action="store_true",
                    help="tuning: derive the decode partition with torch ops instead of its one-kernel version")
+    p.add_argument("--torch-argmax", action="store_true",
+                   help="tuning: greedy picks with torch.argmax instead of the chunked argmax kernels")
+    p.add_argument("--copy-engine-upload", action="store_true",
+                   help="tuning: upload step inputs with cudaMemcpyAsync instead of the upload kernel")
+    p.add_argument("--no-rope-table", action="store_true",
+                   help="tuning: compute RoPE cos/sin in the graph instead of gathering them from a table")
     p.add_argument("--sync-too", action="store_true",
                    help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
@@ -231,6 +237,24 @@ def main() -> None:
         from autodeploy.backends.triton import partition
 
         partition.PARTITION_KERNEL = False
+    if args.torch_argmax:
+        from autodeploy.runtime import engine
+
+        def torch_argmax(x, host_out=None):
+            tokens = x.argmax(dim=-1)
+            if host_out is not None:
+                host_out.copy_(tokens, non_blocking=True)
+            return tokens
+
+        engine.argmax_rows = torch_argmax
+    if args.copy_engine_upload:
+        from autodeploy import step_upload
+
+        step_upload.KERNEL_MAX_BYTES = -1
+    if args.no_rope_table:
+        from autodeploy import compiler
+
+        compiler.DEFAULT_PASSES = [n for n in compiler.DEFAULT_PASSES if n != "tabulate_rope"]
     bw = measure_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()

@@ -46,7 +46,9 @@ def kernel_timeline(fn, reps: int) -> list[tuple[str, float, float]]:
     prof.export_chrome_trace(path)
     with open(path) as f:
         events = json.load(f)["traceEvents"]
-    kernels = sorted((e for e in events if e.get("cat") == "kernel"), key=lambda e: e["ts"])
+    # copies and memsets too: between engine steps they are links of the chain (token readback, input upload)
+    kernels = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                     key=lambda e: e["ts"])
     return [(short(e["name"]), float(e["ts"]), float(e["dur"])) for e in kernels]
 
 

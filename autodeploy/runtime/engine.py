@@ -24,6 +24,7 @@ import torch
 
 from autodeploy.errors import CacheCapacityError, InvalidRequestError
 from autodeploy.metadata import SequenceChunk
+from autodeploy.runtime.argmax import argmax_rows
 from autodeploy.runtime.beam_search import BeamSearchState
 from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
@@ -230,11 +231,8 @@ class Engine:
         """
         t0 = time.perf_counter()
         self.cm.copy_pages(self.kv.take_pending_copies())
-        batch = self.cm.pack(chunks)
-        if token_src is not None:  # one-token chunks keep their order (CUDA-graph padding rows come after)
-            if batch.order[:len(chunks)] != list(range(len(chunks))):
-                raise RuntimeError("asynchronous decode expects the packer to keep one-token chunks in order")
-            batch.inputs["input_ids"].view(-1)[:len(chunks)].copy_(token_src, non_blocking=True)
+        # token_src: the upload takes the input tokens from the device (one-token chunks keep their order)
+        batch = self.cm.pack(chunks, token_src=token_src)
         t1 = time.perf_counter()
         logits = self.cm.forward(batch)  # asynchronous on a GPU
         t2 = time.perf_counter()
@@ -246,13 +244,14 @@ class Engine:
         ready = [(s, rows[i]) for i, (s, _) in enumerate(items) if i in rows]
         plain_rows = [(s, r) for s, r in ready if s.request.beam is None]
         plain = [s for s, _ in plain_rows]
-        tokens = device_tokens = self._sample(plain_rows, logits) if plain_rows else None
+        # On a GPU the tokens start their trip to the host now (into pinned memory, see _sample): a plain
+        # .tolist() later would queue behind (and wait for) the next step's forward, serialising the very
+        # overlap asynchronous scheduling is for.
+        host = torch.empty((len(plain_rows),), dtype=torch.int64, pin_memory=True) \
+            if plain_rows and logits.is_cuda else None
+        tokens = device_tokens = self._sample(plain_rows, logits, host) if plain_rows else None
         done = None
-        if tokens is not None and tokens.device.type == "cuda":
-            # Start the tokens' trip to the host now: a plain .tolist() later would queue behind (and wait
-            # for) the next step's forward, serialising the very overlap asynchronous scheduling is for.
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
+        if host is not None:
             done = torch.cuda.Event()
             done.record()
             tokens = host
@@ -336,16 +335,21 @@ class Engine:
             self.stats.steps.append(st)
         return list(touched.values())
 
-    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor) -> torch.Tensor:
-        """Next token of every non-beam sequence, on the device (no host synchronisation)."""
+    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor,
+                host: Optional[torch.Tensor]) -> torch.Tensor:
+        """Next token of every non-beam sequence, on the device (no host synchronisation), and asynchronously
+        into ``host`` (pinned) if given: the greedy kernel writes it there itself, saving a copy-engine trip."""
         rows = [r for _, r in plain]
         picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
             logits.index_select(0, torch.tensor(rows, device=logits.device))
         if all(s.request.plain_greedy for s, _ in plain):  # hot path: one argmax
-            return picked.argmax(dim=-1)
-        return self.sampler.sample(
+            return argmax_rows(picked, host_out=host)
+        tokens = self.sampler.sample(
             picked, [s.request.sampling for s, _ in plain], [s.token_ids for s, _ in plain],
             [s.prompt_len for s, _ in plain], [s.generator for s, _ in plain], return_logprobs=False).tokens
+        if host is not None:
+            host.copy_(tokens, non_blocking=True)
+        return tokens
 
     def _append(self, s: Seq, tok: int) -> None:
         req = s.request

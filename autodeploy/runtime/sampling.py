@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from autodeploy.errors import SamplingConfigError
+from autodeploy.runtime.argmax import argmax_rows
 from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria, StopOnStrings, StopOnTokens
 
 __all__ = [
@@ -370,7 +371,7 @@ def _exponential_race(
                 q[i].exponential_(generator=g)
     # exponential_ may return exactly 0; keep 0/0 from producing NaN (which argmax picks).
     q.clamp_min_(torch.finfo(q.dtype).tiny)
-    return (probs / q).argmax(dim=-1)
+    return argmax_rows(probs / q)
 
 
 class Sampler:
@@ -421,7 +422,7 @@ class Sampler:
         sample_rows = [i for i, c in enumerate(configs) if not c.is_greedy]
         if not sample_rows:
             # Fast path: nothing random in the batch.
-            tokens, final = logits.argmax(dim=-1), logits
+            tokens, final = argmax_rows(logits), logits
         else:
             sub_cfg = [configs[i] for i in sample_rows]
             all_rows = len(sample_rows) == b
@@ -437,7 +438,7 @@ class Sampler:
             if all_rows:
                 tokens, final = chosen, masked
             else:
-                tokens = logits.argmax(dim=-1)  # greedy rows use the penalized, untempered logits
+                tokens = argmax_rows(logits)  # greedy rows use the penalized, untempered logits
                 tokens[idx] = chosen
                 final = logits.clone()
                 final[idx] = masked
