@@ -81,6 +81,7 @@ def compile(
     enable_prefix_caching: bool = True,
     dump_dir: Optional[str | Path] = None,
     cache_dir: Optional[str | Path] = None,
+    warmup: bool = True,
 ) -> "CompiledModel":
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
@@ -89,6 +90,8 @@ def compile(
     ``"cudagraph"`` or ``"torch-compile+cudagraph"``.
     ``cache_dir``: reuse/store the compiled graph there (default: ``$AUTODEPLOY_CACHE_DIR`` if set, else no
     cache); a hit skips export and the passes.
+    ``warmup``: on a GPU, run one dummy mixed step after lowering (``CompiledModel.warmup``) so kernels JIT-compile
+    at start-up instead of inside the first requests.
     """
     from autodeploy.compiled_model import CompiledModel
     from autodeploy.models import export_model, load_model, model_info
@@ -140,5 +143,8 @@ def compile(
     t0 = time.perf_counter()
     cm.lower(lowering)
     report.stage_seconds["lowering"] = time.perf_counter() - t0
+    if warmup and cm.device.type == "cuda":
+        log.info("warming up: one dummy prefill + decode step (first-use kernel compiles)")
+        report.stage_seconds["warmup"] = cm.warmup()
     log.info("compiled %s with backend=%s lowering=%s", info.name, report.backend, report.lowering)
     return cm

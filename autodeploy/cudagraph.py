@@ -2,8 +2,9 @@
 
 Decode-only steps are padded to a batch-size bucket and replayed from a graph captured once per bucket. Each
 bucket owns one fixed-address device buffer holding every step input; ``nest_sequences`` refreshes it in place
-with its single host-to-device copy, so replay just rereads it. Padding sequences write into a scratch page
-that the cache manager never hands out. Prefill and mixed steps run uncaptured.
+with its single upload, so replay just rereads it. ``CompiledModel.warmup`` captures every bucket at start-up
+(``compile(warmup=True)``, the default); a bucket still missing is captured on its first step. Padding sequences
+write into a scratch page that the cache manager never hands out. Prefill and mixed steps run uncaptured.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class CudaGraphRunner:
         self.pool = torch.cuda.graph_pool_handle()
         self._entries: dict[int, _Bucket] = {}
         self.captured: dict[int, float] = {}
+        self.replays: dict[int, int] = {}  # bucket -> steps replayed (start-up captures included)
 
     def handles(self, chunks: Sequence[SequenceChunk], all_logits: bool) -> bool:
         return (not all_logits and len(chunks) <= self.buckets[-1] and all(c.num_new == 1 for c in chunks)
@@ -62,11 +64,18 @@ class CudaGraphRunner:
         batch.bucket = entry.size
         return batch
 
+    def capture_all(self) -> None:
+        """Capture every bucket not captured yet, on dummy decodes that write only the scratch page."""
+        for size in self.buckets:
+            if size not in self._entries or self._entries[size].graph is None:
+                self.run(self.pack([SequenceChunk([0], 1, [self.scratch_page])] * size))
+
     def run(self, batch: StepBatch) -> torch.Tensor:
         entry = self._entries[batch.bucket]
         if entry.graph is None:
             self._capture(entry, batch)
         entry.graph.replay()
+        self.replays[entry.size] = self.replays.get(entry.size, 0) + 1
         return entry.output
 
     def _capture(self, entry: _Bucket, batch: StepBatch) -> None:

@@ -1,7 +1,7 @@
 """Greedy pick over the vocabulary: torch.argmax vs the chunked argmax kernels (autodeploy/runtime/argmax.py).
 
 Times each as a CUDA-graph replay of 20 calls (so launch overhead is not what is measured) and checks that both
-agree. Usage: python benchmarks/bench_argmax.py [--vocab 128256] [--batches 1,8,64]
+agree. Usage: python benchmarks/bench_argmax.py [--vocab 128256] [--batches 1,8,64] [--chunks 1024,2048,4096]
 """
 
 from __future__ import annotations
@@ -38,15 +38,21 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--batches", default="1,8,64")
+    p.add_argument("--chunks", default="4096", help="first-stage chunk sizes to compare (powers of two)")
     args = p.parse_args()
+    import autodeploy.runtime.argmax as am
+
     for b in (int(x) for x in args.batches.split(",")):
         for dtype in (torch.bfloat16, torch.float32):
             x = torch.randn(b, args.vocab, device="cuda").to(dtype)
-            assert torch.equal(chunked_argmax(x), x.argmax(-1))
             t_torch = time_graph(lambda: x.argmax(-1))
-            t_ours = time_graph(lambda: chunked_argmax(x))
-            print(f"batch {b:3d} {str(dtype):15s} torch.argmax {t_torch:7.2f} us  chunked {t_ours:7.2f} us  "
-                  f"({t_torch / t_ours:.1f}x)")
+            cells = []
+            for chunk in (int(c) for c in args.chunks.split(",")):
+                am._CHUNK = chunk
+                assert torch.equal(chunked_argmax(x), x.argmax(-1))
+                t_ours = time_graph(lambda: chunked_argmax(x))
+                cells.append(f"chunk {chunk} {t_ours:6.2f} us ({t_torch / t_ours:.1f}x)")
+            print(f"batch {b:3d} {str(dtype):15s} torch.argmax {t_torch:7.2f} us  " + "  ".join(cells))
 
 
 if __name__ == "__main__":

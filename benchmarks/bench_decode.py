@@ -17,6 +17,25 @@ import time
 import torch
 
 
+def record_jit_compiles() -> list:
+    """From now on, every Triton kernel variant this process compiles (or loads from Triton's disk cache) as
+    (seconds from now, kernel name, its specialisation): first-use compiles inside a timed workload show up by name."""
+    events: list = []
+    try:
+        from triton import knobs
+    except ImportError:  # older triton: nothing recorded
+        return events
+    t0 = time.perf_counter()
+    prev = knobs.runtime.jit_post_compile_hook
+
+    def hook(**kw):
+        events.append((time.perf_counter() - t0, getattr(kw.get("fn"), "name", "?"), kw.get("repr", "")))
+        return prev(**kw) if prev else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    return events
+
+
 def measure_bandwidth() -> float:
     """Bytes/s of a large D2D copy (read + write counted); same method as the attention microbenchmark."""
     import os
@@ -294,6 +313,7 @@ def main() -> None:
         from autodeploy.runtime.engine import Engine
 
         wl = make_workload(args.cb_requests, args.cb_input, args.cb_output, float("inf"), vocab, 0)
+        jit = record_jit_compiles()
         policy = admission_policy(args.admit_min_tokens, args.admit_max_wait)
         for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
             first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
@@ -313,6 +333,9 @@ def main() -> None:
               f"admission held {cb['admission_held_steps']} steps; TTFT p50/p90 {cb['ttft_s']['p50']:.2f}/"
               f"{cb['ttft_s']['p90']:.2f} s)")
         print("  by step kind:", json.dumps(cb["step_kinds"]))
+        print(f"  Triton kernel variants first used during the workload(s): {len(jit)}"
+              + "".join(f"\n    {t:7.2f} s {name}: {spec[:400]}" for t, name, spec in jit[:20]))
+        res["continuous_batching"]["jit_compiles"] = jit
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=str)

@@ -33,3 +33,17 @@ def test_torch_compile_matches_eager_greedy():
     cfg = SamplingConfig(max_new_tokens=16, ignore_eos=True)
     assert comp.generate(prompts, sampling=cfg) == eager.generate(prompts, sampling=cfg)
     assert comp.report.lowering == "torch-compile"
+
+
+def test_warmup_touches_only_the_scratch_page():
+    model = make_model("llama", seed=3)
+    cm = autodeploy.compile(model, max_batch_size=2, max_seq_len=32, page_size=4)
+    assert "warmup" not in cm.report.stage_seconds  # compile warms up on GPUs only
+    prompts, cfg = [[5, 6, 7, 8, 9, 10]], SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    before = cm.generate(prompts, sampling=cfg)
+    snapshot = {name: c.clone() for name, c in cm.caches.items()}
+    assert cm.warmup() >= 0
+    for name, cache in cm.caches.items():
+        changed = (cache != snapshot[name]).flatten(1).any(1).nonzero().flatten().tolist()
+        assert changed == [cm.scratch_page], (name, changed)
+    assert cm.generate(prompts, sampling=cfg) == before
