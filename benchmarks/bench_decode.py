@@ -234,6 +234,8 @@ def main() -> None:
                    help="tuning: greedy picks with torch.argmax instead of the chunked argmax kernels")
     p.add_argument("--copy-engine-upload", action="store_true",
                    help="tuning: upload step inputs with cudaMemcpyAsync instead of the upload kernel")
+    p.add_argument("--no-gated-gemv", action="store_true",
+                   help="tuning: keep the gated activation as its own kernel after the batch-1 gate/up GEMM")
     p.add_argument("--no-rope-table", action="store_true",
                    help="tuning: compute RoPE cos/sin in the graph instead of gathering them from a table")
     p.add_argument("--sync-too", action="store_true",
@@ -270,6 +272,11 @@ def main() -> None:
         from autodeploy import step_upload
 
         step_upload.KERNEL_MAX_BYTES = -1
+    if args.no_gated_gemv:
+        from autodeploy.backends.triton import TritonBackend
+
+        passes = TritonBackend.graph_passes
+        TritonBackend.graph_passes = lambda self: [f for f in passes(self) if f.pass_name != "fuse_gemv_gated_act"]
     if args.no_rope_table:
         from autodeploy import compiler
 

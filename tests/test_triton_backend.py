@@ -40,9 +40,11 @@ def test_triton_model_matches_torch_backend(family):
     if family != "gemma2":  # Gemma's (1 + w) norms stay plain ops
         assert any(is_op(n, torch.ops.autodeploy.triton_fused_add_rms_norm) for n in graph.nodes)
     assert "fuse_rope_cache_write" in tri.explain() and "triton" in tri.explain()
-    # the MLP middle is one gated-activation kernel per layer (SiLU for Llama/Mistral, GELU-tanh for Gemma)
-    gated = [n for n in graph.nodes if is_op(n, torch.ops.autodeploy.triton_gated_act)]
-    assert len(gated) == 2 and {n.args[2] for n in gated} == {"gelu_tanh" if family == "gemma2" else "silu"}
+    # the MLP middle is one gate/up GEMM with the activation folded in per layer (SiLU for Llama/Mistral,
+    # GELU-tanh for Gemma): its epilogue at batch 1, the gated-activation kernel for several rows
+    gated = [n for n in graph.nodes if is_op(n, torch.ops.autodeploy.triton_linear_gated_act)]
+    assert len(gated) == 2 and {n.args[3] for n in gated} == {"gelu_tanh" if family == "gemma2" else "silu"}
+    assert not any(is_op(n, torch.ops.autodeploy.triton_gated_act) for n in graph.nodes)
     assert not any(is_op(n, torch.ops.aten.silu, torch.ops.aten.gelu) for n in graph.nodes)
     _check_one_metadata_node(tri, expect_windows={"gemma2": {0, 6}, "mistral": {6}, "llama": {0}}[family])
 
@@ -74,7 +76,9 @@ def test_skinny_gemm_batch1_decode_matches_torch_backend(monkeypatch):
     kw = dict(max_batch_size=2, max_seq_len=64, page_size=4, num_pages=32)
     tri = autodeploy.compile(model, backend="triton", **kw)
     linears = [n for n in tri.graph_module.graph.nodes if is_op(n, torch.ops.autodeploy.triton_linear)]
-    assert len(linears) == 2 * 4 + 1  # per layer qkv, o, gate_up, down; plus the LM head
+    assert len(linears) == 2 * 3 + 1  # per layer qkv, o, down; plus the LM head
+    gate_up = [n for n in tri.graph_module.graph.nodes if is_op(n, torch.ops.autodeploy.triton_linear_gated_act)]
+    assert len(gate_up) == 2  # per layer, with the activation in the batch-1 epilogue
     assert not any(is_op(n, torch.ops.aten.linear) for n in tri.graph_module.graph.nodes)
     ref = autodeploy.compile(model, backend="torch", **kw)
     prompt = [[5, 9, 1, 33, 7, 2]]

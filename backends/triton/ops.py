@@ -126,3 +126,21 @@ def triton_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
 @triton_linear.register_fake
 def _fake_linear(x, weight, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("autodeploy::triton_linear_gated_act", mutates_args=())
+def triton_linear_gated_act(x: Tensor, weight: Tensor, bias: Optional[Tensor], act: str, gate_first: bool) -> Tensor:
+    """``act(gate) * up`` of a fused gate/up linear (``weight`` stacks the two halves). A single row runs the
+    skinny GEMM with the activation in its epilogue (no activation kernel, no gate/up round trip); several rows
+    run ``F.linear`` and the gated-activation kernel."""
+    if x.numel() == x.shape[-1] and weight.stride(-1) == 1:
+        return gemv(x, weight, bias, gated=act, gate_first=gate_first)
+    y = torch.nn.functional.linear(x, weight, bias)
+    n = weight.shape[0] // 2
+    gate, up = (y[..., :n], y[..., n:]) if gate_first else (y[..., n:], y[..., :n])
+    return gated_act(gate, up, act)
+
+
+@triton_linear_gated_act.register_fake
+def _fake_linear_gated(x, weight, bias, act, gate_first):
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))

@@ -19,11 +19,25 @@ from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, 
 
 from .rms_norm import cast_rn, emulate_rne
 
-__all__ = ["gated_act", "ACTIVATIONS"]
+__all__ = ["gated_act", "gated", "ACTIVATIONS"]
 
 # name -> the kernel's ACT constant
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
 _BLOCK = 1024
+
+
+@triton.jit
+def gated(g, u, ACT: tl.constexpr, out_ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """``act(g) * u`` from fp32 values of dtype-rounded inputs, rounded to ``out_ty`` as PyTorch does (the
+    activation first, then the product). Shared with the skinny GEMM's gated epilogue (gemv.py)."""
+    if ACT == 0:
+        a = g / (1.0 + tl.exp(-g))
+    else:
+        # 0.5 * g * (1 + tanh(x)) == g * sigmoid(2x): no cancellation for negative g
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        a = g / (1.0 + tl.exp(-2.0 * inner))
+    a = cast_rn(a, out_ty, EMULATE_RNE).to(tl.float32)
+    return cast_rn(a * u, out_ty, EMULATE_RNE)
 
 
 @triton.jit
@@ -38,14 +52,7 @@ def _gated_act_kernel(
     mask = cols < N
     g = tl.load(gate_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(up_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACT == 0:
-        a = g / (1.0 + tl.exp(-g))
-    else:
-        # 0.5 * g * (1 + tanh(x)) == g * sigmoid(2x): no cancellation for negative g
-        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-        a = g / (1.0 + tl.exp(-2.0 * inner))
-    a = cast_rn(a, out_ptr.dtype.element_ty, EMULATE_RNE).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, cast_rn(a * u, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, gated(g, u, ACT, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str = "silu") -> torch.Tensor:

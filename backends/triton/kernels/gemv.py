@@ -15,7 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.gated_act import ACTIVATIONS, gated
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+from autodeploy.backends.triton.kernels.rms_norm import emulate_rne
 
 __all__ = ["gemv", "GEMV_MAX_M", "GEMV_MIN_N", "gemv_config"]
 
@@ -50,17 +52,27 @@ def _gemv_tile(acc, w, x_ptr, k, offs_m, m_ok, K, stride_xm, EVEN_K: tl.constexp
 
 @triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, gate_row, up_row,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr, EMULATE_RNE: tl.constexpr,
 ):
     """PDL (launched with programmatic dependent launch, see kernels/pdl.py): 1 loads the first weight tile
     before waiting for the kernel that produces x, so the weight stream of this GEMM starts while the previous
     kernel drains, then lets the next kernel launch; 2 waits first (no prefetch); 3 prefetches but leaves the
-    next kernel's launch to the implicit trigger at exit."""
+    next kernel's launch to the implicit trigger at exit.
+
+    GATED (1 + an ``ACTIVATIONS`` code): W stacks gate and up rows (from rows ``gate_row`` / ``up_row``, N
+    outputs each). A program's tile interleaves BLOCK_N/2 gate rows with the matching up rows and its epilogue
+    writes ``act(gate) * up``, so the fused gate/up GEMM needs no activation kernel after it."""
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        out_n = pid * (BLOCK_N // 2) + j // 2
+        offs_n = out_n + tl.where(j % 2 == 0, gate_row, up_row)
+        n_ok = out_n < N
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -83,8 +95,16 @@ def _gemv_kernel(
         acc = _gemv_tile(acc, _load_w(w_rows, k, n_ok, K, EVEN_K), x_ptr, k, offs_m, m_ok, K, stride_xm, EVEN_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if GATED:
+        # round like the unfused GEMM's output, then the gated-act kernel's exact math
+        gate, up = tl.split(tl.reshape(acc.to(y_ptr.dtype.element_ty).to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+        cols = pid * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + cols[None, :],
+                 gated(gate, up, GATED - 1, y_ptr.dtype.element_ty, EMULATE_RNE),
+                 mask=m_ok[:, None] & (cols < N)[None, :])
+    else:
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv_config(k: int, m: int = 1) -> tuple[int, int, int, int]:
@@ -101,10 +121,19 @@ def gemv_config(k: int, m: int = 1) -> tuple[int, int, int, int]:
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
          config: Optional[tuple[int, int, int, int]] = None, pdl: Optional[bool] = None,
-         pdl_mode: Optional[int] = None) -> torch.Tensor:
-    """``x [..., K] @ weight[N, K].T (+ bias)`` for at most GEMV_MAX_M rows of x (in x's dtype)."""
+         pdl_mode: Optional[int] = None, gated: Optional[str] = None, gate_first: bool = True) -> torch.Tensor:
+    """``x [..., K] @ weight[N, K].T (+ bias)`` for at most GEMV_MAX_M rows of x (in x's dtype).
+
+    ``gated`` (an activation of ``gated_act.ACTIVATIONS``): weight stacks gate and up halves (gate first unless
+    ``gate_first`` is False) and the result is ``act(x @ gate.T) * (x @ up.T)``, ``[..., N / 2]``."""
     k = x.shape[-1]
     n = weight.shape[0]
+    gate_row = up_row = 0
+    if gated is not None:
+        if gated not in ACTIVATIONS or n % 2:
+            raise ValueError(f"gated GEMV needs an even number of rows and an activation in {sorted(ACTIVATIONS)}")
+        n //= 2
+        gate_row, up_row = (0, n) if gate_first else (n, 0)
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
     if m > GEMV_MAX_M:
@@ -118,9 +147,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = N
         return y.reshape(*x.shape[:-1], n)
     block_n, block_k, warps, stages = config or gemv_config(k, m)
     pdl = pdl_enabled(x.device, "gemv") if pdl is None else pdl
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    per_program = block_n // 2 if gated is not None else block_n
+    _gemv_kernel[(triton.cdiv(n, per_program),)](
         x2, weight, bias if bias is not None else weight, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        gate_row, up_row,
         BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, PDL=(pdl_mode or PDL_MODE) if pdl else 0, num_warps=warps, num_stages=stages, **launch_options(pdl),
+        EVEN_K=k % block_k == 0, PDL=(pdl_mode or PDL_MODE) if pdl else 0,
+        GATED=0 if gated is None else 1 + ACTIVATIONS[gated], EMULATE_RNE=emulate_rne(_gemv_kernel, x.dtype),
+        num_warps=warps, num_stages=stages, **launch_options(pdl),
     )
     return y.reshape(*x.shape[:-1], n)
