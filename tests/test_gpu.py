@@ -129,7 +129,7 @@ def test_cudagraph_with_changing_batch_composition():
 
 
 def test_async_scheduling_equals_sync_with_cuda_graphs():
-    """The sampled tokens reach the next captured step by a device copy into the bucket's input buffer; early
+    """The sampled tokens reach the next captured step through the upload into the bucket's input buffer; early
     stops land one step late. Outputs must equal the synchronous loop's exactly."""
     model = _llama(torch.float32, seed=3)
     cm = autodeploy.compile(model, max_batch_size=8, max_seq_len=512, lowering="cudagraph")

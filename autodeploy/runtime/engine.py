@@ -1,8 +1,8 @@
-"""The engine loop: schedule -> nest_sequences (one H2D copy) -> forward -> sample -> stop checks.
+"""The engine loop: schedule -> nest_sequences (one upload) -> forward -> sample -> stop checks.
 
 Asynchronous scheduling (on by default on a GPU): in steady decode the next step is packed and launched
-*before* the host waits for the current step's sampled tokens; the tokens go from the sampler's output into the
-next step's input buffer by a device copy. Host work (scheduling, packing, stop checks) then overlaps the GPU
+*before* the host waits for the current step's sampled tokens; the next step's upload takes them from the
+sampler's output on the device. Host work (scheduling, packing, stop checks) then overlaps the GPU
 instead of adding to every step. Stops are applied one step late: a sequence that sampled EOS has already been
 given one more forward, whose token is discarded (its KV write lands in pages it no longer owns, ordered on the
 stream before any new owner writes). Requests that need the host between steps (beam search, penalties, logits

@@ -14,8 +14,9 @@ import triton.language as tl
 
 __all__ = ["decode_partition_kernel"]
 
-# Bound on the [items, sequences] comparison tile a program holds (searchsorted by counting).
-_TILE = 8192
+# Bound on the [items, sequences] comparison tile a program holds (searchsorted by counting). Smaller tiles also
+# mean more programs working in parallel (64 sequences: ~100 items were one program with an 8,192-element tile).
+_TILE = 2048
 
 
 # Uncaptured steps change the sequence count every step: unspecialised integers keep Triton from compiling a new
@@ -45,14 +46,18 @@ def _decode_partition_kernel(
         tl.store(split_ptr + s + 1, ends.to(tl.int32), mask=s_ok)
         tl.store(split_ptr, 0)
     item = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # The [items, sequences] tiles below are int32 (split counts and key positions are below 2^31): int64 tiles
+    # (emulated as pairs of 32-bit ops) of 8,192 elements in one program took 22 us for 64 sequences on an H100
+    # (191 registers per thread, benchmarks/kernel_resources.py); now 3.3 us and 56 registers.
+    ends32, starts32, first32, kv32 = ends.to(tl.int32), starts.to(tl.int32), first.to(tl.int32), kv.to(tl.int32)
     # searchsorted(split_start[1:], item, right=True), clamped to the last sequence
-    seq = tl.minimum(tl.sum(((ends[None, :] <= item[:, None]) & s_ok[None, :]).to(tl.int32), 1), S - 1)
+    seq = tl.minimum(tl.sum(((ends32[None, :] <= item[:, None]) & s_ok[None, :]).to(tl.int32), 1), S - 1)
     pick = s[None, :] == seq[:, None]
-    start_of = tl.sum(tl.where(pick, starts[None, :], 0), 1)
-    first_of = tl.sum(tl.where(pick, first[None, :], 0), 1)
-    kv_of = tl.sum(tl.where(pick, kv[None, :], 0), 1)
-    key_lo = first_of + (item - start_of) * chunk
-    key_hi = tl.minimum(key_lo + chunk, kv_of)
+    start_of = tl.sum(tl.where(pick, starts32[None, :], 0), 1)
+    first_of = tl.sum(tl.where(pick, first32[None, :], 0), 1)
+    kv_of = tl.sum(tl.where(pick, kv32[None, :], 0), 1)
+    key_lo = first_of.to(tl.int64) + (item - start_of).to(tl.int64) * chunk
+    key_hi = tl.minimum(key_lo + chunk, kv_of.to(tl.int64))
     active = item < tl.sum(n_split, 0)
     row = work_ptr + item.to(tl.int64) * 3
     ok = item < W
