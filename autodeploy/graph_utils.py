@@ -97,15 +97,17 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return seen
 
 
-def subgraph_module(gm: fx.GraphModule, output: fx.Node) -> fx.GraphModule:
-    """A runnable GraphModule that computes ``output`` from the graph's placeholders (all kept, in order)."""
-    needed = ancestors([output])
+def subgraph_module(gm: fx.GraphModule, output: fx.Node | tuple[fx.Node, ...]) -> fx.GraphModule:
+    """A runnable GraphModule that computes ``output`` (a node, or a tuple of nodes) from the graph inputs it
+    depends on (its placeholders, in graph order)."""
+    outs = output if isinstance(output, tuple) else (output,)
+    needed = ancestors(outs)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or node in needed:
+        if node in needed:
             env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[output])
+    graph.output(tuple(env[o] for o in outs) if isinstance(output, tuple) else env[output])
     return fx.GraphModule(gm, graph)
 
 

@@ -254,18 +254,16 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device, packer: Opti
     token_word = next(off for name, _, off, _ in layout if name == "input_ids") // 8  # an int64 section
     if target is not None and target.numel() < nbytes:
         raise ValueError(f"static input buffer holds {target.numel()} bytes, step needs {nbytes}")
-    if device.type == "cpu":
-        dev = target if target is not None else (host[:nbytes].clone() if packer is not None else host)
-        if target is not None:
-            dev[:nbytes].copy_(host[:nbytes])
-        if token_src is not None:
-            dev[:nbytes].view(torch.int64)[token_word:token_word + token_src.numel()] = token_src.reshape(-1)
+    if target is not None:
+        dev = target
+    elif device.type == "cpu" and packer is None:
+        dev = host  # this call's own buffer: used in place (the upload's copy is then a no-op)
     else:
-        dev = target if target is not None else torch.empty(nbytes, dtype=torch.uint8, device=device)
-        upload(host[:nbytes], dev[:nbytes], token_src, token_word)
-        if packer is not None:
-            packer._copy_done = torch.cuda.Event()
-            packer._copy_done.record()
+        dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    upload(host[:nbytes], dev[:nbytes], token_src, token_word)
+    if packer is not None and device.type == "cuda":
+        packer._copy_done = torch.cuda.Event()
+        packer._copy_done.record()
     out = {}
     for (name, dtype, off, n) in layout:
         tdtype = torch.int32 if dtype == np.int32 else torch.int64

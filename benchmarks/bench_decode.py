@@ -213,6 +213,73 @@ def prefill_and_profile(cm, args, res: dict, batches: list[int], vocab: int) -> 
     print("per-step GPU time by category (eager step, ms):", json.dumps(res["breakdown_ms_per_step"]))
 
 
+def _torch_argmax(x, host_out=None):
+    """The greedy pick before the chunked kernels: torch.argmax, then a copy-engine trip to the host."""
+    tokens = x.argmax(dim=-1)
+    if host_out is not None:
+        host_out.copy_(tokens, non_blocking=True)
+    return tokens
+
+
+def _patch(module: str, name: str, value) -> None:
+    import importlib
+
+    setattr(importlib.import_module(module), name, value)
+
+
+def _drop_backend_pass(name: str) -> None:
+    from autodeploy.backends.triton import TritonBackend
+
+    passes = TritonBackend.graph_passes
+    TritonBackend.graph_passes = lambda self: [f for f in passes(self) if f.pass_name != name]
+
+
+def _drop_pass(name: str) -> None:
+    from autodeploy import compiler
+
+    compiler.DEFAULT_PASSES = [n for n in compiler.DEFAULT_PASSES if n != name]
+
+
+# Switches that put back an earlier path, for side-by-side runs: flag -> (help, what it does).
+TUNING_SWITCHES = {
+    "torch-partition": ("derive the decode partition with torch ops instead of its one-kernel version",
+                        lambda: _patch("autodeploy.backends.triton.partition", "PARTITION_KERNEL", False)),
+    "torch-argmax": ("greedy picks with torch.argmax instead of the chunked argmax kernels",
+                     lambda: _patch("autodeploy.runtime.engine", "argmax_rows", _torch_argmax)),
+    "copy-engine-upload": ("upload step inputs with cudaMemcpyAsync instead of the upload kernel",
+                           lambda: _patch("autodeploy.step_upload", "KERNEL_MAX_BYTES", -1)),
+    "no-gated-gemv": ("keep the gated activation as its own kernel after the batch-1 gate/up GEMM",
+                      lambda: _drop_backend_pass("fuse_gemv_gated_act")),
+    "no-rope-table": ("compute RoPE cos/sin in the graph instead of gathering them from a table",
+                      lambda: _drop_pass("tabulate_rope")),
+}
+
+
+def add_tuning_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gemv-min-n", type=int, default=None,
+                   help="tuning: batch-1 linears with at least this many outputs use the skinny GEMM")
+    p.add_argument("--gemv-pdl-mode", type=int, default=None, help="tuning: the skinny GEMM's PDL mode (1-3)")
+    p.add_argument("--gemv-config", default=None,
+                   help="tuning: the skinny GEMM's BLOCK_N,BLOCK_K,warps,stages for every shape")
+    for flag, (text, _) in TUNING_SWITCHES.items():
+        p.add_argument(f"--{flag}", action="store_true", help=f"tuning: {text}")
+
+
+def apply_tuning(args: argparse.Namespace) -> None:
+    from autodeploy.backends.triton.kernels import gemv
+
+    if args.gemv_min_n is not None:
+        gemv.GEMV_MIN_N = args.gemv_min_n
+    if args.gemv_pdl_mode is not None:
+        gemv.PDL_MODE = args.gemv_pdl_mode
+    if args.gemv_config:
+        cfg = tuple(int(v) for v in args.gemv_config.split(","))
+        gemv.gemv_config = lambda k, m=1: cfg
+    for flag, (_, switch) in TUNING_SWITCHES.items():
+        if getattr(args, flag.replace("-", "_")):
+            switch()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -234,21 +301,7 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
     p.add_argument("--decode-only", action="store_true", help="skip prefill, mixed steps and the profile")
-    p.add_argument("--gemv-min-n", type=int, default=None,
-                   help="tuning: batch-1 linears with at least this many outputs use the skinny GEMM")
-    p.add_argument("--gemv-pdl-mode", type=int, default=None, help="tuning: the skinny GEMM's PDL mode (1-3)")
-    p.add_argument("--gemv-config", default=None,
-                   help="tuning: the skinny GEMM's BLOCK_N,BLOCK_K,warps,stages for every shape")
-    p.add_argument("--torch-partition", action="store_true",
-                   help="tuning: derive the decode partition with torch ops instead of its one-kernel version")
-    p.add_argument("--torch-argmax", action="store_true",
-                   help="tuning: greedy picks with torch.argmax instead of the chunked argmax kernels")
-    p.add_argument("--copy-engine-upload", action="store_true",
-                   help="tuning: upload step inputs with cudaMemcpyAsync instead of the upload kernel")
-    p.add_argument("--no-gated-gemv", action="store_true",
-                   help="tuning: keep the gated activation as its own kernel after the batch-1 gate/up GEMM")
-    p.add_argument("--no-rope-table", action="store_true",
-                   help="tuning: compute RoPE cos/sin in the graph instead of gathering them from a table")
+    add_tuning_args(p)
     p.add_argument("--sync-too", action="store_true",
                    help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
@@ -256,42 +309,7 @@ def main() -> None:
     import autodeploy
     from autodeploy.models.builtin import build_builtin
 
-    from autodeploy.backends.triton.kernels import gemv
-
-    if args.gemv_min_n is not None:
-        gemv.GEMV_MIN_N = args.gemv_min_n
-    if args.gemv_pdl_mode is not None:
-        gemv.PDL_MODE = args.gemv_pdl_mode
-    if args.gemv_config:
-        cfg = tuple(int(v) for v in args.gemv_config.split(","))
-        gemv.gemv_config = lambda k, m=1: cfg
-    if args.torch_partition:
-        from autodeploy.backends.triton import partition
-
-        partition.PARTITION_KERNEL = False
-    if args.torch_argmax:
-        from autodeploy.runtime import engine
-
-        def torch_argmax(x, host_out=None):
-            tokens = x.argmax(dim=-1)
-            if host_out is not None:
-                host_out.copy_(tokens, non_blocking=True)
-            return tokens
-
-        engine.argmax_rows = torch_argmax
-    if args.copy_engine_upload:
-        from autodeploy import step_upload
-
-        step_upload.KERNEL_MAX_BYTES = -1
-    if args.no_gated_gemv:
-        from autodeploy.backends.triton import TritonBackend
-
-        passes = TritonBackend.graph_passes
-        TritonBackend.graph_passes = lambda self: [f for f in passes(self) if f.pass_name != "fuse_gemv_gated_act"]
-    if args.no_rope_table:
-        from autodeploy import compiler
-
-        compiler.DEFAULT_PASSES = [n for n in compiler.DEFAULT_PASSES if n != "tabulate_rope"]
+    apply_tuning(args)
     bw = measure_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()

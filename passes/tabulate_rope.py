@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import ancestors, aten, is_op, remove_dead_code, val
+from autodeploy.graph_utils import ancestors, aten, is_op, remove_dead_code, subgraph_module, val
 from autodeploy.pass_manager import PassResult, register_pass
 
 TABLE_NAME = "rope_cos_sin_table"
@@ -42,13 +42,7 @@ def _position_subgraph(gm: fx.GraphModule, outs: tuple[fx.Node, fx.Node]) -> tup
         return f"cos/sin depend on {sorted(str(n.target) for n in inputs)}, not on position_ids alone"
     if any(n.op not in ("placeholder", "get_attr", "call_function") for n in needed):
         return "cos/sin subgraph calls modules or methods"
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for node in gm.graph.nodes:
-        if node in needed:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(tuple(env[o] for o in outs))
-    return fx.GraphModule(gm, graph), inputs[0]
+    return subgraph_module(gm, outs), inputs[0]
 
 
 def _tabulate(sub: fx.GraphModule, positions: fx.Node, outs: tuple[fx.Node, fx.Node], num_positions: int,

@@ -133,9 +133,7 @@ class Scheduler:
             budget -= total
         for req in self.running:
             n_seqs += len(req.live_seqs())
-        if self.waiting and self._hold_admission(items, n_seqs, budget):
-            self.held_steps += 1
-            self.total_held_steps += 1
+        if self._hold(items, n_seqs, budget):
             return step
         self.held_steps = 0
         while self.waiting and budget > 0 and n_seqs < self.max_batch_size:
@@ -180,8 +178,16 @@ class Scheduler:
             budget -= sum(want)
         return step
 
+    def _hold(self, items: list[tuple[Sequence, int]], n_seqs: int, budget: int) -> bool:
+        """Whether to keep this step decode-only and let the waiting requests in later; a held step is counted."""
+        if not self.waiting or not self._hold_admission(items, n_seqs, budget):
+            return False
+        self.held_steps += 1
+        self.total_held_steps += 1
+        return True
+
     def _hold_admission(self, items: list[tuple[Sequence, int]], n_seqs: int, budget: int) -> bool:
-        """Whether to keep this step decode-only and let the waiting requests in later (see AdmissionPolicy)."""
+        """The AdmissionPolicy decision for a step with ``items`` and ``n_seqs`` running (waiting is non-empty)."""
         policy = self.admission
         if (policy.min_tokens <= 0 or self.held_steps >= policy.max_wait_steps or n_seqs == 0
                 or n_seqs < policy.busy_fraction * self.max_batch_size
@@ -205,11 +211,7 @@ class Scheduler:
     def hold_admission_for_decode_step(self, n_seqs: int) -> bool:
         """For a decode-only step launched without :meth:`schedule` (the engine's asynchronous path): whether
         admission is held back for it (counted like a held step of :meth:`schedule`)."""
-        if not self.waiting or not self._hold_admission([], n_seqs, self.max_num_tokens - n_seqs):
-            return False
-        self.held_steps += 1
-        self.total_held_steps += 1
-        return True
+        return self._hold([], n_seqs, self.max_num_tokens - n_seqs)
 
     def _admit(self, req: Request) -> None:
         """Insert into ``running`` keeping arrival order (a resumed request goes back to its place)."""
