@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", help="attention backend or auto")
     p.add_argument("--lowering", default="auto",
                    help="auto (cudagraph on a GPU, else eager) | eager | torch-compile | cudagraph | "
-                        "torch-compile+cudagraph")
+                        "cudagraph-decode | torch-compile+cudagraph")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--page-size", type=int, default=None)

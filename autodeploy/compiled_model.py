@@ -46,6 +46,7 @@ class CompiledModel:
         self.packer = SequencePacker(self.page_size, self.device, self.max_seq_len)
         self._runner = gm
         self.graph_runner = None  # CudaGraphRunner when lowered with "cudagraph"
+        self.piecewise = None  # PiecewiseGraphRunner (prefill/mixed steps) when lowered with "cudagraph"
 
     # -- cache planning --------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
@@ -91,6 +92,9 @@ class CompiledModel:
         """Run one step; returns logits ``[N, vocab]``, row i for chunk ``batch.logits_rows[i]``."""
         if batch.bucket:
             logits = self.graph_runner.run(batch)
+        elif self.piecewise is not None and self.piecewise.handles(batch.num_tokens):
+            out = self.piecewise.run(batch)
+            logits = out[0] if isinstance(out, (tuple, list)) else out
         else:
             out = self._runner(**batch.inputs, **self.caches)
             logits = out[0] if isinstance(out, (tuple, list)) else out
@@ -120,6 +124,8 @@ class CompiledModel:
             num_seqs = min(2 * num_seqs, self.max_batch_size)
         if self.graph_runner is not None:
             self.graph_runner.capture_all()
+        if self.piecewise is not None:
+            self.piecewise.capture_all()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -147,7 +153,8 @@ class CompiledModel:
 
     def explain(self) -> str:
         text = self.report.render()
-        if self.graph_runner is not None and self.graph_runner.captured:
-            caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(self.graph_runner.captured.items()))
-            text += f"\n  cuda graphs captured (bucket: time): {caps}"
+        for label, runner in (("decode", self.graph_runner), ("piecewise token", self.piecewise)):
+            if runner is not None and runner.captured:
+                caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(runner.captured.items()))
+                text += f"\n  {label} cuda graphs captured (bucket: time): {caps}"
         return text

@@ -87,7 +87,8 @@ def compile(
 
     ``backend``: attention backend name or ``"auto"`` (chosen per model, see ``explain()``).
     ``lowering``: ``"auto"`` (``cudagraph`` on a GPU, else ``eager``), ``"eager"``, ``"torch-compile"``,
-    ``"cudagraph"`` or ``"torch-compile+cudagraph"``.
+    ``"cudagraph"`` (decode graphs per batch bucket, piecewise graphs for prefill/mixed steps),
+    ``"cudagraph-decode"`` (decode graphs only) or ``"torch-compile+cudagraph"``.
     ``cache_dir``: reuse/store the compiled graph there (default: ``$AUTODEPLOY_CACHE_DIR`` if set, else no
     cache); a hit skips export and the passes.
     ``warmup``: on a GPU, run one dummy mixed step after lowering (``CompiledModel.warmup``) so kernels JIT-compile

@@ -56,9 +56,10 @@ def _torch_compile(cm: Any) -> tuple[Optional[Callable], str]:
     return compiled, "inductor on the non-attention parts; attention and metadata stay opaque custom ops"
 
 
-def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str,
-                      rest: str) -> tuple[Optional[Callable], str]:
-    """Decode graphs captured over ``make_fn()`` (built only where there is a GPU)."""
+def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest: str,
+                      piecewise: bool = False) -> tuple[Optional[Callable], str]:
+    """Decode graphs captured over ``make_fn()`` (built only where there is a GPU); with ``piecewise``, prefill
+    and mixed steps up to the largest token bucket replay captured pieces around eager attention."""
     if cm.device.type != "cuda" or not torch.cuda.is_available():
         log.warning("%s lowering needs a CUDA device; %s runs the eager graph instead", mode, cm.device)
         return None, f"{mode} needs a CUDA device; fell back to eager on {cm.device.type}"
@@ -66,13 +67,29 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str,
 
     fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
+    if piecewise:
+        from autodeploy.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
+
+        try:
+            cm.piecewise = PiecewiseGraphRunner(cm, fn)
+            rest = (f"up to {cm.piecewise.buckets[-1]} tokens replay piecewise graphs per token bucket "
+                    f"{cm.piecewise.buckets} around eager attention; larger ones {rest}")
+        except PiecewiseUnsupported as exc:
+            log.warning("piecewise CUDA graphs unavailable (%s); prefill/mixed steps %s", exc, rest)
     return fn, (f"decode steps replay CUDA graphs per batch bucket {cm.graph_runner.buckets} "
-                f"(captured once each, on first use); prefill/mixed steps {rest}")
+                f"(captured at start-up); prefill/mixed steps {rest}")
 
 
 @register_lowering("cudagraph")
 def _cudagraph(cm: Any) -> tuple[Optional[Callable], str]:
-    return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph", "run eager")
+    return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph", "run eager",
+                             piecewise=True)
+
+
+@register_lowering("cudagraph-decode")
+def _cudagraph_decode(cm: Any) -> tuple[Optional[Callable], str]:
+    """Decode graphs only: every prefill/mixed step runs eager (the pre-piecewise lowering, kept to compare)."""
+    return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph-decode", "run eager")
 
 
 @register_lowering("torch-compile+cudagraph")
