@@ -123,3 +123,19 @@ def test_step_ops_see_the_steps_own_rows(cm):
             seg.child = Spy(info, seg.child)
     runner.run(cm.packer.pack(_chunks([(6, 0), (1, 12), (1, 4)], random.Random(2), page0=40)))
     assert len(seen) >= 3 * 3 + 1 and set(seen) == {8}, seen  # q, k, v of each layer and the tail's rows
+
+
+def test_a_failed_capture_falls_back_to_eager(cm, monkeypatch, caplog):
+    runner = _runner(cm)
+
+    def refuse(bucket):
+        raise PiecewiseUnsupported("test refusal")
+
+    monkeypatch.setattr(runner, "_capture", refuse)
+    chunks = _chunks([(5, 0), (1, 9)], random.Random(3), page0=60)
+    ref = cm.forward(cm.packer.pack(chunks)).clone()
+    with caplog.at_level("WARNING"):
+        out = runner.run(cm.packer.pack(chunks))
+    out = (out[0] if isinstance(out, (tuple, list)) else out).reshape(ref.shape)
+    assert rel_rms(out, ref) < 1e-6 and not runner.handles(6) and not runner.replays
+    assert "piecewise CUDA graphs disabled (test refusal)" in caplog.text
