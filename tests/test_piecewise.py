@@ -97,10 +97,6 @@ def test_rejects_a_graph_that_mixes_tokens(cm):
         _runner(cm, gm)
 
 
-def test_cudagraph_lowering_on_cpu_has_no_piecewise(cm):
-    assert cm.piecewise is None and cm.graph_runner is None
-
-
 def test_step_ops_see_the_steps_own_rows(cm):
     """Attention and the logits tail get exactly the step's tokens (a kernel may check its inputs' row count
     against slot_mapping), never the bucket's padding."""
