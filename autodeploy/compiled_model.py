@@ -80,6 +80,11 @@ class CompiledModel:
         if self._runner is None:
             self._runner = self.graph_module
 
+    def scratch_pages(self, num_positions: int) -> list[int]:
+        """A page list covering ``num_positions`` positions, every page the scratch page: dummy steps (warm-up,
+        graph captures) write their KV there, where no request's pages are."""
+        return [self.scratch_page] * max(1, math.ceil(num_positions / self.page_size))
+
     def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False,
              token_src: Optional[torch.Tensor] = None) -> StepBatch:
         """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences)."""
@@ -91,13 +96,12 @@ class CompiledModel:
     def forward(self, batch: StepBatch) -> torch.Tensor:
         """Run one step; returns logits ``[N, vocab]``, row i for chunk ``batch.logits_rows[i]``."""
         if batch.bucket:
-            logits = self.graph_runner.run(batch)
+            out = self.graph_runner.run(batch)
         elif self.piecewise is not None and self.piecewise.handles(batch.num_tokens):
             out = self.piecewise.run(batch)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
         else:
             out = self._runner(**batch.inputs, **self.caches)
-            logits = out[0] if isinstance(out, (tuple, list)) else out
+        logits = out[0] if isinstance(out, (tuple, list)) else out
         return logits.reshape(-1, logits.shape[-1])
 
     @torch.inference_mode()
@@ -112,7 +116,7 @@ class CompiledModel:
 
         t0 = time.perf_counter()
         n = max(1, min(self.max_num_tokens // 2, self.max_seq_len - 1, self.page_size + 3))
-        pages = [self.scratch_page] * math.ceil((n + 1) / self.page_size)
+        pages = self.scratch_pages(n + 1)
         num_seqs = 1
         while True:
             decodes = [SequenceChunk([0], n, pages)] * (num_seqs - 1)

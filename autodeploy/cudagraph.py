@@ -68,7 +68,7 @@ class CudaGraphRunner:
         """Capture every bucket not captured yet, on dummy decodes that write only the scratch page."""
         for size in self.buckets:
             if size not in self._entries or self._entries[size].graph is None:
-                self.run(self.pack([SequenceChunk([0], 1, [self.scratch_page])] * size))
+                self.run(self.pack([SequenceChunk([0], 1, self.cm.scratch_pages(2))] * size))
 
     def run(self, batch: StepBatch) -> torch.Tensor:
         entry = self._entries[batch.bucket]

@@ -7,10 +7,7 @@ import time
 
 import torch
 
-
-def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+from autodeploy.numerics import rel_rms
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -47,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
         for i, p in enumerate(prompts):
             ref = model(torch.tensor([p], device=cm.device)).logits[0].float()
             rows = [r for r, s in enumerate(batch.logits_rows) if s == i]
-            worst = max(worst, _rel_rms(logits[rows].float(), ref))
+            worst = max(worst, rel_rms(logits[rows].float(), ref))
     tol = 1e-4 if cm.dtype == torch.float32 else 2e-2
     console.print(f"logits vs HF eager: max relative RMS {worst:.2e} (tolerance {tol:g}) "
                   + ("[green]OK[/green]" if worst < tol else "[red]MISMATCH[/red]"))

@@ -42,6 +42,7 @@ from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from autodeploy.metadata import STEP_INPUT_NAMES, SequenceChunk, StepBatch
+from autodeploy.numerics import rel_rms
 
 log = logging.getLogger(__name__)
 
@@ -227,21 +228,19 @@ def _token_info(a: Any, b: Any, n1: int, n2: int, where: str) -> Any:
 
 def _check_rows(a: torch.Tensor, b: torch.Tensor, where: str) -> None:
     """``a`` and ``b`` (the same tokens' rows in two probe steps) must agree up to GEMM rounding."""
-    a, b = a.float(), b.float()
-    err = (a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt().clamp_min(1e-12)
-    if not bool(err <= 5e-2):
+    err = rel_rms(b, a)
+    if not err <= 5e-2:  # NaN fails too
         raise PiecewiseUnsupported(f"{where}: a token's values change with the other tokens of the step "
-                                   f"(relative RMS {float(err):.2e}); the pieces are not row-wise")
+                                   f"(relative RMS {err:.2e}); the pieces are not row-wise")
 
 
 class PiecewiseGraphRunner:
     """Replays the token-wise pieces of prefill/mixed steps from CUDA graphs captured per token bucket."""
 
     def __init__(self, cm: Any, gm: fx.GraphModule, buckets: Sequence[int] = DEFAULT_TOKEN_BUCKETS,
-                 max_tokens: Optional[int] = None, emulate: bool = False):
+                 emulate: bool = False):
         self.cm = cm
-        limit = min(cm.max_num_tokens, max_tokens or cm.max_num_tokens)
-        self.buckets = sorted(b for b in buckets if b <= limit)
+        self.buckets = sorted(b for b in buckets if b <= cm.max_num_tokens)
         if not self.buckets:
             raise PiecewiseUnsupported(f"no token bucket fits max_num_tokens {cm.max_num_tokens}")
         self.capturer = _EmulatedCapture() if emulate else _CudaCapture(torch.cuda.graph_pool_handle())
@@ -258,7 +257,6 @@ class PiecewiseGraphRunner:
         self._bucket = 0
         self._n = 0
         self._record: dict[str, list] = {}
-        self._rows_comparable = False
         self._captured: dict[tuple[int, str], _Captured] = {}
         self._static: dict[tuple, torch.Tensor] = {}
         self.captured: dict[int, float] = {}  # bucket -> capture seconds
@@ -289,12 +287,8 @@ class PiecewiseGraphRunner:
         """One step through the pieces of its bucket (captured on first use)."""
         bucket = self.bucket_for(batch.num_tokens)
         if bucket not in self.captured and not self._try_capture(bucket):
-            return self.split(**batch.inputs, **self.cm.caches)  # plain eager step
-        self._mode, self._bucket, self._n = "replay", bucket, batch.num_tokens
-        try:
-            out = self.split(**batch.inputs, **self.cm.caches)
-        finally:
-            self._mode = "eager"
+            return self._run_mode("eager", batch)
+        out = self._run_mode("replay", batch, bucket)
         self.replays[bucket] = self.replays.get(bucket, 0) + 1
         return self._cut_output(out, batch.num_tokens)
 
@@ -317,27 +311,25 @@ class PiecewiseGraphRunner:
     # -- probing and capture -------------------------------------------------------------------------------
     def _dummy_step(self, num_tokens: int) -> StepBatch:
         """Prefill-only dummy sequences of ``num_tokens`` tokens in all, every KV write into the scratch page."""
-        cm = self.cm
-        longest = max(1, cm.max_seq_len - 1)
-        chunks, left = [], num_tokens
-        while left:
-            n = min(left, longest)
-            chunks.append(SequenceChunk([0] * n, 0, [cm.scratch_page] * math.ceil(n / cm.page_size)))
-            left -= n
-        return cm.packer.pack(chunks)
+        longest = max(1, self.cm.max_seq_len - 1)
+        lengths = [longest] * (num_tokens // longest) + ([num_tokens % longest] if num_tokens % longest else [])
+        return self.cm.packer.pack([SequenceChunk([0] * n, 0, self.cm.scratch_pages(n)) for n in lengths])
 
-    def _run_mode(self, mode: str, batch: StepBatch) -> Any:
-        self._mode, self._bucket, self._n = mode, batch.num_tokens, batch.num_tokens
+    def _run_mode(self, mode: str, batch: StepBatch, bucket: int = 0) -> Any:
+        """Run the split graph with the segments in ``mode`` (eager | probe | capture | replay) for this step;
+        ``bucket``: the token bucket replayed (default: the step's own token count)."""
+        self._mode, self._bucket, self._n = mode, bucket or batch.num_tokens, batch.num_tokens
         try:
             return self.split(**batch.inputs, **self.cm.caches)
         finally:
             self._mode = "eager"
 
-    def _probe_steps(self) -> list[StepBatch]:
+    def _probe_steps(self) -> tuple[list[StepBatch], Optional[torch.Tensor]]:
         """Step A: one sequence of n1 random tokens. Step B: the same sequence plus a second one, n2 tokens in all.
         Row-wise pieces give the first n1 rows of every exchanged value equal in A and B. Each sequence gets its
         own pages (the probe runs while the model is being lowered, before any request owns a page); with too
-        few pages the probe shares the scratch page and skips the row comparison."""
+        few pages the probe shares the scratch page and skips the row comparison. Returns the steps and the pages
+        they write (None when only the scratch page)."""
         n1, n2 = PROBE_TOKENS
         if self.cm.max_seq_len <= n2:
             raise PiecewiseUnsupported(f"max_seq_len {self.cm.max_seq_len} is too short for the probe ({n2} tokens)")
@@ -345,20 +337,18 @@ class PiecewiseGraphRunner:
         ids = torch.randint(0, max(1, self.cm.vocab_size), (n2,), generator=g).tolist()
         per = math.ceil(n2 / self.cm.page_size)
         own = self.cm.num_pages >= 2 * per
-        pages = (list(range(per)), list(range(per, 2 * per))) if own else ([self.cm.scratch_page] * per,) * 2
+        pages = (list(range(per)), list(range(per, 2 * per))) if own else (self.cm.scratch_pages(n2),) * 2
         first = SequenceChunk(ids[:n1], 0, pages[0])
         steps = [self.cm.packer.pack([first]), self.cm.packer.pack([first, SequenceChunk(ids[n1:], 0, pages[1])])]
-        self._rows_comparable = own
-        return steps
+        return steps, torch.arange(2 * per, device=self.cm.device) if own else None
 
     @torch.inference_mode()
     def _probe(self) -> None:
         """Run the split graph on the two probe steps; record how each exchanged value depends on the token count
         and check that the pieces are row-wise (a token's values do not depend on other tokens)."""
         runs = []
-        steps = self._probe_steps()
-        pages = torch.arange(2 * math.ceil(PROBE_TOKENS[1] / self.cm.page_size), device=self.cm.device)
-        saved = {k: c[pages].clone() for k, c in self.cm.caches.items()} if self._rows_comparable else {}
+        steps, pages = self._probe_steps()
+        saved = {k: c[pages].clone() for k, c in self.cm.caches.items()} if pages is not None else {}
         for batch in steps:
             self._record = {}
             out = self._run_mode("probe", batch)
@@ -373,7 +363,7 @@ class PiecewiseGraphRunner:
             info.arg_tokens = [_token_info(x, y, n1, n2, f"{name} input {i}")
                                if not info.eager or self._from_piece(info, i) else None
                                for i, (x, y) in enumerate(zip(rec1[name], rec2[name]))]
-            if self._rows_comparable:
+            if pages is not None:
                 for i, tok in enumerate(info.arg_tokens):
                     if tok not in (None, _TOKEN_INT) and self._from_piece(info, i):
                         _check_rows(rec1[name][i], rec2[name][i].narrow(tok, 0, n1), f"{name} input {i}")
@@ -405,8 +395,8 @@ class PiecewiseGraphRunner:
         return (isinstance(arg, torch.Tensor) and not self._from_piece(info, i)
                 and info.arg_tokens[i] not in (None, _TOKEN_INT))
 
-    def _static_input(self, index: int, ordinal: int, arg: torch.Tensor, dim: int) -> torch.Tensor:
-        """The fixed-address buffer for copied piece input ``index``: shared by every piece and bucket with the
+    def _static_input(self, ordinal: int, arg: torch.Tensor, dim: int) -> torch.Tensor:
+        """The fixed-address buffer for a copied piece input: shared by every piece and bucket with the
         same per-token shape, dtype and position among the piece's copied inputs (replays run in stream order,
         so a piece has read it before the next copy lands); sized for the largest bucket."""
         per_token = tuple(arg.shape[:dim]) + tuple(arg.shape[dim + 1:])
@@ -454,7 +444,7 @@ class PiecewiseGraphRunner:
         static, fixed, copies = [], {}, []
         for i, a in enumerate(args):
             if self._copied(info, i, a):
-                buf = self._static_input(i, len(copies), a, info.arg_tokens[i])
+                buf = self._static_input(len(copies), a, info.arg_tokens[i])
                 buf.copy_(a)
                 copies.append((i, buf, info.arg_tokens[i]))
                 a = buf

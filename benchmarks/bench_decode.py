@@ -174,19 +174,24 @@ def mixed_chunks(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> l
                      for i in range(n_decode)]
 
 
-def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dict:
-    """One uncaptured step of ``n_decode`` decodes (context ``ctx``) plus one ``prefill_len``-token prefill:
-    wall time vs the GPU's busy time (sum of kernel times from the profiler). wall >> busy means host-bound."""
+def gpu_busy_ms(cm, batch) -> float:
+    """The GPU's busy time in one ``cm.forward(batch)``: the sum of kernel times from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    batch = cm.packer.pack(mixed_chunks(cm, n_decode, prefill_len, ctx, vocab))
-    wall = time_forward(cm, batch)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         cm.forward(batch)
         torch.cuda.synchronize()
-    busy = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()
-               if not e.key.startswith(("autodeploy::", "aten::")))
-    return {"decodes": n_decode, "prefill_len": prefill_len, "wall_ms": wall * 1e3, "gpu_busy_ms": busy / 1e3}
+    return sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()
+               if not e.key.startswith(("autodeploy::", "aten::"))) / 1e3
+
+
+def mixed_step(cm, n_decode: int, prefill_len: int, ctx: int, vocab: int) -> dict:
+    """One step of ``n_decode`` decodes (context ``ctx``) plus one ``prefill_len``-token prefill: wall time vs
+    the GPU's busy time. wall >> busy means host-bound."""
+    batch = cm.packer.pack(mixed_chunks(cm, n_decode, prefill_len, ctx, vocab))
+    wall = time_forward(cm, batch)
+    return {"decodes": n_decode, "prefill_len": prefill_len, "wall_ms": wall * 1e3,
+            "gpu_busy_ms": gpu_busy_ms(cm, batch)}
 
 
 def prefill_and_profile(cm, args, res: dict, batches: list[int], vocab: int) -> None:

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_decode import mixed_chunks, mixed_step  # noqa: E402
+from bench_decode import gpu_busy_ms, mixed_chunks  # noqa: E402
 
 LOWERINGS = ("cudagraph", "cudagraph-decode")
 
@@ -79,7 +79,7 @@ def main() -> None:
                 continue
             chunks = mixed_chunks(cms[LOWERINGS[0]], d, pre, args.ctx, vocab)
             walls = [step_ms(cms[m], cms[m].pack(chunks), args.reps) for m in LOWERINGS]
-            busy = mixed_step(cms[LOWERINGS[0]], d, pre, args.ctx, vocab)["gpu_busy_ms"]
+            busy = gpu_busy_ms(cms[LOWERINGS[0]], cms[LOWERINGS[0]].pack(chunks))
             res["steps"].append({"decodes": d, "prefill": pre, "wall_ms": dict(zip(LOWERINGS, walls)),
                                  "gpu_busy_ms": busy})
             print(f"{d:>7} {pre:>7} {d + pre:>6} " + " ".join(f"{w:20.2f}" for w in walls)

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Relative RMS error of ``a`` against reference ``b``."""
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+from autodeploy.numerics import rel_rms  # noqa: F401  (re-exported for the tests)
 
 
 def hf_greedy(model, prompt, n):
