@@ -46,7 +46,8 @@ class CompiledModel:
         self.packer = SequencePacker(self.page_size, self.device, self.max_seq_len)
         self._runner = gm
         self.graph_runner = None  # CudaGraphRunner when lowered with "cudagraph"
-        self.piecewise = None  # PiecewiseGraphRunner (prefill/mixed steps) when lowered with "cudagraph"
+        self.mixed_graphs = None  # MixedGraphRunner (prefill/mixed steps) when lowered with "cudagraph"
+        self.piecewise = None  # PiecewiseGraphRunner (prefill/mixed steps) with "cudagraph-piecewise"
 
     # -- cache planning --------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
@@ -90,17 +91,25 @@ class CompiledModel:
         """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences)."""
         if self.graph_runner is not None and self.graph_runner.handles(chunks, all_logits):
             return self.graph_runner.pack(chunks, token_src)
+        if self.mixed_graphs is not None and token_src is None and self.mixed_graphs.handles(chunks, all_logits):
+            return self.mixed_graphs.pack(chunks)
         return self.packer.pack(chunks, all_logits=all_logits, token_src=token_src)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        """Run one step; returns logits ``[N, vocab]``, row i for chunk ``batch.logits_rows[i]``."""
-        if batch.bucket:
-            out = self.graph_runner.run(batch)
+        """Run one step; returns logits ``[N, vocab]``, row i for chunk ``batch.logits_rows[i]`` (a captured step
+        may return padding rows after those). Valid until the next forward: graph outputs are reused."""
+        if batch.graph is not None:
+            out = batch.graph.run(batch)
         elif self.piecewise is not None and self.piecewise.handles(batch.num_tokens):
             out = self.piecewise.run(batch)
         else:
-            out = self._runner(**batch.inputs, **self.caches)
+            return self._forward_uncaptured(batch)
+        logits = out[0] if isinstance(out, (tuple, list)) else out
+        return logits.reshape(-1, logits.shape[-1])
+
+    def _forward_uncaptured(self, batch: StepBatch) -> torch.Tensor:
+        out = self._runner(**batch.inputs, **self.caches)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         return logits.reshape(-1, logits.shape[-1])
 
@@ -120,7 +129,7 @@ class CompiledModel:
         num_seqs = 1
         while True:
             decodes = [SequenceChunk([0], n, pages)] * (num_seqs - 1)
-            logits = self.forward(self.pack([SequenceChunk([0] * n, 0, pages)] + decodes))
+            logits = self._forward_uncaptured(self.packer.pack([SequenceChunk([0] * n, 0, pages)] + decodes))
             host = torch.empty(num_seqs, dtype=torch.int64, pin_memory=True) if logits.is_cuda else None
             argmax_rows(logits, host_out=host)  # as the engine calls it
             if num_seqs >= self.max_batch_size or n + 2 * num_seqs > self.max_num_tokens:
@@ -128,8 +137,9 @@ class CompiledModel:
             num_seqs = min(2 * num_seqs, self.max_batch_size)
         if self.graph_runner is not None:
             self.graph_runner.capture_all()
-        if self.piecewise is not None:
-            self.piecewise.capture_all()
+        for runner in (self.mixed_graphs, self.piecewise):
+            if runner is not None:
+                runner.capture_all()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -157,7 +167,8 @@ class CompiledModel:
 
     def explain(self) -> str:
         text = self.report.render()
-        for label, runner in (("decode", self.graph_runner), ("piecewise token", self.piecewise)):
+        for label, runner in (("decode", self.graph_runner), ("mixed-step token", self.mixed_graphs),
+                              ("piecewise token", self.piecewise)):
             if runner is not None and runner.captured:
                 caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(runner.captured.items()))
                 text += f"\n  {label} cuda graphs captured (bucket: time): {caps}"

@@ -57,17 +57,30 @@ def _torch_compile(cm: Any) -> tuple[Optional[Callable], str]:
 
 
 def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest: str,
-                      piecewise: bool = False) -> tuple[Optional[Callable], str]:
-    """Decode graphs captured over ``make_fn()`` (built only where there is a GPU); with ``piecewise``, prefill
-    and mixed steps up to the largest token bucket replay captured pieces around eager attention."""
+                      mixed: Optional[str] = None) -> tuple[Optional[Callable], str]:
+    """Decode graphs captured over ``make_fn()`` (built only where there is a GPU). ``mixed`` says how prefill
+    and mixed steps up to the largest token bucket run: ``"full"`` (one graph per token bucket; backends with
+    device-composed steps, others fall back to piecewise), ``"piecewise"`` (captured pieces around eager
+    attention) or None (uncaptured)."""
     if cm.device.type != "cuda" or not torch.cuda.is_available():
         log.warning("%s lowering needs a CUDA device; %s runs the eager graph instead", mode, cm.device)
         return None, f"{mode} needs a CUDA device; fell back to eager on {cm.device.type}"
-    from autodeploy.cudagraph import CudaGraphRunner
+    from autodeploy.cudagraph import CudaGraphRunner, MixedGraphRunner
 
     fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
-    if piecewise:
+    if mixed == "full" and not cm.backend.device_composed_steps:
+        log.info("backend %s does not run device-composed steps: mixed steps use piecewise graphs", cm.backend.name)
+        mixed = "piecewise"
+    if mixed == "full":
+        runner = MixedGraphRunner(cm, fn)
+        if runner.buckets:
+            cm.mixed_graphs = runner
+            rest = (f"up to {runner.buckets[-1]} tokens replay one CUDA graph per token bucket {runner.buckets}; "
+                    f"larger ones {rest}")
+        else:
+            log.warning("no token bucket fits max_num_tokens %d; prefill/mixed steps %s", cm.max_num_tokens, rest)
+    elif mixed == "piecewise":
         from autodeploy.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
 
         try:
@@ -82,8 +95,17 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest:
 
 @register_lowering("cudagraph")
 def _cudagraph(cm: Any) -> tuple[Optional[Callable], str]:
+    """Every step up to the largest bucket replays a whole-step graph (piecewise for mixed steps where the
+    backend cannot compose steps on the device)."""
     return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph", "run eager",
-                             piecewise=True)
+                             mixed="full")
+
+
+@register_lowering("cudagraph-piecewise")
+def _cudagraph_piecewise(cm: Any) -> tuple[Optional[Callable], str]:
+    """Decode graphs, and piecewise graphs around eager attention for mixed steps (kept to compare)."""
+    return _with_cuda_graphs(cm, lambda: direct_call_module(cm.graph_module), "cudagraph-piecewise", "run eager",
+                             mixed="piecewise")
 
 
 @register_lowering("cudagraph-decode")

@@ -24,6 +24,10 @@ from autodeploy.step_upload import upload
 STEP_INPUT_NAMES: tuple[str, ...] = (
     "cu_seqlens_q", "seq_lens_kv", "page_table", "slot_mapping", "logits_index", "batch_info",
 )
+# ``batch_info[0]`` of a device-composed step: the host counts are bounds only (a CUDA graph captured per token
+# bucket replays the step); attention takes every per-sequence decision from cu_seqlens_q / seq_lens_kv. Such a
+# step pads tokens past ``cu_seqlens_q[-1]`` (slot -1) and sequences with empty ones (no new token, no KV).
+DEVICE_COMPOSED = -1
 # Inputs the prepare_metadata node reads.
 METADATA_OP_INPUTS: tuple[str, ...] = ("position_ids", "cu_seqlens_q", "seq_lens_kv", "page_table", "batch_info")
 
@@ -52,7 +56,8 @@ class StepBatch:
     num_tokens: int
     num_prefill: int
     num_decode: int
-    bucket: int = 0  # CUDA-graph batch bucket this step replays (0: runs uncaptured)
+    bucket: int = 0  # CUDA-graph bucket this step replays (0: runs uncaptured)
+    graph: Optional[object] = None  # the runner that replays it (cudagraph.py)
 
 
 _INT64 = ("input_ids", "position_ids", "slot_mapping", "logits_index")
@@ -94,6 +99,7 @@ def nest_sequences(
     target: Optional[Tensor] = None,
     max_seq_len: int = 0,
     token_src: Optional[Tensor] = None,
+    compose_on_device: Optional[tuple[int, int]] = None,
 ) -> StepBatch:
     """Pack sequences into the flattened layout: prefill/extend sequences first, then decodes (1 token).
 
@@ -102,7 +108,9 @@ def nest_sequences(
 
     CUDA-graph buckets: ``pad_to`` appends dummy one-token sequences (writing into the scratch page
     ``pad_page``) up to that many sequences, ``pages_width`` fixes the page-table width, and ``target`` is the
-    bucket's fixed-address device buffer that the one host-to-device copy refreshes in place. ``max_seq_len``
+    bucket's fixed-address device buffer that the one host-to-device copy refreshes in place.
+    ``compose_on_device=(tokens, seqs)`` packs a device-composed step (:data:`DEVICE_COMPOSED`) padded to that
+    many tokens and sequences, with ``seqs`` logits rows (rows past the real ones read token 0). ``max_seq_len``
     (0: unchecked) rejects a chunk that reaches past it: the compiled graph knows no later position (its RoPE
     table ends there, passes/tabulate_rope.py).
 
@@ -115,7 +123,7 @@ def nest_sequences(
     if pad_to > len(chunks):
         chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
-    if not all_logits and all(len(c.token_ids) == 1 and c.want_logits for c in chunks):
+    if compose_on_device is None and not all_logits and all(len(c.token_ids) == 1 and c.want_logits for c in chunks):
         return _nest_decodes(chunks, page_size, device, packer, pages_width, target, max_seq_len, token_src)
     new_counts = [len(c.token_ids) for c in chunks]
     prefill = [i for i, n in enumerate(new_counts) if n != 1]
@@ -159,12 +167,37 @@ def nest_sequences(
     n_prefill = len(prefill)
     if token_src is not None and order[:token_src.numel()] != list(range(token_src.numel())):
         raise ValueError("token_src covers chunks that the packed layout reorders")
-    inputs = _device_inputs(arrays, (n_prefill, int(q_lens[:n_prefill].sum()), len(decode), int(q_lens.max())),
-                            max_pages, device, packer, target, token_src)
+    info = (n_prefill, int(q_lens[:n_prefill].sum()), len(decode), int(q_lens.max()))
+    if compose_on_device is not None:
+        info = _pad_device_composed(arrays, *compose_on_device)
+    inputs = _device_inputs(arrays, info, max_pages, device, packer, target, token_src)
     return StepBatch(
         inputs=inputs, order=order, logits_rows=logits_rows, num_tokens=n_tok,
         num_prefill=n_prefill, num_decode=len(decode),
     )
+
+
+def _pad_device_composed(arrays: dict[str, np.ndarray], num_tokens: int, num_seqs: int) -> tuple[int, ...]:
+    """Pad a packed step in place to ``num_tokens`` tokens and ``num_seqs`` sequences (and logits rows) for a
+    device-composed replay: padding tokens sit past the last sequence and write nowhere (slot -1); padding
+    sequences are empty. Returns the step's ``batch_info``."""
+    n_tok, n_seq, n_logits = arrays["input_ids"].size, arrays["seq_lens_kv"].size, arrays["logits_index"].size
+    if n_tok > num_tokens or n_seq > num_seqs or n_logits > num_seqs:
+        raise ValueError(f"step of {n_tok} tokens / {n_seq} sequences / {n_logits} logits rows does not fit a "
+                         f"{num_tokens}-token, {num_seqs}-sequence bucket")
+
+    def pad(name: str, size: int, value: int) -> None:
+        arr = arrays[name]
+        arrays[name] = np.concatenate([arr, np.full((size - arr.shape[0], *arr.shape[1:]), value, arr.dtype)])
+
+    pad("input_ids", num_tokens, 0)
+    pad("position_ids", num_tokens, 0)
+    pad("slot_mapping", num_tokens, -1)
+    pad("logits_index", num_seqs, 0)
+    pad("cu_seqlens_q", num_seqs + 1, n_tok)
+    pad("seq_lens_kv", num_seqs, 0)
+    pad("page_table", num_seqs, 0)
+    return (DEVICE_COMPOSED, num_tokens, num_seqs, num_tokens)
 
 
 def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch.device,
@@ -230,11 +263,12 @@ def _section_bytes(name: str, count: int) -> int:
     return (count * np.dtype(_dtype(name)).itemsize + 15) // 16 * 16
 
 
-def decode_step_nbytes(num_seqs: int, pages_width: int) -> int:
-    """Size of the packed inputs of a decode-only step of ``num_seqs`` sequences with a ``pages_width``-wide
-    page table: what a CUDA-graph bucket's fixed-address buffer must hold (cudagraph.py)."""
-    counts = {"input_ids": num_seqs, "position_ids": num_seqs, "slot_mapping": num_seqs, "logits_index": num_seqs,
-              "cu_seqlens_q": num_seqs + 1, "seq_lens_kv": num_seqs, "page_table": num_seqs * max(1, pages_width)}
+def step_nbytes(num_tokens: int, num_seqs: int, pages_width: int) -> int:
+    """Size of the packed inputs of a step of ``num_tokens`` tokens, ``num_seqs`` sequences (and as many logits
+    rows) with a ``pages_width``-wide page table: what a CUDA-graph bucket's fixed-address buffer must hold."""
+    counts = {"input_ids": num_tokens, "position_ids": num_tokens, "slot_mapping": num_tokens,
+              "logits_index": num_seqs, "cu_seqlens_q": num_seqs + 1, "seq_lens_kv": num_seqs,
+              "page_table": num_seqs * max(1, pages_width)}
     return sum(_section_bytes(name, n) for name, n in counts.items())
 
 

@@ -41,15 +41,12 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from autodeploy.cudagraph import DEFAULT_TOKEN_BUCKETS, non_owning_alias
 from autodeploy.metadata import STEP_INPUT_NAMES, SequenceChunk, StepBatch
 from autodeploy.numerics import rel_rms
 
 log = logging.getLogger(__name__)
 
-# Fine steps above ~256 tokens, where a step's GEMMs turn compute-bound and padding rows cost their share
-# (8B, 767 tokens padded to 1024: 29.9 vs 26.8 ms eager); below that the weights dominate and padding is cheap.
-DEFAULT_TOKEN_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792,
-                         2048)
 PROBE_TOKENS = (9, 23)  # two token counts unlike any model dimension: what changes between them is the token dim
 _TOKEN_INT = "int"  # token-info marker of an integer equal to the token count
 
@@ -144,15 +141,7 @@ class _CudaCapture:
         graph.replay()
         return graph.replay, out
 
-    @staticmethod
-    def alias(t: torch.Tensor) -> torch.Tensor:
-        """A tensor over ``t``'s memory that does not keep it alive (the pool keeps it for the graph)."""
-        make = getattr(torch._C, "_construct_storage_from_data_pointer", None)
-        if make is None:  # private API gone: keep the block (more memory, same results)
-            return t
-        st = t.untyped_storage()
-        storage = make(st.data_ptr(), t.device, st.nbytes())
-        return torch.empty(0, dtype=t.dtype, device=t.device).set_(storage, t.storage_offset(), t.shape, t.stride())
+    alias = staticmethod(non_owning_alias)
 
 
 class _EmulatedCapture:

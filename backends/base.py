@@ -55,6 +55,10 @@ class AttentionBackend:
     metadata_fields: tuple[str, ...] = ()
     # Higher wins in automatic selection among backends that support the model.
     priority: int = 0
+    # The cached op runs device-composed steps (``batch_info[0] == metadata.DEVICE_COMPOSED``): launches sized by
+    # tensor shapes alone, prefill/decode split read on the device, padding tokens (slot -1) and empty sequences
+    # ignored. Then one CUDA graph per token bucket serves every mixed step (cudagraph.MixedGraphRunner).
+    device_composed_steps: bool = False
     default_page_size: int = 16
 
     def available(self, device: torch.device, explicit: bool) -> tuple[bool, str]:

@@ -301,9 +301,15 @@ def bench_prefill(args, rows: list) -> None:
         context_attention(q, k_cache, v_cache, cu, seq_lens, page_table, out, num_seqs=1, max_q_len=s, scale=scale,
                           sliding_window=None, logit_softcap=None, sinks=None)  # fmt: skip
 
+    def run_flat():  # the grid of device-composed steps (whole-step CUDA graphs): sized by tokens and sequences
+        context_attention(q, k_cache, v_cache, cu, seq_lens, page_table, out, num_seqs=1, scale=scale,
+                          sliding_window=None, logit_softcap=None, sinks=None)  # fmt: skip
+
     flops = 4 * s * s * HQ * D / 2  # causal: half of the QK^T and PV products
     ms = time_cuda(run, args.reps, args.warmup)
-    row = dict(kind="prefill", seq_len=s, page_size=args.page_size, ms=ms, tflops=flops / (ms * 1e-3) / 1e12)
+    flat_ms = time_cuda(run_flat, args.reps, args.warmup)
+    row = dict(kind="prefill", seq_len=s, page_size=args.page_size, ms=ms, tflops=flops / (ms * 1e-3) / 1e12,
+               flat_grid_ms=flat_ms)
     if not args.no_sdpa:
         q4 = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, S, D]
         k = gather_contiguous(k_cache, page_table, s)
@@ -320,6 +326,7 @@ def bench_prefill(args, rows: list) -> None:
     rows.append(row)
     print(
         f"prefill S={s:<6d} causal          {ms * 1e3:9.1f} us  {row['tflops']:7.1f} TFLOP/s"
+        f" (flat grid {flat_ms * 1e3:.1f} us)"
         + (f" | sdpa {row['sdpa_ms'] * 1e3:9.1f} us {row['sdpa_tflops']:7.1f} TFLOP/s"
            f"  err {row['max_abs_err_vs_sdpa']:.2e}" if "sdpa_ms" in row else ""),  # fmt: skip
         flush=True,

@@ -86,7 +86,8 @@ def test_auto_picks_triton_on_cuda():
     assert "triton" in cm.explain()
 
 
-@pytest.mark.parametrize("lowering", ["torch-compile", "cudagraph", "cudagraph-decode", "torch-compile+cudagraph"])
+@pytest.mark.parametrize("lowering", ["torch-compile", "cudagraph", "cudagraph-piecewise", "cudagraph-decode",
+                                      "torch-compile+cudagraph"])
 def test_lowering_modes_match_eager_greedy_64(lowering):
     model = _llama(torch.float32, seed=1)
     cfg = SamplingConfig(max_new_tokens=64, ignore_eos=True)
@@ -103,12 +104,21 @@ def test_lowering_modes_match_eager_greedy_64(lowering):
         assert cm.graph_runner.replays != before, "decode steps should have replayed captured graphs"
 
 
-def test_cudagraph_with_changing_batch_composition():
+def _mixed_runner(cm):
+    """The runner of prefill/mixed steps: whole-step graphs (cudagraph) or pieces (cudagraph-piecewise)."""
+    runner = cm.mixed_graphs if cm.report.lowering == "cudagraph" else cm.piecewise
+    assert runner is not None and sorted(runner.captured) == runner.buckets
+    return runner
+
+
+@pytest.mark.parametrize("lowering", ["cudagraph", "cudagraph-piecewise"])
+def test_cudagraph_with_changing_batch_composition(lowering):
     """Sequences leave and join between steps (different buckets, prefill mixed in); every request's output
     equals its output run alone in eager mode."""
     model = _llama(torch.float32, seed=2)
     eager = autodeploy.compile(model, max_batch_size=16, max_seq_len=512, lowering="eager")
-    graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=512, lowering="cudagraph")
+    graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=512, lowering=lowering)
+    mixed = _mixed_runner(graph)
     prompts = _prompts(12, seed=3)
     lens = [8 + 5 * i for i in range(12)]
     engine = Engine(graph)
@@ -122,7 +132,7 @@ def test_cudagraph_with_changing_batch_composition():
         step += 1
     replayed = [b for b, n in graph.graph_runner.replays.items() if n > before.get(b, 0)]
     assert len(replayed) >= 2, replayed  # the batch moved between buckets
-    assert sum(graph.piecewise.replays.values()) > 0, "mixed steps should have replayed piecewise graphs"
+    assert sum(mixed.replays.values()) > 0, "mixed steps should have replayed captured graphs"
     got = [r.seqs[0].output_ids for r in reqs]
     ref = [Engine(eager).generate([prompts[i]], SamplingConfig(max_new_tokens=lens[i], ignore_eos=True))[0].output_ids
            for i in range(len(prompts))]
@@ -148,18 +158,20 @@ def test_async_scheduling_equals_sync_with_cuda_graphs():
     assert outs[True] == outs[False]
 
 
+@pytest.mark.parametrize("lowering", ["cudagraph", "cudagraph-piecewise"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_piecewise_mixed_steps_match_eager(dtype):
+def test_captured_mixed_steps_match_eager(dtype, lowering):
     """Prefill and mixed steps of many token counts (inside, at and across token buckets, sequences crossing
-    pages) through the piecewise graphs give the eager graph's logits; a small step after a large one in the same
-    bucket is unaffected by the stale padding rows."""
+    pages, decodes only behind a prefill) through whole-step graphs (device-composed) or piecewise graphs give
+    the eager graph's logits; a small step after a large one in the same bucket is unaffected by stale rows."""
     model = _llama(dtype, seed=5)
     eager = autodeploy.compile(model, max_batch_size=16, max_seq_len=1024, lowering="eager")
-    graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=1024, lowering="cudagraph")
-    assert graph.piecewise is not None and sorted(graph.piecewise.captured) == graph.piecewise.buckets
+    graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=1024, lowering=lowering)
+    mixed = _mixed_runner(graph)
     g = torch.Generator().manual_seed(7)
     for spec in ([(300, 0), (1, 40), (1, 90)], [(31, 0)], [(16, 0)], [(17, 5), (1, 64)], [(100, 0)],
-                 [(2, 0)] * 7 + [(1, 33)] * 9, [(700, 0), (1, 10)], [(40, 200), (60, 0), (1, 500)]):
+                 [(2, 0)] * 7 + [(1, 33)] * 9, [(700, 0), (1, 10)], [(40, 200), (60, 0), (1, 500)],
+                 [(3, 0), (1, 900), (1, 600)]):
         chunks, page = [], 0
         for n_new, cached in spec:
             need = -(-(cached + n_new) // graph.page_size)
@@ -167,8 +179,8 @@ def test_piecewise_mixed_steps_match_eager(dtype):
                                         list(range(page, page + need))))
             page += need
         ref = eager.forward(eager.pack(chunks)).float()
-        before = sum(graph.piecewise.replays.values())
-        got = graph.forward(graph.pack(chunks)).float()
-        assert sum(graph.piecewise.replays.values()) == before + 1, spec
+        before = sum(mixed.replays.values())
+        got = graph.forward(graph.pack(chunks)).float()[:ref.shape[0]]  # whole-step graphs pad logits rows
+        assert sum(mixed.replays.values()) == before + 1, spec
         err = ((got - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
         assert err < (1e-4 if dtype == torch.float32 else 2e-2), (spec, err)

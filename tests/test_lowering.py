@@ -10,14 +10,14 @@ from autodeploy.runtime.sampling import SamplingConfig
 from model_zoo import make_model
 
 
-@pytest.mark.parametrize("mode", ["cudagraph", "cudagraph-decode", "torch-compile+cudagraph"])
+@pytest.mark.parametrize("mode", ["cudagraph", "cudagraph-piecewise", "cudagraph-decode", "torch-compile+cudagraph"])
 def test_cudagraph_falls_back_on_cpu(caplog, mode):
     model = make_model("llama")
     with caplog.at_level(logging.WARNING, logger="autodeploy"):
         cm = autodeploy.compile(model, max_batch_size=2, max_seq_len=32, lowering=mode)
     assert f"{mode} lowering needs a CUDA device" in caplog.text
     assert cm.report.lowering == "eager" and "fell back" in cm.report.lowering_reason
-    assert cm.graph_runner is None and cm.piecewise is None
+    assert cm.graph_runner is None and cm.mixed_graphs is None and cm.piecewise is None
     assert cm.generate([[1, 2, 3]], max_new_tokens=4, ignore_eos=True)[0].__len__() == 4
 
 

@@ -83,20 +83,52 @@ def test_decode_fast_path_equals_general_path():
         nest_sequences([SequenceChunk([1], 8, [0, 1])], page_size=4)
 
 
-def test_decode_step_nbytes_is_the_packed_size():
-    """A CUDA-graph bucket's buffer (sized by decode_step_nbytes) holds a padded decode step exactly: a buffer
-    one 16-byte section smaller is refused."""
+def test_step_nbytes_is_the_packed_size():
+    """A CUDA-graph bucket's buffer (sized by step_nbytes) holds a padded decode step, and a device-composed
+    mixed step, exactly: a buffer one 16-byte section smaller is refused."""
     import pytest
     import torch
 
-    from autodeploy.metadata import SequenceChunk, decode_step_nbytes, nest_sequences
+    from autodeploy.metadata import SequenceChunk, nest_sequences, step_nbytes
 
     for n, bucket, width in ((1, 1, 3), (3, 4, 5), (5, 8, 2)):
         chunks = [SequenceChunk([7], 4 + i % 4, [i, i + 10]) for i in range(n)]
-        size = decode_step_nbytes(bucket, width)
+        size = step_nbytes(bucket, bucket, width)
         batch = nest_sequences(chunks, 4, pad_to=bucket, pad_page=99, pages_width=width,
                                target=torch.zeros(size, dtype=torch.uint8))
         assert batch.inputs["page_table"].shape == (bucket, width)
         with pytest.raises(ValueError, match="static input buffer"):
             nest_sequences(chunks, 4, pad_to=bucket, pad_page=99, pages_width=width,
                            target=torch.zeros(size - 16, dtype=torch.uint8))
+    chunks = [SequenceChunk([5] * 6, 0, [3, 4]), SequenceChunk([7], 4, [1, 2])]
+    size = step_nbytes(16, 4, 3)
+    batch = nest_sequences(chunks, 4, pages_width=3, compose_on_device=(16, 4),
+                           target=torch.zeros(size, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="static input buffer"):
+        nest_sequences(chunks, 4, pages_width=3, compose_on_device=(16, 4),
+                       target=torch.zeros(size - 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="does not fit"):
+        nest_sequences(chunks, 4, pages_width=3, compose_on_device=(4, 4))
+
+
+def test_device_composed_padding():
+    """Padding tokens come after every sequence and write nowhere; padding sequences are empty; batch_info says
+    the composition lives on the device; the real part equals the unpadded packing."""
+    import torch
+
+    from autodeploy.metadata import DEVICE_COMPOSED, SequenceChunk, nest_sequences
+
+    chunks = [SequenceChunk([1], 5, [0, 1]), SequenceChunk([2, 3, 4], 0, [2]), SequenceChunk([9], 2, [3])]
+    plain = nest_sequences(chunks, 4, pages_width=3)
+    padded = nest_sequences(chunks, 4, pages_width=3, compose_on_device=(8, 6))
+    p, q = plain.inputs, padded.inputs
+    assert q["batch_info"].tolist() == [DEVICE_COMPOSED, 8, 6, 8]
+    assert q["input_ids"].shape == (1, 8) and q["page_table"].shape == (6, 3)
+    assert q["input_ids"][0, :5].tolist() == p["input_ids"][0].tolist()
+    assert q["slot_mapping"].tolist() == p["slot_mapping"].tolist() + [-1] * 3
+    assert q["position_ids"][0, 5:].tolist() == [0] * 3
+    assert q["cu_seqlens_q"].tolist() == p["cu_seqlens_q"].tolist() + [5] * 3
+    assert q["seq_lens_kv"].tolist() == p["seq_lens_kv"].tolist() + [0] * 3
+    assert q["logits_index"].tolist() == p["logits_index"].tolist() + [0] * 3
+    assert torch.equal(q["page_table"][:3], p["page_table"]) and not q["page_table"][3:].any()
+    assert padded.logits_rows == plain.logits_rows and padded.order == plain.order

@@ -145,16 +145,19 @@ def _check(out, ref, dtype):
 
 def run_context(seqs, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None, softcap=None,
                 sinks=False):  # fmt: skip
+    """Both grids: one per sequence (``max_q_len``) and the flat one of device-composed steps (sized by the token
+    and sequence counts, each program looks its sequence up)."""
     c = make_case(seqs, hq, hkv, d, page_size, dtype, seed, with_sinks=sinks)
     scale = d**-0.5
-    out = torch.full_like(c["q"], float("nan"))
-    context_attention(
-        c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"], out,
-        num_seqs=len(seqs), max_q_len=c["max_q_len"], scale=scale, sliding_window=window,
-        logit_softcap=softcap, sinks=c["sinks"],
-    )  # fmt: skip
     ref = _ref(c, scale=scale, sliding_window=window, logit_softcap=softcap)
-    _check(out, ref, dtype)
+    for max_q_len in (c["max_q_len"], None):
+        out = torch.full_like(c["q"], float("nan"))
+        context_attention(
+            c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"], out,
+            num_seqs=len(seqs), max_q_len=max_q_len, scale=scale, sliding_window=window,
+            logit_softcap=softcap, sinks=c["sinks"],
+        )  # fmt: skip
+        _check(out, ref, dtype)
 
 
 def run_decode(lens, hq=4, hkv=2, d=64, page_size=16, dtype=torch.float32, seed=0, window=None, softcap=None,
@@ -322,6 +325,33 @@ def test_context_softcap_sinks():
 def test_context_zero_tokens_sequence():
     # a sequence with no new tokens this step must not write anything or break its neighbours
     run_context([(10, 3), (6, 0), (0, 5)], seed=60)
+
+
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_context_many_sequences(monkeypatch, block_m):
+    """Dozens of sequences of 0-9 new tokens: the flat grid's per-program binary search over the sequences'
+    first tiles (empty sequences, tiles straddling sequence starts) places every row."""
+    monkeypatch.setattr(attn_mod, "_context_config", lambda *a: (block_m, 16, 4, 1))
+    rng = torch.Generator().manual_seed(70 + block_m)
+    seqs = [(int(torch.randint(0, 40, (1,), generator=rng)), int(torch.randint(0, 10, (1,), generator=rng)))
+            for _ in range(37)]
+    run_context(seqs, hq=8, hkv=2, seed=71 + block_m)
+
+
+def test_context_skip_single_leaves_decodes():
+    """Device-composed steps: the flat grid skips one-token (decode) and empty sequences; the others match."""
+    seqs = [(10, 3), (6, 1), (0, 5), (4, 0), (9, 1), (0, 2)]
+    c = make_case(seqs, 4, 2, 64, 16, torch.float32, 61)
+    out = torch.full_like(c["q"], float("nan"))
+    context_attention(c["q"], c["k_cache"], c["v_cache"], c["cu_seqlens_q"], c["seq_lens_kv"], c["page_table"],
+                      out, num_seqs=len(seqs), scale=0.125, sliding_window=None, logit_softcap=None, sinks=None,
+                      skip_single=True)  # fmt: skip
+    ref = _ref(c, scale=0.125, sliding_window=None, logit_softcap=None)
+    cu = c["cu_seqlens_q"].tolist()
+    multi = torch.tensor([i for s, (_, n) in enumerate(seqs) if n > 1 for i in range(cu[s], cu[s + 1])])
+    single = [cu[s] for s, (_, n) in enumerate(seqs) if n == 1]
+    _check(out[multi], ref[multi], torch.float32)
+    assert torch.isnan(out[single].cpu()).all()
 
 
 # --------------------------------------------------------------------------------------------------------

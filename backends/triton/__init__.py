@@ -23,6 +23,7 @@ class TritonBackend(AttentionBackend):
     metadata_fields = ("decode_work", "decode_split_start")
     priority = 10
     default_page_size = 64
+    device_composed_steps = True
 
     def available(self, device: torch.device, explicit: bool) -> tuple[bool, str]:
         if not _HAS_TRITON:

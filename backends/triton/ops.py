@@ -12,6 +12,7 @@ from autodeploy.backends.triton.kernels.gated_act import gated_act
 from autodeploy.backends.triton.kernels.gemv import gemv
 from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_cache_write
+from autodeploy.metadata import DEVICE_COMPOSED
 
 
 def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
@@ -20,28 +21,54 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
                      sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
     """Prefill/extend tokens: RoPE + cache write (one kernel), then the flash kernel. Decode tokens: one launch
     does RoPE, their cache write and split-K attention over the partition table the metadata node derived
-    (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints."""
+    (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints, except in
+    a device-composed step (see :func:`_device_composed`)."""
+    if len(meta) != 2:
+        raise ValueError("triton cached attention expects meta = [decode_work, decode_split_start]")
     n_prefill, n_prefill_tok, n_decode, max_q = (int(x) for x in batch_info.tolist())
     out = torch.empty((q.shape[0], q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
     # the kernels index the last dim densely; a lowering may hand over other layouts (copies only then)
     k, v, cos, sin = (x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
+    kw = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
+    if n_prefill == DEVICE_COMPOSED:
+        return _device_composed(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
+                                slot_mapping, meta, out, kw)
     if n_prefill:
         p = slice(0, n_prefill_tok)
-        if cos is not None:
-            q_pre = rope_and_cache_write(q[p], k[p], v[p], cos[p], sin[p], k_cache, v_cache, slot_mapping[p])
-        else:
-            cache_write(k[p], v[p], k_cache, v_cache, slot_mapping[p])
-            q_pre = q[p]
-        context_attention(q_pre, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                          out[p], num_seqs=n_prefill, max_q_len=max_q, scale=scale,
-                          sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
+        q_pre = _rope_and_write(q[p], k[p], v[p], None if cos is None else cos[p], None if sin is None else sin[p],
+                                k_cache, v_cache, slot_mapping[p])
+        context_attention(q_pre, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, out[p],
+                          num_seqs=n_prefill, max_q_len=max_q, **kw)
     if n_decode:
-        if len(meta) != 2:
-            raise ValueError("triton cached attention expects meta = [decode_work, decode_split_start]")
-        decode_attention(q, k_cache, v_cache, seq_lens_kv, page_table, out, scale=scale,
-                         sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks,
-                         cu_seqlens_q=cu_seqlens_q, partition=(meta[0], meta[1]),
-                         new_kv=NewTokenKV(k, v, slot_mapping.reshape(-1), cos, sin))
+        decode_attention(q, k_cache, v_cache, seq_lens_kv, page_table, out, cu_seqlens_q=cu_seqlens_q,
+                         partition=(meta[0], meta[1]), new_kv=NewTokenKV(k, v, slot_mapping.reshape(-1), cos, sin),
+                         **kw)
+    return out
+
+
+def _rope_and_write(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], k_cache: Tensor,
+                    v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
+    """Write the tokens' K/V into the cache (rotating k first when ``cos`` is given); returns q, rotated."""
+    if cos is not None:
+        return rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def _device_composed(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
+                     k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor,
+                     slot_mapping: Tensor, meta: list[Tensor], out: Tensor, kw: dict) -> Tensor:
+    """A step whose split into prefill and decode sequences only the device knows (a CUDA graph captured per
+    token bucket and replayed for other steps): every launch is sized by the tensor shapes alone. All tokens
+    are rotated and written first (padding tokens carry slot -1), so the flash kernel (sequences of 2+ tokens)
+    and the split-K decode kernel (1-token sequences, from the partition table) both read a complete cache.
+    Rows of padding tokens are left unwritten."""
+    q_rot = _rope_and_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping.reshape(-1))
+    num_seqs = seq_lens_kv.shape[0]
+    context_attention(q_rot, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, out, num_seqs=num_seqs,
+                      skip_single=True, **kw)
+    decode_attention(q_rot, k_cache, v_cache, seq_lens_kv, page_table, out, cu_seqlens_q=cu_seqlens_q,
+                     partition=(meta[0], meta[1]), **kw)
     return out
 
 

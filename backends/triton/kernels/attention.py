@@ -248,9 +248,10 @@ def _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------------
 
 
-# The page-table width (stride_pt) of uncaptured steps changes from step to step; Triton would compile a new
-# variant whenever its value flips between ==1, divisible by 16 and neither (seconds each, mid-serving).
-@triton.jit(do_not_specialize=["stride_pt"])
+# The page-table width (stride_pt) and the sequence count of uncaptured steps change from step to step; Triton
+# would compile a new variant whenever a value flips between ==1, divisible by 16 and neither (seconds each,
+# mid-serving).
+@triton.jit(do_not_specialize=["stride_pt", "num_seqs"])
 def _context_attn_kernel(
     q_ptr,
     k_cache,
@@ -275,6 +276,7 @@ def _context_attn_kernel(
     softcap_scale,
     softcap_log2,
     window,
+    num_seqs,
     GROUP: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_D: tl.constexpr,
@@ -285,22 +287,49 @@ def _context_attn_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Grid ``(cdiv(max_q_len * GROUP, BLOCK_M), num_seqs, Hkv)``.
+    """Grid ``(cdiv(max_q_len * GROUP, BLOCK_M), num_seqs, Hkv)``, or with FLAT_GRID
+    ``(cdiv(T * GROUP, BLOCK_M) + num_seqs, Hkv)``: sized by the token and sequence counts only, so one launch
+    serves any split of T tokens into sequences (a CUDA graph replays it for other steps).
 
     The rows of a sequence's KV group are ``r = token * GROUP + head_in_group``; a program owns BLOCK_M
-    consecutive rows (no padding for non power-of-two groups). The key range is split in three phases:
-    window-edge tiles (masked), fully visible tiles (unmasked fast path), diagonal tiles (masked); tiles
-    fully outside the causal/window range are never visited.
-    """
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
-    kvh = tl.program_id(2)
+    consecutive rows of one sequence (no padding for non power-of-two groups). FLAT_GRID: sequence ``s``'s tiles
+    are programs ``first_tile(s) = (cu_seqlens_q[s] * GROUP) // BLOCK_M + s`` onwards, at least as many as its
+    rows need, the last sequence's within the grid; a program finds its sequence by binary search over
+    ``first_tile``. (The flat grid measured 7-10% slower on long prefills on an H100, so host-composed steps keep
+    the 3-D grid.) Programs past their sequence's rows exit. SKIP_SINGLE: one-token sequences are decodes,
+    attended by the decode kernel (device-composed steps).
 
-    q_start = tl.load(cu_seqlens_q + seq).to(tl.int32)
+    The key range is split in three phases: window-edge tiles (masked), fully visible tiles (unmasked fast
+    path), diagonal tiles (masked); tiles fully outside the causal/window range are never visited.
+    """
+    if FLAT_GRID:
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        # the last sequence whose first tile is <= pid (first_tile is strictly increasing): SEARCH_STEPS halvings
+        lo = pid * 0
+        hi = lo + num_seqs
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            go = (tl.load(cu_seqlens_q + mid).to(tl.int32) * GROUP) // BLOCK_M + mid <= pid
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        seq = lo
+        q_start = tl.load(cu_seqlens_q + seq).to(tl.int32)
+        pid_m = pid - ((q_start * GROUP) // BLOCK_M + seq)
+    else:
+        pid_m = tl.program_id(0)
+        seq = tl.program_id(1)
+        kvh = tl.program_id(2)
+        q_start = tl.load(cu_seqlens_q + seq).to(tl.int32)
     q_len = tl.load(cu_seqlens_q + seq + 1).to(tl.int32) - q_start
+    if SKIP_SINGLE and q_len <= 1:
+        return
     n_rows = q_len * GROUP
     row0 = pid_m * BLOCK_M
     if row0 >= n_rows:
@@ -645,6 +674,12 @@ def _decode_config(block_d: int, dtype: torch.dtype):
     return 64, 4, 3
 
 
+def _search_steps(num_seqs: int) -> int:
+    """Halvings that find a program's sequence among ``num_seqs`` (rounded up to a multiple of 4: each value is
+    a compiled variant, and every token bucket of the whole-step graphs has its own sequence count)."""
+    return -(-num_seqs.bit_length() // 4) * 4
+
+
 def context_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -655,22 +690,25 @@ def context_attention(
     out: torch.Tensor,
     *,
     num_seqs: int,
-    max_q_len: int,
     scale: float,
     sliding_window: Optional[int],
     logit_softcap: Optional[float],
     sinks: Optional[torch.Tensor],
+    max_q_len: Optional[int] = None,
+    skip_single: bool = False,
 ) -> None:
     """Causal paged attention for prefill/extend sequences, written into ``out`` ``[Tq, Hq, D]``.
 
     ``cu_seqlens_q[:num_seqs+1]`` are the query offsets into q/out, ``seq_lens_kv[s]`` the total KV length
-    (cached + new, already in the cache), ``page_table[s]`` the sequence's pages. ``max_q_len`` is a host
-    int (upper bound on the new tokens of any sequence) that sizes the grid.
+    (cached + new, already in the cache), ``page_table[s]`` the sequence's pages. ``max_q_len`` (a host int,
+    an upper bound on any sequence's new tokens) sizes a grid per sequence; without it the grid depends only on
+    ``Tq`` and ``num_seqs`` (no device value is read on the host: CUDA-graph capturable). ``skip_single``
+    leaves one-token sequences (decodes) and empty ones alone.
     """
     _common_checks(q, k_cache, v_cache, out)
-    if num_seqs <= 0 or max_q_len <= 0:
+    if num_seqs <= 0 or q.shape[0] == 0 or max_q_len == 0:
         return
-    _, hq, d = q.shape
+    t, hq, d = q.shape
     _, page_size, hkv, _ = k_cache.shape
     group = hq // hkv
     block_d = triton.next_power_of_2(max(d, 16))
@@ -678,7 +716,11 @@ def context_attention(
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
     has_window, window = _window(sliding_window)
     interp = _interpreting()
-    grid = (triton.cdiv(max_q_len * group, block_m), num_seqs, hkv)
+    flat = max_q_len is None
+    if flat:
+        grid = (triton.cdiv(t * group, block_m) + num_seqs, hkv)
+    else:
+        grid = (triton.cdiv(max_q_len * group, block_m), num_seqs, hkv)
     _context_attn_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens_kv, page_table,
         sinks if sinks is not None else q,
@@ -686,11 +728,11 @@ def context_attention(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
-        qk_scale, softcap_scale, softcap_log2, window,
+        qk_scale, softcap_scale, softcap_log2, window, num_seqs,
         GROUP=group, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
-        UPCAST=interp, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        FLAT_GRID=flat, SEARCH_STEPS=_search_steps(num_seqs) if flat else 0, SKIP_SINGLE=skip_single,
+        UPCAST=interp, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 
