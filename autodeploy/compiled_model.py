@@ -86,6 +86,13 @@ class CompiledModel:
         graph captures) write their KV there, where no request's pages are."""
         return [self.scratch_page] * max(1, math.ceil(num_positions / self.page_size))
 
+    def dummy_prefill(self, num_tokens: int) -> list[SequenceChunk]:
+        """Prefill-only dummy sequences of ``num_tokens`` tokens in all, none longer than ``max_seq_len``, every KV
+        write into the scratch page: the steps graph captures run on."""
+        longest = self.max_seq_len
+        lengths = [longest] * (num_tokens // longest) + ([num_tokens % longest] if num_tokens % longest else [])
+        return [SequenceChunk([0] * n, 0, self.scratch_pages(n)) for n in lengths]
+
     def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False,
              token_src: Optional[torch.Tensor] = None) -> StepBatch:
         """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences)."""

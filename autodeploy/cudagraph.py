@@ -179,12 +179,6 @@ class MixedGraphRunner(_BucketedGraphs):
                                     compose_on_device=(entry.size, self.seqs_for(entry.size)))
         return self._claim(batch, entry)
 
-    def dummy_chunks(self, tokens: int) -> list[SequenceChunk]:
-        """Prefill-only dummy sequences of ``tokens`` tokens in all, every KV write into the scratch page."""
-        longest = self.cm.max_seq_len
-        lengths = [longest] * (tokens // longest) + ([tokens % longest] if tokens % longest else [])
-        return [SequenceChunk([0] * n, 0, self.cm.scratch_pages(n)) for n in lengths]
-
     def capture_all(self) -> None:
         """Capture every bucket, largest first (the pool grows once, the smaller graphs reuse its blocks). A
         capture that fails disables the runner with a log line: those steps then run uncaptured."""
@@ -192,9 +186,9 @@ class MixedGraphRunner(_BucketedGraphs):
             if self.disabled:
                 return
             if size not in self._entries or self._entries[size].graph is None:
-                self.run(self.pack(self.dummy_chunks(size)))
+                self.run(self.pack(self.cm.dummy_prefill(size)))
 
-    def run(self, batch: StepBatch) -> torch.Tensor:
+    def run(self, batch: StepBatch) -> Any:
         try:
             return super().run(batch)
         except Exception as exc:  # noqa: BLE001 - any capture failure: log, disable, run this step eagerly
@@ -204,5 +198,4 @@ class MixedGraphRunner(_BucketedGraphs):
             log.warning("mixed-step CUDA graphs disabled: capturing the %d-token bucket failed (%s: %s); "
                         "prefill/mixed steps run uncaptured", batch.bucket, type(exc).__name__, exc)
             torch.cuda.synchronize()
-            out = self.fn(**batch.inputs, **self.cm.caches)
-            return out[0] if isinstance(out, (tuple, list)) else out
+            return self.fn(**batch.inputs, **self.cm.caches)  # a device-composed step runs eagerly as well

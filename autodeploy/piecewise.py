@@ -298,12 +298,6 @@ class PiecewiseGraphRunner:
             return False
 
     # -- probing and capture -------------------------------------------------------------------------------
-    def _dummy_step(self, num_tokens: int) -> StepBatch:
-        """Prefill-only dummy sequences of ``num_tokens`` tokens in all, every KV write into the scratch page."""
-        longest = max(1, self.cm.max_seq_len - 1)
-        lengths = [longest] * (num_tokens // longest) + ([num_tokens % longest] if num_tokens % longest else [])
-        return self.cm.packer.pack([SequenceChunk([0] * n, 0, self.cm.scratch_pages(n)) for n in lengths])
-
     def _run_mode(self, mode: str, batch: StepBatch, bucket: int = 0) -> Any:
         """Run the split graph with the segments in ``mode`` (eager | probe | capture | replay) for this step;
         ``bucket``: the token bucket replayed (default: the step's own token count)."""
@@ -365,7 +359,7 @@ class PiecewiseGraphRunner:
     @torch.inference_mode()
     def _capture(self, bucket: int) -> None:
         t0 = time.perf_counter()
-        batch = self._dummy_step(bucket)
+        batch = self.cm.packer.pack(self.cm.dummy_prefill(bucket))
         on_gpu = isinstance(self.capturer, _CudaCapture)
         stream = torch.cuda.Stream() if on_gpu else None
         if on_gpu:
