@@ -26,11 +26,11 @@ from autodeploy.runtime.scheduler import AdmissionPolicy  # noqa: E402
 
 def __getattr__(name: str):
     if name == "LLM":
-        from autodeploy.llm import LLM
+        from autodeploy.entrypoints.llm import LLM
 
         return LLM
     if name == "CompiledModel":
-        from autodeploy.compiled_model import CompiledModel
+        from autodeploy.runtime.compiled_model import CompiledModel
 
         return CompiledModel
     raise AttributeError(f"module 'autodeploy' has no attribute {name!r}")

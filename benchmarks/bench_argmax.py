@@ -1,4 +1,4 @@
-"""Greedy pick over the vocabulary: torch.argmax vs the chunked argmax kernels (autodeploy/runtime/argmax.py).
+"""Greedy pick over the vocabulary: torch.argmax vs the chunked argmax kernels (backends/triton/kernels/argmax.py).
 
 Times each as a CUDA-graph replay of 20 calls (so launch overhead is not what is measured) and checks that both
 agree. Usage: python benchmarks/bench_argmax.py [--vocab 128256] [--batches 1,8,64] [--chunks 1024,2048,4096]
@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from autodeploy.runtime.argmax import chunked_argmax
+from autodeploy.backends.triton.kernels.argmax import chunked_argmax
 
 
 def time_graph(fn, reps: int = 20, iters: int = 50) -> float:
@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,8,64")
     p.add_argument("--chunks", default="4096", help="first-stage chunk sizes to compare (powers of two)")
     args = p.parse_args()
-    import autodeploy.runtime.argmax as am
+    import autodeploy.backends.triton.kernels.argmax as am
 
     for b in (int(x) for x in args.batches.split(",")):
         for dtype in (torch.bfloat16, torch.float32):

@@ -108,7 +108,7 @@ def profile_breakdown(cm, batch: int, ctx: int, vocab: int) -> dict:
     the decode table's own column (wall time the GPU does not see)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from autodeploy.runtime.argmax import argmax_rows
+    from autodeploy.backends.triton.kernels.argmax import argmax_rows
 
     chunks = decode_chunks(cm, batch, ctx)
     host = torch.empty(batch, dtype=torch.int64, pin_memory=True)
@@ -240,9 +240,9 @@ def _drop_backend_pass(name: str) -> None:
 
 
 def _drop_pass(name: str) -> None:
-    from autodeploy import compiler
+    from autodeploy.compiler.pipeline import DEFAULT_PASSES
 
-    compiler.DEFAULT_PASSES = [n for n in compiler.DEFAULT_PASSES if n != name]
+    DEFAULT_PASSES[:] = [n for n in DEFAULT_PASSES if n != name]
 
 
 # Switches that put back an earlier path, for side-by-side runs: flag -> (help, what it does).
@@ -252,7 +252,7 @@ TUNING_SWITCHES = {
     "torch-argmax": ("greedy picks with torch.argmax instead of the chunked argmax kernels",
                      lambda: _patch("autodeploy.runtime.engine", "argmax_rows", _torch_argmax)),
     "copy-engine-upload": ("upload step inputs with cudaMemcpyAsync instead of the upload kernel",
-                           lambda: _patch("autodeploy.step_upload", "KERNEL_MAX_BYTES", -1)),
+                           lambda: _patch("autodeploy.metadata.upload", "KERNEL_MAX_BYTES", -1)),
     "no-gated-gemv": ("keep the gated activation as its own kernel after the batch-1 gate/up GEMM",
                       lambda: _drop_backend_pass("fuse_gemv_gated_act")),
     "no-rope-table": ("compute RoPE cos/sin in the graph instead of gathering them from a table",
@@ -350,7 +350,7 @@ def main() -> None:
     if not args.cb_only:
         prefill_and_profile(cm, args, res, batches, vocab)
     if args.cb_requests:
-        from autodeploy.bench import admission_policy, make_workload, run_workload
+        from autodeploy.entrypoints.bench import admission_policy, make_workload, run_workload
         from autodeploy.runtime.engine import Engine
 
         wl = make_workload(args.cb_requests, args.cb_input, args.cb_output, float("inf"), vocab, 0)

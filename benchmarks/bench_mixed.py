@@ -91,7 +91,7 @@ def main() -> None:
             print(f"{d:>7} {pre:>7} {d + pre:>6} " + " ".join(f"{w:20.2f}" for w in walls)
                   + f" {busy:11.2f} {busy_first:8.2f} {walls[-1] / walls[0]:7.2f}x", flush=True)
     if args.requests:
-        from autodeploy.bench import make_workload, run_workload
+        from autodeploy.entrypoints.bench import make_workload, run_workload
         from autodeploy.runtime.engine import Engine
 
         wl = make_workload(args.requests, args.input, args.output, args.rate, vocab, 0)

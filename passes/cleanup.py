@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, is_op, remove_dead_code, same_shape, static_int, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, is_op, remove_dead_code, same_shape, static_int, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 _ASSERTS = (aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
             aten._assert_async)

@@ -12,9 +12,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import fx
 
-from autodeploy.compile_cache import DERIVED_META
-from autodeploy.graph_utils import arg, aten, concat_shared, getattr_path, getitem, is_op, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import DERIVED_META, arg, aten, concat_shared, getattr_path, getitem, is_op, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 log = logging.getLogger(__name__)
 

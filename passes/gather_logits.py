@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from torch import fx
 
-from autodeploy.graph_utils import add_placeholder, aten, is_op
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import add_placeholder, aten, is_op
+from autodeploy.graph.passes import PassResult, register_pass
 
 # Ops allowed between the LM head and the graph output (Gemma's final softcap, casts).
 _ELEMENTWISE = (aten.mul, aten.div, aten.tanh, aten.to, aten._to_copy, aten.add, aten.sub, aten.alias)

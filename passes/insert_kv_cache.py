@@ -15,11 +15,11 @@ from torch import fx
 
 from autodeploy.backends import AttentionSpec, select_backend
 from autodeploy.errors import UnsupportedModelError
-from autodeploy.graph_utils import (
+from autodeploy.graph.utils import (
     add_placeholder, aten, flatten_heads, getitem, is_op, last_placeholder, placeholders, static_int, val,
 )
 from autodeploy.metadata import METADATA_OP_INPUTS, STEP_INPUT_NAMES
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Node, AttentionSpec]]:

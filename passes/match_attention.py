@@ -17,8 +17,8 @@ from typing import Optional, Union
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, ancestors, arg, is_op, scalar_constant, subgraph_module, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, ancestors, arg, is_op, scalar_constant, subgraph_module, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 _CASTS = (aten.to, aten._to_copy, aten.type_as)
 

@@ -9,8 +9,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, is_op, scalar_constant, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, is_op, scalar_constant, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 _CASTS = (aten.to, aten._to_copy)
 

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, getitem, is_op, node_order, static_int, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, getitem, is_op, node_order, static_int, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 def _rotate_half_source(node) -> Optional[fx.Node]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, is_op, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, is_op, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 def _repeat_source(x) -> fx.Node | None:

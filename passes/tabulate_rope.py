@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import ancestors, aten, is_op, remove_dead_code, subgraph_module, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import ancestors, aten, is_op, remove_dead_code, subgraph_module, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 TABLE_NAME = "rope_cos_sin_table"
 

@@ -87,7 +87,7 @@ def test_policy_validation():
 
 def test_cli_rejects_bad_policy_with_a_clear_error(capsys):
     """The CLI names the bad setting (exit code 2, no stack trace)."""
-    from autodeploy.cli import main
+    from autodeploy.entrypoints.cli import main
 
     assert main(["bench", "--num-requests", "1", "--admit-min-tokens", "-1"]) == 2
     assert "invalid admission policy" in capsys.readouterr().err

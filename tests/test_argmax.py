@@ -11,8 +11,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-import autodeploy.runtime.argmax as am  # noqa: E402
-from autodeploy.runtime.argmax import argmax_rows, chunked_argmax  # noqa: E402
+import autodeploy.backends.triton.kernels.argmax as am  # noqa: E402
+from autodeploy.backends.triton.kernels.argmax import argmax_rows, chunked_argmax  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"

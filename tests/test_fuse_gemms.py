@@ -7,8 +7,7 @@ import torch
 from torch import fx, nn
 
 import autodeploy
-from autodeploy.compile_cache import DERIVED_META
-from autodeploy.graph_utils import aten, getattr_path, is_op
+from autodeploy.graph.utils import DERIVED_META, aten, getattr_path, is_op
 from autodeploy.metadata import SequenceChunk
 from autodeploy.passes.fuse_gemms import FUSED_PREFIX, fuse_gemms
 from helpers import rel_rms

@@ -77,7 +77,7 @@ def test_metrics_are_reported(checkpoint):
 
 
 def test_cli_generate_streams_builtin():
-    res = subprocess.run([sys.executable, "-m", "autodeploy.cli", "generate", "--model", "builtin", "--prompt",
+    res = subprocess.run([sys.executable, "-m", "autodeploy.entrypoints.cli", "generate", "--model", "builtin", "--prompt",
                           "1,2,3", "--max-new-tokens", "5", "--max-seq-len", "64"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -86,14 +86,14 @@ def test_cli_generate_streams_builtin():
 
 
 def test_cli_reports_bad_input_cleanly():
-    res = subprocess.run([sys.executable, "-m", "autodeploy.cli", "generate", "--model", "/no/such/dir",
+    res = subprocess.run([sys.executable, "-m", "autodeploy.entrypoints.cli", "generate", "--model", "/no/such/dir",
                           "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "error:" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_bench_reports_json(tmp_path):
     out = tmp_path / "bench.json"
-    res = subprocess.run([sys.executable, "-m", "autodeploy.cli", "bench", "--num-requests", "12", "--input-len",
+    res = subprocess.run([sys.executable, "-m", "autodeploy.entrypoints.cli", "bench", "--num-requests", "12", "--input-len",
                           "4:12", "--output-len", "4:8", "--max-batch-size", "8", "--max-seq-len", "64",
                           "--arrival-rate", "200", "--no-progress", "--json", str(out)],
                          capture_output=True, text=True, timeout=300)

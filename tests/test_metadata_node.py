@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import autodeploy
-from autodeploy.graph_utils import aten, is_op
+from autodeploy.graph.utils import aten, is_op
 from autodeploy.metadata import SequenceChunk, nest_sequences
 from model_zoo import make_model
 

@@ -1,4 +1,4 @@
-"""Piecewise graphs for prefill/mixed steps (autodeploy/piecewise.py), on CPU through the emulated capture: the
+"""Piecewise graphs for prefill/mixed steps (autodeploy/lowering/piecewise.py), on CPU through the emulated capture: the
 split, the probe of token dims and row-wise pieces, and the static-buffer plumbing (padding rows, cutting back,
 copies into fixed addresses) against the eager graph. The real CUDA-graph capture is covered in test_gpu.py."""
 
@@ -9,10 +9,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import autodeploy
-from autodeploy.graph_utils import is_op
+from autodeploy.graph.utils import is_op
 from autodeploy.lowering import direct_call_module
 from autodeploy.metadata import SequenceChunk
-from autodeploy.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
+from autodeploy.lowering.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
 
 from helpers import rel_rms
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from autodeploy.metadata import SequenceChunk, nest_sequences  # noqa: E402
-from autodeploy.step_upload import upload  # noqa: E402
+from autodeploy.metadata.upload import upload  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEV = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"

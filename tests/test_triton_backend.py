@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import autodeploy
-from autodeploy.graph_utils import is_op
+from autodeploy.graph.utils import is_op
 from autodeploy.metadata import SequenceChunk
 from helpers import rel_rms
 from model_zoo import make_model

@@ -24,7 +24,7 @@ import torch
 
 from autodeploy.errors import CacheCapacityError, InvalidRequestError
 from autodeploy.metadata import SequenceChunk
-from autodeploy.runtime.argmax import argmax_rows
+from autodeploy.backends.triton.kernels.argmax import argmax_rows
 from autodeploy.runtime.beam_search import BeamSearchState
 from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
@@ -74,7 +74,7 @@ class EngineStats:
 
 
 class Engine:
-    """In-flight batching over a :class:`~autodeploy.compiled_model.CompiledModel`."""
+    """In-flight batching over a :class:`~autodeploy.runtime.compiled_model.CompiledModel`."""
 
     def __init__(self, cm: Any, logits_processors: Sequence[Any] = (), stopping_criteria: Sequence[Any] = (),
                  tokenizer: Any = None, max_batch_size: Optional[int] = None,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from autodeploy.errors import SamplingConfigError
-from autodeploy.runtime.argmax import argmax_rows
+from autodeploy.backends.triton.kernels.argmax import argmax_rows
 from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria, StopOnStrings, StopOnTokens
 
 __all__ = [

@@ -54,11 +54,11 @@ class TritonBackend(AttentionBackend):
         return torch.ops.autodeploy.triton_cached_attention.default
 
     def graph_passes(self):
-        from autodeploy.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
-        from autodeploy.passes.fuse_gated_act import fuse_gated_act
-        from autodeploy.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
-        from autodeploy.passes.fuse_rope_cache_write import fuse_rope_cache_write
-        from autodeploy.passes.skinny_gemm import skinny_gemm
+        from autodeploy.backends.triton.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+        from autodeploy.backends.triton.passes.fuse_gated_act import fuse_gated_act
+        from autodeploy.backends.triton.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
+        from autodeploy.backends.triton.passes.fuse_rope_cache_write import fuse_rope_cache_write
+        from autodeploy.backends.triton.passes.skinny_gemm import skinny_gemm
 
         return [fuse_rope_cache_write, fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act]
 

@@ -153,7 +153,7 @@ def admission_policy(min_tokens: Optional[int], max_wait: Optional[int]):
 def run_bench(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from autodeploy.cli import _compile
+    from autodeploy.entrypoints.common import compile_from_args as _compile
     from autodeploy.runtime.engine import Engine
 
     console = Console(stderr=True)

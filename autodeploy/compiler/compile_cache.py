@@ -23,12 +23,11 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import concat_shared, getattr_path
+from autodeploy.graph.utils import DERIVED_META, concat_shared, getattr_path
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3
-DERIVED_META = "derived_from"  # get_attr node meta key of a derived tensor's recipe (written by passes)
 _SOURCE_HASH: Optional[str] = None
 
 
@@ -39,10 +38,8 @@ def default_cache_dir() -> Path:
 def _source_hash() -> str:
     global _SOURCE_HASH
     if _SOURCE_HASH is None:
-        import autodeploy
-
         h = hashlib.sha256()
-        roots = [Path(p) for p in autodeploy.__path__]
+        roots = [Path(__file__).resolve().parents[1]]  # the autodeploy package
         for sub in ("passes", "backends", "models"):
             mod = __import__(f"autodeploy.{sub}", fromlist=["_"])
             roots += [Path(p) for p in mod.__path__]

@@ -12,7 +12,7 @@ start-up (``compile(warmup=True)``, the default); a bucket still missing is capt
   attention sizes every launch by tensor shapes alone and reads the split into prefill and decode sequences on
   the device. One graph per token bucket then serves every composition. Backends opt in
   (``AttentionBackend.device_composed_steps``); for the others the lowering uses piecewise graphs
-  (:mod:`autodeploy.piecewise`).
+  (:mod:`autodeploy.lowering.piecewise`).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, is_op, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, is_op, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -1,48 +1,23 @@
 """Runs graph passes in order, lints after each, and records what each did for ``explain()``.
 
-A pass is a plain function ``fn(gm, ctx) -> PassResult`` registered by name with :func:`register_pass`.
-Passes live one per file under ``passes/``.
+Passes are plain functions registered by name (``autodeploy.graph.passes``); generic ones live one per file
+under ``passes/``, backend-specific ones under their backend (``backends/<name>/passes/``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import fx
 
-from autodeploy.graph_utils import remove_dead_code
-from autodeploy.report import CompileReport, PassRecord
+from autodeploy.graph.passes import PASSES
+from autodeploy.graph.utils import remove_dead_code
+from autodeploy.compiler.report import CompileReport, PassRecord
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PassResult:
-    """What a pass did: how many patterns it rewrote, and notes worth showing the user."""
-
-    num_matches: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def changed(self) -> bool:
-        return self.num_matches > 0
-
-
-PassFn = Callable[[fx.GraphModule, Any], PassResult]
-PASSES: dict[str, PassFn] = {}
-
-
-def register_pass(name: str) -> Callable[[PassFn], PassFn]:
-    def deco(fn: PassFn) -> PassFn:
-        PASSES[name] = fn
-        fn.pass_name = name  # type: ignore[attr-defined]
-        return fn
-
-    return deco
 
 
 class PassManager:

@@ -14,7 +14,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from autodeploy.cli import _compile
+    from autodeploy.entrypoints.common import compile_from_args as _compile
     from autodeploy.metadata import SequenceChunk
     from autodeploy.runtime.engine import Engine
     from autodeploy.runtime.sampling import SamplingConfig

@@ -8,19 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def _model_arg(spec: str, dtype: torch.dtype, device: str) -> Any:
-    """``builtin`` / ``builtin:NAME`` build a random-weight model; anything else is a checkpoint directory."""
-    if spec == "builtin" or spec.startswith("builtin:"):
-        from autodeploy.models.builtin import build_builtin
-
-        name = spec.split(":", 1)[1] if ":" in spec else "tiny-llama"
-        return build_builtin(name, dtype=dtype, device=device)
-    return spec
-
+from autodeploy.entrypoints.common import DTYPES, model_arg, resolve_cache_dir, resolve_dtype
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin", help="checkpoint dir, or builtin[:NAME] (random weights)")
@@ -39,45 +27,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def _dtype(args: argparse.Namespace) -> torch.dtype:
-    if args.dtype:
-        return DTYPES[args.dtype]
-    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-
-
-def _cache_dir(args: argparse.Namespace) -> Optional[str]:
-    if args.cache_dir == "none":
-        return None
-    from autodeploy.compile_cache import default_cache_dir
-
-    return args.cache_dir or str(default_cache_dir())
-
-
-def _compile(args: argparse.Namespace, **extra: Any):
-    import autodeploy
-
-    model = _model_arg(args.model, _dtype(args), args.device)
-    return model, autodeploy.compile(
-        model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
-        lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size,
-        cache_dir=_cache_dir(args), **extra)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     """Compile the built-in model, check it against HF, generate, and report speed and the compile report."""
-    from autodeploy.demo import run_demo
+    from autodeploy.entrypoints.demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from autodeploy.llm import LLM
+    from autodeploy.entrypoints.llm import LLM
     from autodeploy.runtime.sampling import SamplingConfig
 
-    model = _model_arg(args.model, _dtype(args), args.device)
+    model = model_arg(args.model, resolve_dtype(args), args.device)
     llm = LLM(model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
-              lowering=args.lowering, dtype=_dtype(args), device=args.device, page_size=args.page_size,
-              cache_dir=_cache_dir(args))
+              lowering=args.lowering, dtype=resolve_dtype(args), device=args.device, page_size=args.page_size,
+              cache_dir=resolve_cache_dir(args))
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, seed=args.seed)
     prompt: Any = args.prompt
@@ -105,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from autodeploy.bench import run_bench
+    from autodeploy.entrypoints.bench import run_bench
 
     return run_bench(args)
 

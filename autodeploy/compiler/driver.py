@@ -5,48 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 import autodeploy.ops  # noqa: F401  (registers the canonical ops)
-from autodeploy import compile_cache
-from autodeploy.pass_manager import PassManager
-from autodeploy.report import CompileReport
+from autodeploy.compiler import compile_cache
+from autodeploy.compiler.context import CompileContext
+from autodeploy.compiler.pass_manager import PassManager
+from autodeploy.compiler.pipeline import DEFAULT_PASSES
+from autodeploy.compiler.report import CompileReport
 
 log = logging.getLogger(__name__)
-
-# The pipeline, in order. Each name is a file under passes/.
-DEFAULT_PASSES = [
-    "cleanup", "match_attention", "remove_repeat_kv", "match_rope", "tabulate_rope", "match_rmsnorm",
-    "gather_logits", "insert_kv_cache", "fuse_gemms",
-]
-
-
-@dataclass
-class CompileContext:
-    """Settings and facts shared by the passes of one compile."""
-
-    max_batch_size: int
-    max_seq_len: int
-    max_num_tokens: int
-    page_size: int
-    device: torch.device
-    dtype: torch.dtype
-    backend: str
-    report: CompileReport
-    unmatched_attention: list[tuple[str, str]] = field(default_factory=list)
-    attention_backend: Any = None
-    attention_specs: list = field(default_factory=list)
-    cache_input_names: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _restore(ctx: CompileContext, state: dict, page_size: Optional[int]):
     """Fill the context from a compile-cache entry (what the passes would have recorded)."""
     from autodeploy.backends import AttentionSpec
-    from autodeploy.report import PassRecord
+    from autodeploy.compiler.report import PassRecord
 
     ctx.attention_backend = state["backend_obj"]
     ctx.attention_specs = [AttentionSpec(**{**s, "dtype": ctx.dtype}) for s in state["specs"]]
@@ -94,7 +71,7 @@ def compile(
     ``warmup``: on a GPU, run one dummy mixed step after lowering (``CompiledModel.warmup``) so kernels JIT-compile
     at start-up instead of inside the first requests.
     """
-    from autodeploy.compiled_model import CompiledModel
+    from autodeploy.runtime.compiled_model import CompiledModel
     from autodeploy.models import export_model, load_model, model_info
 
     if max_batch_size < 1 or max_seq_len < 2:

@@ -8,8 +8,8 @@ import operator
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, flatten_heads, is_op, unflatten_source, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, flatten_heads, is_op, unflatten_source, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 def _rope_output(x, index: int):

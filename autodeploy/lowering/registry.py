@@ -65,7 +65,7 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest:
     if cm.device.type != "cuda" or not torch.cuda.is_available():
         log.warning("%s lowering needs a CUDA device; %s runs the eager graph instead", mode, cm.device)
         return None, f"{mode} needs a CUDA device; fell back to eager on {cm.device.type}"
-    from autodeploy.cudagraph import CudaGraphRunner, MixedGraphRunner
+    from autodeploy.lowering.cudagraph import CudaGraphRunner, MixedGraphRunner
 
     fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
@@ -81,7 +81,7 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest:
         else:
             log.warning("no token bucket fits max_num_tokens %d; prefill/mixed steps %s", cm.max_num_tokens, rest)
     elif mixed == "piecewise":
-        from autodeploy.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
+        from autodeploy.lowering.piecewise import PiecewiseGraphRunner, PiecewiseUnsupported
 
         try:
             cm.piecewise = PiecewiseGraphRunner(cm, fn)

@@ -128,7 +128,7 @@ class CompiledModel:
         through every power of two up to ``max_batch_size``: kernels size some blocks by it. Every KV write lands
         in the scratch page, which the cache manager never hands out. With CUDA graphs, every decode bucket is
         captured here too (a lazy capture stalled its first step by 130-350 ms mid-serving). Returns seconds."""
-        from autodeploy.runtime.argmax import argmax_rows
+        from autodeploy.backends.triton.kernels.argmax import argmax_rows
 
         t0 = time.perf_counter()
         n = max(1, min(self.max_num_tokens // 2, self.max_seq_len - 1, self.page_size + 3))

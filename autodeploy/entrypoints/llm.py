@@ -33,7 +33,7 @@ class StreamEvent:
 class LLM:
     def __init__(self, model_or_path: Any, tokenizer: Any = None, logits_processors: Sequence[Any] = (),
                  stopping_criteria: Sequence[Any] = (), **compile_options: Any):
-        from autodeploy.compiler import compile as ad_compile
+        from autodeploy.compiler.driver import compile as ad_compile
 
         self.compiled = ad_compile(model_or_path, **compile_options)
         self.tokenizer = tokenizer if tokenizer is not None else self.compiled.info.tokenizer

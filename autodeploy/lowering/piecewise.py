@@ -41,7 +41,7 @@ from torch import fx
 from torch.fx.passes.split_module import split_module
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from autodeploy.cudagraph import DEFAULT_TOKEN_BUCKETS, non_owning_alias
+from autodeploy.lowering.cudagraph import DEFAULT_TOKEN_BUCKETS, non_owning_alias
 from autodeploy.metadata import STEP_INPUT_NAMES, SequenceChunk, StepBatch
 from autodeploy.numerics import rel_rms
 

@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, is_op, static_int, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, is_op, static_int, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 def _halves(gate: fx.Node, up: fx.Node) -> Optional[tuple[fx.Node, bool]]:

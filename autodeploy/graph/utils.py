@@ -8,6 +8,9 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import fx
 
+# get_attr node meta key of a derived tensor's recipe (written by passes, read by the compile cache)
+DERIVED_META = "derived_from"
+
 aten = torch.ops.aten
 
 

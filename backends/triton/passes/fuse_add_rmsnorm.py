@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.graph_utils import aten, getitem, is_op, same_shape, val
-from autodeploy.pass_manager import PassResult, register_pass
+from autodeploy.graph.utils import aten, getitem, is_op, same_shape, val
+from autodeploy.graph.passes import PassResult, register_pass
 
 
 @register_pass("fuse_add_rmsnorm")

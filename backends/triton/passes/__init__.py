@@ -1,0 +1,1 @@
+"""Triton-only graph rewrites, run after cache insertion when the triton backend is chosen."""
