@@ -14,6 +14,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from autodeploy.compiler import compile  # noqa: E402  (the public entry point shadows the builtin on purpose)
+from autodeploy.compiler.pipeline import Pipeline  # noqa: E402
+from autodeploy.graph.passes import PassResult, register_pass  # noqa: E402
 from autodeploy.errors import (  # noqa: E402
     AutoDeployError, BackendUnavailableError, CacheCapacityError, ConfigError, InvalidRequestError,
     SamplingConfigError, UnsupportedModelError,
@@ -29,6 +31,14 @@ def __getattr__(name: str):
         from autodeploy.entrypoints.llm import LLM
 
         return LLM
+    if name == "load":  # a saved engine (CompiledModel.save), without the HF model
+        from autodeploy.runtime.engine_dir import load_engine
+
+        return load_engine
+    if name == "QuantizationConfig":
+        from autodeploy.passes.quantize_linears import QuantizationConfig
+
+        return QuantizationConfig
     if name == "CompiledModel":
         from autodeploy.runtime.compiled_model import CompiledModel
 
@@ -40,4 +50,5 @@ __all__ = [
     "compile", "LLM", "CompiledModel", "SamplingConfig", "AdmissionPolicy", "LogitsProcessor", "StoppingCriteria",
     "AutoDeployError", "UnsupportedModelError", "InvalidRequestError", "SamplingConfigError",
     "CacheCapacityError", "BackendUnavailableError", "ConfigError", "configure_logging",
+    "Pipeline", "PassResult", "register_pass", "QuantizationConfig", "load",
 ]

@@ -27,3 +27,15 @@ class CacheCapacityError(AutoDeployError):
 
 class BackendUnavailableError(AutoDeployError):
     """The requested backend or lowering cannot run here (missing package or device)."""
+
+
+class EngineOverloadedError(AutoDeployError):
+    """The engine's queue of waiting requests is full (``EngineService(max_waiting=...)``): retry later."""
+
+
+class EngineClosedError(AutoDeployError):
+    """The engine service was shut down (or stopped after a fatal error) and takes no more requests."""
+
+
+class EngineBusyError(AutoDeployError, RuntimeError):
+    """Two threads drove one ``Engine`` at once; an Engine has one owner (use ``EngineService`` to share it)."""

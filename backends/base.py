@@ -2,19 +2,22 @@
 
 A backend says what it can run (``available``/``supports``), which derived metadata fields it reads
 (``metadata_fields``, all computed in the one ``prepare_metadata`` node), how its KV cache is laid out, and
-which cached-attention op replaces the canonical one. Every cached-attention op shares one schema::
+which cached-attention op replaces the canonical one. Every cached-attention op shares one schema, defined
+once in autodeploy/ops/cached.py (``define_cached_attention``)::
 
-    op(q[T,Hq,D], k[T,Hkv,D], v[T,Hkv,D], k_cache, v_cache,
+    op(q[T,Hq,D], k[T,Hkv,D], v[T,Hkv,D], <extra inputs>, k_cache, v_cache,
        cu_seqlens_q, seq_lens_kv, page_table, slot_mapping, batch_info, meta: Tensor[],
-       scale, sliding_window, logit_softcap, sinks) -> out[T,Hq,D]
+       scale, <every registered variant parameter by name>) -> out[T,Hq,D]
 
-so the cache-insertion pass is generic and a plugin only brings its op.
+so the cache-insertion pass is generic and a plugin only brings its op. A backend lists the variant parameters
+it runs in ``capabilities``; ``supports`` refuses a layer that needs any other.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import fx
@@ -22,7 +25,11 @@ from torch import fx
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """Everything a backend must know about one attention layer to say whether it can run it."""
+    """Everything a backend must know about one attention layer to say whether it can run it.
+
+    ``params`` holds the layer's *active* variant parameters by name (autodeploy/ops/variants/): scalars by
+    value, tensor parameters as ``True`` (their values live in the graph). A backend that does not declare one
+    of them in ``capabilities`` refuses the layer."""
 
     layer: int
     num_heads: int
@@ -30,36 +37,74 @@ class AttentionSpec:
     head_dim: int
     v_head_dim: int
     causal: bool
-    sliding_window: Optional[int]
-    logit_softcap: Optional[float]
-    has_sinks: bool
     dtype: torch.dtype
+    params: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        items = self.params.items() if isinstance(self.params, dict) else self.params
+        object.__setattr__(self, "params", tuple(sorted((str(k), v) for k, v in items)))
+
+    def param(self, name: str, default: Any = None) -> Any:
+        return dict(self.params).get(name, default)
+
+    @property
+    def sliding_window(self) -> Optional[int]:
+        return self.param("sliding_window")
+
+    @property
+    def logit_softcap(self) -> Optional[float]:
+        return self.param("logit_softcap")
+
+    @property
+    def has_sinks(self) -> bool:
+        return bool(self.param("sinks"))
 
     def features(self) -> str:
         parts = [f"H={self.num_heads}/{self.num_kv_heads}", f"D={self.head_dim}"]
-        if self.sliding_window:
-            parts.append(f"window={self.sliding_window}")
-        if self.logit_softcap:
-            parts.append(f"softcap={self.logit_softcap}")
-        if self.has_sinks:
-            parts.append("sinks")
+        parts += [name if value is True else f"{name}={value}" for name, value in self.params]
         return " ".join(parts)
 
 
+class CudaGraphSupport(enum.IntEnum):
+    """How much of a step a backend's cached op lets a CUDA graph capture (higher includes lower).
+
+    ``NONE``: never captured (e.g. the op sizes work from device data on the host). ``DECODE``: decode-only steps
+    (fixed batch buckets). ``PIECEWISE``: also prefill/mixed steps, with the attention op run eager between
+    captured token-wise pieces. ``WHOLE_STEP``: the op runs device-composed steps, so one graph per token bucket
+    replays any mixed step (lowering/cudagraph.MixedGraphRunner)."""
+
+    NONE = 0
+    DECODE = 1
+    PIECEWISE = 2
+    WHOLE_STEP = 3
+
+
 class AttentionBackend:
-    """Base class; subclasses set the class attributes and override what differs."""
+    """Base class; subclasses set the class attributes and override what differs.
+
+    Cache layout: each attention layer has the cache tensors ``allocate_cache`` returns (the graph's two inputs
+    ``k_cache_<i>``, ``v_cache_<i>``), each with pages along dim 0. ``copy_pages``/``swap_out``/``swap_in`` and
+    ``bytes_per_token`` work on those, so the runtime never assumes a layout. Host planning: ``plan_step`` runs
+    once per step (only when a backend overrides it)."""
 
     name: str = ""
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
     metadata_fields: tuple[str, ...] = ()
+    # Variant parameters (autodeploy/ops/variants/) the cached op runs; ``supports`` refuses any other.
+    capabilities: frozenset[str] = frozenset()
     # Higher wins in automatic selection among backends that support the model.
     priority: int = 0
     # The cached op runs device-composed steps (``batch_info[0] == metadata.DEVICE_COMPOSED``): launches sized by
     # tensor shapes alone, prefill/decode split read on the device, padding tokens (slot -1) and empty sequences
     # ignored. Then one CUDA graph per token bucket serves every mixed step (cudagraph.MixedGraphRunner).
     device_composed_steps: bool = False
+    # Graded CUDA-graph support; ``cuda_graph_support()`` is what lowering reads (``device_composed_steps`` implies
+    # WHOLE_STEP, for backends written before the grade existed).
+    cuda_graphs: CudaGraphSupport = CudaGraphSupport.PIECEWISE
     default_page_size: int = 16
+    # One line for ``autodeploy backends``; a backend that overrides ``allocate_cache`` says its own layout.
+    cache_layout: str = "paged K and V per layer, each [num_pages, page_size, kv_heads, head_dim]"
 
     def available(self, device: torch.device, explicit: bool) -> tuple[bool, str]:
         """Can this backend run on ``device`` with the installed packages? ``explicit``: the user asked for it."""
@@ -68,10 +113,15 @@ class AttentionBackend:
         return True, "available"
 
     def supports(self, spec: AttentionSpec) -> tuple[bool, str]:
+        """Dtype, causality, and every active variant parameter of the layer against ``capabilities``: a
+        parameter the backend does not declare is refused by name, never silently ignored."""
         if spec.dtype not in self.dtypes:
             return False, f"dtype {spec.dtype} not supported"
         if not spec.causal:
             return False, "only causal attention has a paged cached form"
+        missing = [name for name, _ in spec.params if name not in self.capabilities]
+        if missing:
+            return False, f"backend {self.name!r} lacks the capabilities {missing} (it runs {sorted(self.capabilities)})"
         return True, "supported"
 
     def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
@@ -86,12 +136,79 @@ class AttentionBackend:
     def cached_attention_op(self) -> Any:
         raise NotImplementedError
 
+    # -- cache layout -----------------------------------------------------------------------------------------
     def allocate_cache(self, num_pages: int, page_size: int, spec: AttentionSpec, dtype: torch.dtype,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's cache tensors (the layer's K and V cache graph inputs), pages along dim 0. The default is
+        docs/contracts.md's paged layout ``[num_pages, page_size, Hkv, D]`` for K and V."""
         shape = (num_pages, page_size, spec.num_kv_heads, spec.head_dim)
         v_shape = (num_pages, page_size, spec.num_kv_heads, spec.v_head_dim)
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device)
 
+    def bytes_per_token(self, spec: AttentionSpec, dtype: torch.dtype) -> int:
+        """Cache bytes one token costs in this layer, for sizing the cache from memory. Derived from
+        ``allocate_cache`` on the meta device, so an overridden layout is sized right without more code."""
+        page = 64
+        tensors = self.allocate_cache(1, page, spec, dtype, torch.device("meta"))
+        return -(-sum(t.numel() * t.element_size() for t in tensors) // page)
+
+    def copy_pages(self, caches: Sequence[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages ``src[i] -> dst[i]`` (device index tensors) in one layer's caches: copy-on-write for
+        prefix sharing (runtime/kv_cache.py)."""
+        for cache in caches:
+            cache[dst] = cache[src]
+
+    def swap_out(self, caches: Sequence[torch.Tensor], pages: torch.Tensor) -> list[torch.Tensor]:
+        """Host copies of ``pages`` of one layer's caches (to preempt a sequence without losing its KV)."""
+        pin = any(c.is_cuda for c in caches) and torch.cuda.is_available()
+        out = []
+        for cache in caches:
+            host = torch.empty((pages.numel(), *cache.shape[1:]), dtype=cache.dtype, pin_memory=pin)
+            host.copy_(cache[pages.to(cache.device)])
+            out.append(host)
+        return out
+
+    def swap_in(self, caches: Sequence[torch.Tensor], pages: torch.Tensor, saved: Sequence[torch.Tensor]) -> None:
+        """Write ``swap_out``'s copies back into ``pages`` (which may differ from the pages swapped out)."""
+        if len(saved) != len(caches):
+            raise ValueError(f"swap_in got {len(saved)} saved tensors for {len(caches)} caches")
+        for cache, host in zip(caches, saved):
+            cache[pages.to(cache.device)] = host.to(cache.device, non_blocking=True)
+
+    # -- per-step host planning -------------------------------------------------------------------------------
+    def plan_step(self, batch: Any, chunks: Sequence[Any]) -> None:
+        """Host-side planner run once per step, after packing and before the forward (as vLLM's metadata
+        builders and FlashInfer's ``plan()``): ``batch`` is the packed ``StepBatch``, ``chunks`` the scheduled
+        ``SequenceChunk`` list (``batch.order`` maps packed rows to it; CUDA-graph padding rows come after).
+        It runs for every packed step: engine steps, warm-up, and the dummy steps graph captures run on. Only
+        called when a subclass overrides it (no cost otherwise). For CUDA-graph replay, anything it hands the
+        device must be written in place into buffers allocated once. The base does nothing."""
+
+    def has_plan_step(self) -> bool:
+        return type(self).plan_step is not AttentionBackend.plan_step
+
+    # -- passes and lowering -----------------------------------------------------------------------------------
+    def cuda_graph_support(self) -> CudaGraphSupport:
+        return CudaGraphSupport.WHOLE_STEP if self.device_composed_steps else CudaGraphSupport(self.cuda_graphs)
+
     def graph_passes(self) -> list[Callable[[fx.GraphModule, Any], Any]]:
-        """Backend-specific rewrites to run after cache insertion (e.g. kernel fusions)."""
+        """Rewrites tied to this backend's attention op, run after cache insertion only when it is the chosen
+        attention backend (e.g. folding RoPE into its cache write)."""
         return []
+
+    def model_passes(self) -> list[Callable[[fx.GraphModule, Any], Any]]:
+        """Kernel fusions that do not involve the attention op: run whenever this backend is ``available`` on
+        the device, whichever backend runs attention (registry.kernel_passes)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """What ``autodeploy backends`` lists: a plain-data summary of the contract."""
+        return {
+            "devices": list(self.devices), "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
+            "params": sorted(getattr(self, "capabilities", ())),
+            "metadata_fields": list(self.metadata_fields), "cuda_graphs": self.cuda_graph_support().name.lower(),
+            "cache_layout": self.cache_layout, "default_page_size": self.default_page_size,
+            "priority": self.priority, "host_planner": self.has_plan_step(), "module": type(self).__module__,
+            "graph_passes": [getattr(f, "pass_name", f.__name__) for f in self.graph_passes()],
+            "model_passes": [getattr(f, "pass_name", f.__name__) for f in self.model_passes()],
+        }

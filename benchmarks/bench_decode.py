@@ -345,11 +345,9 @@ def main() -> None:
             print(f"{b:>5} {args.ctx:>5} {'async' if mode else 'sync':>5} {step * 1e3:8.2f} {b / step:9.1f} "
                   f"{floor * 1e3:8.2f} {100 * floor / step:6.1f}% {host * 1e3:7.3f} {mean * 1e3:8.2f} {worst * 1e3:8.2f}")
 
-    if args.decode_only:
-        return
-    if not args.cb_only:
+    if not args.cb_only and not args.decode_only:
         prefill_and_profile(cm, args, res, batches, vocab)
-    if args.cb_requests:
+    if args.cb_requests and not args.decode_only:
         from autodeploy.entrypoints.bench import admission_policy, make_workload, run_workload
         from autodeploy.runtime.engine import Engine
 

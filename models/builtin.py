@@ -5,7 +5,13 @@ Real architectures' shapes (e.g. ``llama-3.1-8b``) let GPU benchmarks measure re
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
+
+from autodeploy.errors import UnsupportedModelError
+
+DEFAULT_BUILTIN = "tiny-llama"
 
 BUILTIN_CONFIGS: dict[str, dict] = {
     # The README demo: small enough for a 2-core CPU, big enough to be a real Llama.
@@ -24,13 +30,13 @@ def builtin_names() -> list[str]:
     return sorted(BUILTIN_CONFIGS)
 
 
-def build_builtin(name: str = "tiny-llama", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+def build_builtin(name: str = DEFAULT_BUILTIN, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                   seed: int = 0, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """A ``LlamaForCausalLM`` with random weights (initialised directly on ``device``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if name not in BUILTIN_CONFIGS:
-        raise KeyError(f"unknown builtin model {name!r}; choose from {builtin_names()}")
+        raise UnsupportedModelError(f"unknown builtin model {name!r}; choose from {', '.join(builtin_names())}")
     config = LlamaConfig(**BUILTIN_CONFIGS[name])
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
@@ -38,3 +44,11 @@ def build_builtin(name: str = "tiny-llama", dtype: torch.dtype = torch.float32, 
         model = LlamaForCausalLM(config)
     return model.to(dtype).eval()
 
+
+def load(arg: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+         device: Optional[torch.device] = None) -> tuple[torch.nn.Module, Any, list[str]]:
+    """``builtin`` / ``builtin:NAME`` as a model source: random weights built straight in ``dtype`` on ``device``
+    (an 8B config never passes through host fp32), no tokenizer."""
+    name = arg or DEFAULT_BUILTIN
+    model = build_builtin(name, dtype=dtype or torch.float32, device=device or "cpu")
+    return model, None, [f"builtin:{name}: random weights (no tokenizer: prompts are token ids)"]

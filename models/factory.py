@@ -3,10 +3,13 @@ compile, and export it with torch.export (dynamic batch and sequence) into an AT
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import fx
@@ -36,6 +39,7 @@ class ModelInfo:
     generation_config: Any = None
     tokenizer: Any = None
     defaults: dict = field(default_factory=dict)
+    load_notes: list[str] = field(default_factory=list)  # how it was loaded: source, dtype, attention (and why)
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -49,42 +53,217 @@ class _LogitsOnly(torch.nn.Module):
         return self.m(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
 
 
+# Named models: ``NAME`` or ``NAME:ARG`` -> loader(arg, dtype, device) -> (model, tokenizer, notes for explain()).
+ModelSource = Callable[[Optional[str], Optional[torch.dtype], Optional[torch.device]],
+                       tuple[torch.nn.Module, Any, list[str]]]
+MODEL_SOURCES: dict[str, ModelSource] = {}
+DEFAULT_MODEL = "smollm2"
+# model -> (load notes, tokenizer) of the load that built it: passing that model on (the CLI loads, then
+# compiles the instance) keeps both.
+_LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[str], Any]]" = weakref.WeakKeyDictionary()
+
+
+def register_model_source(name: str) -> Callable[[ModelSource], ModelSource]:
+    """Make ``load_model(name)`` / ``load_model("name:arg")`` (and ``--model name``) call the decorated loader."""
+
+    def deco(fn: ModelSource) -> ModelSource:
+        MODEL_SOURCES[name] = fn
+        return fn
+
+    return deco
+
+
+def _register_builtin_sources() -> None:
+    from autodeploy.models import builtin, smollm2
+
+    MODEL_SOURCES.setdefault(smollm2.NAME, smollm2.load)
+    MODEL_SOURCES.setdefault("builtin", builtin.load)
+
+
+_register_builtin_sources()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bars or deprecation chatter while we load; the user's settings come back after."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def check_device(device: Optional[torch.device | str]) -> Optional[torch.device]:
+    """Refuse a device this machine does not have before anything is built on it."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UnsupportedModelError(f"device {device!r} is not a valid torch device ({exc})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UnsupportedModelError(f"device {device} requested, but no CUDA device is available here "
+                                        "(torch.cuda.is_available() is False); use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UnsupportedModelError(f"device {device} requested, but only {torch.cuda.device_count()} CUDA "
+                                        "device(s) exist")
+    elif device.type not in ("cpu", "meta"):
+        log.info("device %s is neither cpu nor cuda; support depends on the backends", device)
+    if device.type == "meta":
+        raise UnsupportedModelError("device 'meta' holds no weights; compile on 'cpu' or 'cuda'")
+    return device
+
+
 def load_model(model_or_path: Any, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
                attn_implementation: Optional[str] = None) -> tuple[torch.nn.Module, Any]:
-    """Return ``(model, tokenizer_or_None)``; a path must be a local HF checkpoint directory."""
-    tokenizer = None
-    if isinstance(model_or_path, (str, os.PathLike)):
-        path = os.fspath(model_or_path)
-        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
-            raise UnsupportedModelError(f"{path!r} is not a local checkpoint directory with a config.json")
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Return ``(model, tokenizer_or_None)``.
 
-        config = AutoConfig.from_pretrained(path)
-        _check_config(config, type(config).__name__)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype or "auto", attn_implementation=attn_implementation or "sdpa")
-        except ValueError as exc:
-            raise UnsupportedModelError(f"{path}: not loadable as a causal LM ({exc})") from None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except Exception:  # no tokenizer files: token-id prompts still work
-            tokenizer = None
-    elif isinstance(model_or_path, torch.nn.Module):
-        model = model_or_path
-    else:
-        raise UnsupportedModelError(
-            f"expected an HF model instance or a checkpoint directory, got {type(model_or_path).__name__}")
-    check_supported(model)
+    ``model_or_path``: an HF model instance, a local checkpoint directory, or a named model (``smollm2``, the
+    default; ``builtin:NAME`` for random-weight configs). What was chosen (attention implementation, dtype and
+    why) is kept for ``model_info(...).load_notes`` and the compile report.
+    """
+    device = check_device(device)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         raise UnsupportedModelError(f"dtype {dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    tokenizer = None
+    if isinstance(model_or_path, (str, os.PathLike)):
+        spec = os.fspath(model_or_path)
+        name, _, arg = spec.partition(":")
+        if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
+            from autodeploy.models import quantized  # pre-quantized: stored weights and scales kept as they are
+
+            load_dir = quantized.load if quantized.is_quantized_checkpoint(spec) else _load_checkpoint
+            model, tokenizer, notes = load_dir(spec, dtype, attn_implementation)
+            dtype_why = "requested" if dtype is not None else "from the checkpoint config"
+        elif name in MODEL_SOURCES and not os.path.isdir(spec):
+            with quiet_transformers():
+                model, tokenizer, notes = MODEL_SOURCES[name](arg or None, dtype, device)
+            dtype_why = "requested" if dtype is not None else "the model's own"
+        else:
+            raise UnsupportedModelError(
+                f"{spec!r} is not a local checkpoint directory with a config.json, nor a named model "
+                f"({', '.join(model_names())})")
+    elif isinstance(model_or_path, torch.nn.Module):
+        model = model_or_path
+        notes, tokenizer = _LOADED.get(model, (["a model instance"], None))
+        dtype_why = "requested" if dtype is not None else next(
+            (n[n.index("(") + 1:-1] for n in notes if n.startswith("dtype ")), "the model's own")
+    else:
+        raise UnsupportedModelError(
+            "expected an HF model instance, a checkpoint directory or a model name, got "
+            f"{type(model_or_path).__name__}")
+    check_supported(model)
+    _check_materialized(model)
     model = model.eval()
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     if model_dtype not in SUPPORTED_DTYPES:
         raise UnsupportedModelError(f"model dtype {model_dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    impl = getattr(model.config, "_attn_implementation", None) or "default"
+    attn = next((n for n in notes if n.startswith("attention implementation")), f"attention implementation {impl}")
+    notes = [n for n in notes if not n.startswith(("attention implementation", "dtype "))] + [
+        f"dtype {str(model_dtype).replace('torch.', '')} ({dtype_why})", attn]
+    _LOADED[model] = (notes, tokenizer)
     return model, tokenizer
+
+
+def model_names() -> list[str]:
+    """Named models for ``load_model`` and the CLI: ``smollm2``, ``builtin:NAME``..."""
+    from autodeploy.models.builtin import builtin_names
+
+    names = [n for n in MODEL_SOURCES if n != "builtin"]
+    return names + [f"builtin:{n}" for n in builtin_names()]
+
+
+def _attn_refused(exc: Exception) -> bool:
+    text = str(exc)
+    return "does not support an attention implementation" in text or "attn_implementation" in text
+
+
+def _load_checkpoint(path: str, dtype: Optional[torch.dtype],
+                     attn_implementation: Optional[str]) -> tuple[torch.nn.Module, Any, list[str]]:
+    """Load a local HF checkpoint: the dtype from its config unless given, its attention implementation (or
+    ``sdpa``), falling back to ``eager`` where HF refuses the requested one for this architecture."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UnsupportedModelError(f"{path}: config.json is not a loadable HF config ({exc})") from None
+    _check_config(config, type(config).__name__)
+    wanted = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+    why = "requested" if attn_implementation else "the checkpoint's" if wanted != "sdpa" else "default"
+    with quiet_transformers():
+        try:
+            model = _from_pretrained(path, dtype, wanted)
+        except ValueError as exc:
+            if wanted == "eager" or not _attn_refused(exc):
+                raise UnsupportedModelError(f"{path}: not loadable as a causal LM ({exc})") from None
+            first = str(exc).split(". ")[0]
+            log.warning("%s: %s; loading with attn_implementation='eager' instead", path, first)
+            model = _from_pretrained(path, dtype, "eager")
+            why = f"HF refuses {wanted} here: {first}"
+            wanted = "eager"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as exc:  # no tokenizer files: token-id prompts still work
+            log.info("%s: no tokenizer loaded (%s: %s); prompts must be token ids", path, type(exc).__name__, exc)
+            tokenizer = None
+    return model, tokenizer, [f"checkpoint {path}", f"attention implementation {wanted} ({why})"]
+
+
+def _from_pretrained(path: str, dtype: Optional[torch.dtype], attn_implementation: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or "auto",
+                                                    attn_implementation=attn_implementation)
+    except ValueError:
+        raise
+    except Exception as exc:
+        bad = _corrupt_weight_file(path)
+        if bad is not None:
+            raise UnsupportedModelError(f"{bad}: the weight file is corrupt or truncated ({bad_reason(bad)})") from None
+        raise UnsupportedModelError(f"{path}: loading the weights failed ({type(exc).__name__}: {exc})") from None
+
+
+def _corrupt_weight_file(path: str) -> Optional[str]:
+    """The first *.safetensors file in ``path`` whose header or size is broken, or None."""
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") and bad_reason(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
+
+
+def bad_reason(file: str) -> str:
+    """Why ``file`` is not a readable safetensors file ('' when it is)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                f.get_slice(key)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _check_materialized(model: torch.nn.Module) -> None:
+    """Weights on the meta device have no values: refuse them by name before export turns it into a torch error."""
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.is_meta:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} has weights on the meta device (e.g. {name}): they hold no values. Load "
+                "real weights first (from_pretrained without a meta device_map, or load_state_dict(..., assign=True))")
 
 
 def _check_config(config: Any, name: str) -> None:
@@ -122,6 +301,7 @@ def model_info(model: torch.nn.Module, tokenizer: Any = None) -> ModelInfo:
         pad_token_id=getattr(gen, "pad_token_id", None) if gen is not None else None,
         max_position_embeddings=getattr(text, "max_position_embeddings", getattr(text, "n_positions", None)),
         generation_config=gen, tokenizer=tokenizer, defaults=family_defaults(family),
+        load_notes=list(_LOADED.get(model, ([], None))[0]),
     )
 
 

@@ -29,7 +29,8 @@ def _is_noop(node: fx.Node) -> bool:
         start = node.args[2] if len(node.args) > 2 else 0
         end = node.args[3] if len(node.args) > 3 else None
         step = node.args[4] if len(node.args) > 4 else 1
-        return (static_int(start) in (0, None) and (end is None or static_int(end) == _INT64_MAX)
+        # a start given by a graph value (a symbol) is not known to be 0: only a literal 0 (or none) is a no-op
+        return ((start is None or static_int(start) == 0) and (end is None or static_int(end) == _INT64_MAX)
                 and static_int(step) == 1)
     return False
 

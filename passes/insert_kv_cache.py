@@ -20,15 +20,19 @@ from autodeploy.graph.utils import (
 )
 from autodeploy.metadata import METADATA_OP_INPUTS, STEP_INPUT_NAMES
 from autodeploy.graph.passes import PassResult, register_pass
+from autodeploy.ops.attention import attention_inputs
+from autodeploy.ops.cached import STEP_TENSORS, cached_call
+from autodeploy.ops.variants import active_params, param_names
 
 
-def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Node, AttentionSpec]]:
+def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Node, AttentionSpec, dict]]:
+    """Each canonical attention node, its spec (shapes and active variant parameters) and its inputs by name."""
     out = []
     for node in gm.graph.nodes:
         if not is_op(node, torch.ops.autodeploy.attention):
             continue
-        q, k, v, scale, causal, window, softcap, sinks = (list(node.args) + [None] * 8)[:8]
-        vq, vk, vv = val(q), val(k), val(v)
+        inputs = attention_inputs(node)
+        vq, vk, vv = val(inputs["q"]), val(inputs["k"]), val(inputs["v"])
         if vq is None or vk is None or vv is None:
             raise UnsupportedModelError(f"attention {node.name}: q/k/v shapes unknown")
         dims = [static_int(x) for x in (vq.shape[1], vk.shape[1], vq.shape[3], vv.shape[3])]
@@ -37,10 +41,11 @@ def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Nod
         hq, hkv, d, dv = dims
         if hq % hkv:
             raise UnsupportedModelError(f"attention {node.name}: {hq} query heads not divisible by {hkv} kv heads")
+        variant = {n: inputs[n] for n in param_names()}
+        active = {n: (True if isinstance(v, fx.Node) else v) for n, v in active_params(variant).items()}
         spec = AttentionSpec(layer=len(out), num_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=dv,
-                             causal=bool(causal), sliding_window=window, logit_softcap=softcap,
-                             has_sinks=sinks is not None, dtype=dtype)
-        out.append((node, spec))
+                             causal=bool(inputs["causal"]), dtype=dtype, params=active)
+        out.append((node, spec, inputs))
     return out
 
 
@@ -50,7 +55,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
     if not layers:
         detail = "; ".join(f"{n}: {why}" for n, why in ctx.unmatched_attention) or "no attention pattern found"
         raise UnsupportedModelError(f"no attention layer could be converted to a cached form ({detail})")
-    specs = [s for _, s in layers]
+    specs = [s for _, s, _ in layers]
     backend, reason, rejected = select_backend(specs, ctx.device, ctx.backend)
     ctx.report.backend, ctx.report.backend_reason, ctx.report.rejected_backends = backend.name, reason, rejected
     ctx.attention_backend, ctx.attention_specs = backend, specs
@@ -76,15 +81,18 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
         with graph.inserting_after(prep):
             meta = [getitem(graph, prep, i) for i in range(len(fields))]
     op = backend.cached_attention_op()
-    step = [inputs[n] for n in ("cu_seqlens_q", "seq_lens_kv", "page_table", "slot_mapping", "batch_info")]
-    for (node, spec), (kc, vc) in zip(layers, caches):
-        q, k, v, scale, _causal, window, softcap, sinks = (list(node.args) + [None] * 8)[:8]
+    step = {n: inputs[n] for n in STEP_TENSORS}
+    for (node, spec, a), (kc, vc) in zip(layers, caches):
         with graph.inserting_before(node):
-            qf = flatten_heads(graph, q, spec.num_heads, spec.head_dim)
-            kf = flatten_heads(graph, k, spec.num_kv_heads, spec.head_dim)
-            vf = flatten_heads(graph, v, spec.num_kv_heads, spec.v_head_dim)
-            layer_meta = [meta[fields.index(f)] for f in backend.layer_metadata_fields(spec)]
-            out = graph.call_function(op, (qf, kf, vf, kc, vc, *step, layer_meta, scale, window, softcap, sinks))
+            call = {
+                "q": flatten_heads(graph, a["q"], spec.num_heads, spec.head_dim),
+                "k": flatten_heads(graph, a["k"], spec.num_kv_heads, spec.head_dim),
+                "v": flatten_heads(graph, a["v"], spec.num_kv_heads, spec.v_head_dim),
+                "k_cache": kc, "v_cache": vc, **step,
+                "meta": [meta[fields.index(f)] for f in backend.layer_metadata_fields(spec)],
+                "scale": a["scale"], **{n: a[n] for n in param_names()},
+            }
+            out = cached_call(graph, op, call)
             out = graph.call_function(aten.unsqueeze.default, (out, 0))
             out = graph.call_function(aten.transpose.int, (out, 1, 2))
         node.replace_all_uses_with(out)

@@ -32,3 +32,23 @@ def drive(engine, arrivals, max_steps: int = 5000):
         step += 1
         assert step < max_steps, "engine does not make progress"
     return [engine.output(r) for r in reqs]
+
+
+def mixed_batch_logits(cm, seqs):
+    """Per sequence, the logits of a mixed batch in two steps (contexts crossing page boundaries of size 4).
+    Step 1: seq0 prefill (8 tokens), seq1 first chunk (5). Step 2: seq0 decodes, seq1 rest, seq2 prefill."""
+    from autodeploy.metadata import SequenceChunk
+
+    pages = {0: [10, 3, 4], 1: [5, 6, 7, 20], 2: [30, 31]}
+    b1 = cm.pack([SequenceChunk(seqs[0][:8], 0, pages[0]), SequenceChunk(seqs[1][:5], 0, pages[1])],
+                 all_logits=True)
+    l1 = cm.forward(b1)
+    b2 = cm.pack([SequenceChunk(seqs[0][8:9], 8, pages[0]), SequenceChunk(seqs[1][5:], 5, pages[1]),
+                  SequenceChunk(seqs[2], 0, pages[2])], all_logits=True)
+    l2 = cm.forward(b2)
+    got = {0: [l1[:8], l2[b2.logits_rows.index(0):][:1]], 1: [l1[8:13]], 2: []}
+    rows1 = [i for i, r in enumerate(b2.logits_rows) if r == 1]
+    rows2 = [i for i, r in enumerate(b2.logits_rows) if r == 2]
+    got[1].append(l2[rows1])
+    got[2].append(l2[rows2])
+    return {k: torch.cat(v) for k, v in got.items()}

@@ -6,29 +6,11 @@ import pytest
 import torch
 
 import autodeploy
-from autodeploy.metadata import SequenceChunk
 from autodeploy.runtime.sampling import SamplingConfig
-from helpers import hf_greedy, rel_rms
+from helpers import hf_greedy, mixed_batch_logits, rel_rms
 from model_zoo import FAMILIES, make_model
 
 CASES = [(f, impl) for f in FAMILIES for impl in ("sdpa", "eager") if not (f == "gemma2" and impl == "sdpa")]
-
-
-def _mixed_batch_logits(cm, seqs):
-    """Step 1: seq0 prefill (8 tokens), seq1 first chunk (5). Step 2: seq0 decodes, seq1 rest, seq2 prefill."""
-    pages = {0: [10, 3, 4], 1: [5, 6, 7, 20], 2: [30, 31]}
-    b1 = cm.pack([SequenceChunk(seqs[0][:8], 0, pages[0]), SequenceChunk(seqs[1][:5], 0, pages[1])],
-                 all_logits=True)
-    l1 = cm.forward(b1)
-    b2 = cm.pack([SequenceChunk(seqs[0][8:9], 8, pages[0]), SequenceChunk(seqs[1][5:], 5, pages[1]),
-                  SequenceChunk(seqs[2], 0, pages[2])], all_logits=True)
-    l2 = cm.forward(b2)
-    got = {0: [l1[:8], l2[b2.logits_rows.index(0):][:1]], 1: [l1[8:13]], 2: []}
-    rows1 = [i for i, r in enumerate(b2.logits_rows) if r == 1]
-    rows2 = [i for i, r in enumerate(b2.logits_rows) if r == 2]
-    got[1].append(l2[rows1])
-    got[2].append(l2[rows2])
-    return {k: torch.cat(v) for k, v in got.items()}
 
 
 @pytest.mark.parametrize("family,impl", CASES)
@@ -37,7 +19,7 @@ def test_logits_match_hf_on_mixed_batch(family, impl):
     cm = autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48)
     g = torch.Generator().manual_seed(hash(family) % 1000)
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
-    got = _mixed_batch_logits(cm, seqs)
+    got = mixed_batch_logits(cm, seqs)
     with torch.no_grad():
         for i, s in enumerate(seqs):
             ref = model(torch.tensor([s])).logits[0]
@@ -56,3 +38,60 @@ def test_greedy_generation_matches_hf(family):
     outs = cm.generate(prompts, sampling=SamplingConfig(max_new_tokens=32, ignore_eos=True))
     for p, o in zip(prompts, outs):
         assert o == hf_greedy(model, p, 32), f"{family}: prompt of {len(p)} tokens diverged"
+
+
+# --- attention variants and older eager forms (autodeploy/ops/variants/) -----------------------------------------
+# family -> (attention implementations HF runs it with, variant parameters every attention layer must carry)
+VARIANT_CASES = {
+    "bloom": (("eager",), {"alibi_slopes"}),
+    "mpt": (("eager",), {"alibi_slopes"}),
+    "falcon_alibi": (("eager", "sdpa"), {"alibi_slopes"}),
+    "gpt_oss": (("eager",), {"sinks"}),
+    "granite_swa": (("eager",), {"sinks"}),
+    "llama4": (("sdpa", "eager"), {"chunk_size"}),
+    "codegen": (("eager",), set()),
+    "gpt_neo": (("eager",), set()),
+    "xglm": (("eager",), set()),
+    "openai_gpt": (("eager",), set()),
+    "gpt_neox_japanese": (("eager",), set()),
+}
+@pytest.fixture(scope="module")
+def variant_models():
+    cache = {}
+
+    def get(family, impl):
+        if (family, impl) not in cache:
+            model = make_model(family, impl)
+            cm = autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48)
+            cache[family, impl] = model, cm
+        return cache[family, impl]
+
+    return get
+
+
+@pytest.mark.parametrize("family,impl", [(f, i) for f, (impls, _) in VARIANT_CASES.items() for i in impls])
+def test_variant_family_matches_hf_on_mixed_batch(variant_models, family, impl):
+    model, cm = variant_models(family, impl)
+    expected = VARIANT_CASES[family][1]
+    for spec in cm.ctx.attention_specs:
+        assert {name for name, _ in spec.params} >= expected, f"layer {spec.layer}: {spec.features()}"
+    if family == "llama4":  # chunked layers (RoPE) and full-attention layers (NoPE) alternate
+        assert any(spec.param("chunk_size") for spec in cm.ctx.attention_specs)
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
+    got = mixed_batch_logits(cm, seqs)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            ref = model(torch.tensor([s])).logits[0]
+            err = rel_rms(got[i], ref)
+            assert err < 1e-4, f"{family}/{impl} seq {i}: rel RMS {err:.2e}"
+
+
+@pytest.mark.parametrize("family", list(VARIANT_CASES))
+def test_variant_family_greedy_matches_hf(variant_models, family):
+    model, cm = variant_models(family, VARIANT_CASES[family][0][0])
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (6, 17)]
+    outs = cm.generate(prompts, sampling=SamplingConfig(max_new_tokens=24, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o == hf_greedy(model, p, 24), f"{family}: prompt of {len(p)} tokens diverged"

@@ -88,4 +88,4 @@ def test_wrong_prompt_types(cm):
     with pytest.raises(InvalidRequestError, match="ints"):
         cm.generate([[1, 2.5]])
     with pytest.raises(InvalidRequestError, match="list of token ids"):
-        cm.generate([5])
+        cm.generate(["not ids"])

@@ -72,3 +72,17 @@ def test_no_import_cycles_between_stages():
 
     cycles = sorted((a, b) for a, b in stage_edges() if reaches(b, a, {b}))
     assert not cycles, f"stage imports that close a cycle: {cycles}"
+
+
+def test_every_package_is_listed_for_wheels():
+    """pyproject lists packages by hand (package-dir maps passes/, backends/, models/ into autodeploy.*); an
+    editable install finds an unlisted one anyway, a wheel does not."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder, package in FOLDERS.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([package, *rel.parts]))
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"

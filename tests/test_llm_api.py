@@ -39,7 +39,8 @@ def test_checkpoint_directory_with_string_prompts(checkpoint):
     out = llm.generate(["w1 w2 w3", "w9 w8"], SamplingConfig(max_new_tokens=6, ignore_eos=True))
     ref = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 3:]
     assert out[0].output_ids == ref.tolist()
-    assert out[0].text == " ".join(f"w{t}" for t in ref.tolist())
+    # decoded with the prompt as context, so the first word keeps its leading space (as vLLM and HF pipelines do)
+    assert out[0].text == "".join(f" w{t}" for t in ref.tolist())
 
 
 def test_stop_strings_trim_text(checkpoint):
@@ -50,7 +51,7 @@ def test_stop_strings_trim_text(checkpoint):
     stop = words[2]
     out = llm.generate(["w1 w2 w3"], SamplingConfig(max_new_tokens=8, ignore_eos=True, stop_strings=[stop]))[0]
     assert out.finish_reason == "stop"
-    assert stop not in out.text and full.text.startswith(out.text.strip())
+    assert stop not in out.text and full.text.startswith(out.text)
 
 
 def test_generation_config_is_honoured(checkpoint):

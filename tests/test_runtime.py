@@ -176,19 +176,27 @@ def test_stop_token_ids(cm):
 
 
 def test_bad_requests_fail_alone(model):
+    """Invalid input raises before any work starts, naming the prompt and the cause (the LLM error rule); the
+    good prompts then run unaffected and nothing is leaked."""
     llm = autodeploy.LLM(model, max_batch_size=4, max_seq_len=64, page_size=4)
     good = [[1, 2, 3], [4, 5]]
     ref = llm.generate(good, _greedy(6))
-    prompts = [[1, 2, 3], [], [4, 5], [1, 999], [1] * 80, [7, 7]]
-    configs = [_greedy(6), _greedy(6), _greedy(6), _greedy(6), _greedy(6),
-               SamplingConfig(temperature=-1.0)]
-    outs = llm.generate(prompts, configs)
-    assert [o.output_ids for o in (outs[0], outs[2])] == [o.output_ids for o in ref]
-    assert "empty prompt" in outs[1].error
-    assert "outside the vocabulary" in outs[3].error
-    assert "max_seq_len" in outs[4].error
-    assert "temperature" in outs[5].error
-    assert llm.engine.kv.all_free()
+    bad_cfg = _greedy(6)
+    bad_cfg.temperature = -1.0  # construction refuses it; a config edited afterwards is caught at submit
+    cases = [([], _greedy(6), "empty prompt"), ([1, 999], _greedy(6), "outside the vocabulary"),
+             ([1] * 80, _greedy(6), "max_seq_len"), ([7, 7], bad_cfg, "temperature")]
+    for prompt, cfg, why in cases:
+        with pytest.raises(autodeploy.InvalidRequestError, match=f"prompt 1: .*{why}"):
+            llm.generate([[1, 2, 3], prompt], [_greedy(6), cfg])
+    with pytest.raises(autodeploy.SamplingConfigError, match="temperature"):
+        SamplingConfig(temperature=-1.0)
+    for junk in (None, 5, {"a": 1}):
+        with pytest.raises(autodeploy.InvalidRequestError, match="prompts must be"):
+            llm.generate(junk)
+    with pytest.raises(autodeploy.InvalidRequestError, match="a prompt must be a list of token ids, got NoneType"):
+        llm.generate([[1, 2], None])
+    assert [o.output_ids for o in llm.generate(good, _greedy(6))] == [o.output_ids for o in ref]
+    llm.engine.kv.check_all_free()
 
 
 def test_generate_stream_yields_tokens_in_order(model):
@@ -225,3 +233,13 @@ def test_sequence_outgrowing_the_whole_cache_ends_gracefully(model):
     assert outs[0].output_ids == full[:len(outs[0].output_ids)]
     assert len(outs[1].output_ids) == 3
     assert engine.kv.all_free()
+
+
+def test_n_samples_whose_prompts_exceed_the_token_budget_are_chunked(cm):
+    """n sequences x prompt > max_num_tokens (48): each sample's prefill is chunked to a share of the budget
+    instead of the request never being scheduled."""
+    cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, n=4, seed=3, ignore_eos=True)
+    engine = Engine(cm)
+    out = drive(engine, [(0, list(range(1, 31)), cfg)], max_steps=50)[0]
+    assert out.error is None and [len(s) for s in out.samples] == [4, 4, 4, 4]
+    engine.kv.check_all_free()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -26,3 +26,5 @@ class CompileContext:
     attention_backend: Any = None
     attention_specs: list = field(default_factory=list)
     cache_input_names: list[tuple[str, str]] = field(default_factory=list)
+    quantization: Any = None  # passes.quantize_linears.QuantizationConfig, or None
+    cache_dir: Optional[str] = None  # compile(cache_dir=...): engine backends keep their engine cache under it

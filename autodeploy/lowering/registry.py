@@ -65,11 +65,19 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest:
     if cm.device.type != "cuda" or not torch.cuda.is_available():
         log.warning("%s lowering needs a CUDA device; %s runs the eager graph instead", mode, cm.device)
         return None, f"{mode} needs a CUDA device; fell back to eager on {cm.device.type}"
+    from autodeploy.backends.base import CudaGraphSupport
     from autodeploy.lowering.cudagraph import CudaGraphRunner, MixedGraphRunner
 
+    grade = cm.backend.cuda_graph_support()
+    if grade == CudaGraphSupport.NONE:
+        log.warning("backend %s supports no CUDA graphs; %s runs the eager graph", cm.backend.name, mode)
+        return None, f"backend {cm.backend.name} supports no CUDA graphs; {mode} fell back to eager"
+    if mixed is not None and grade == CudaGraphSupport.DECODE:
+        log.info("backend %s supports decode-only CUDA graphs: prefill/mixed steps run uncaptured", cm.backend.name)
+        mixed = None
     fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
-    if mixed == "full" and not cm.backend.device_composed_steps:
+    if mixed == "full" and grade < CudaGraphSupport.WHOLE_STEP:
         log.info("backend %s does not run device-composed steps: mixed steps use piecewise graphs", cm.backend.name)
         mixed = "piecewise"
     if mixed == "full":
@@ -122,15 +130,22 @@ def _compiled_cudagraph(cm: Any) -> tuple[Optional[Callable], str]:
                              "torch-compile+cudagraph", "run the inductor-compiled graph")
 
 
-def resolve_lowering(mode: str, device: torch.device) -> str:
-    """``auto``: CUDA graphs for decode where there is a GPU, the eager graph elsewhere."""
+def resolve_lowering(mode: str, device: torch.device, backend: Any = None) -> str:
+    """``auto``: the backend's own whole-graph lowering if it has one (``engine_lowering``: onnxruntime,
+    tensorrt), else CUDA graphs for decode where there is a GPU, the eager graph elsewhere."""
+    own = getattr(backend, "engine_lowering", None)
+    if own is not None and mode not in ("auto", own):
+        raise BackendUnavailableError(f"backend {backend.name} lowers the whole graph to an engine; lowering must "
+                                      f"be 'auto' or {own!r}, not {mode!r}")
     if mode == "auto":
-        return "cudagraph" if device.type == "cuda" else "eager"
+        return own or ("cudagraph" if device.type == "cuda" else "eager")
     return mode
 
 
 def lower_graph(cm: Any, mode: str) -> tuple[Optional[Callable], str]:
     """Apply lowering ``mode`` (already resolved from ``auto``, see :func:`resolve_lowering`)."""
+    if mode == getattr(cm.backend, "engine_lowering", None):
+        return cm.backend.lower(cm)
     if mode not in LOWERINGS:
         raise BackendUnavailableError(f"unknown lowering {mode!r}; known: {sorted(LOWERINGS)}")
     return LOWERINGS[mode](cm)

@@ -16,6 +16,18 @@ from autodeploy.metadata import SequenceChunk, SequencePacker, StepBatch
 log = logging.getLogger(__name__)
 
 
+class _PlanningPacker(SequencePacker):
+    """The packer of a backend with a host planner: ``plan_step(batch, chunks)`` runs after each pack, before the
+    forward (``chunks``: the caller's, before any CUDA-graph padding; ``batch.order`` covers the padded ones)."""
+
+    plan_step: Any = None
+
+    def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False, **options: Any) -> StepBatch:
+        batch = super().pack(chunks, all_logits=all_logits, **options)
+        self.plan_step(batch, chunks)
+        return batch
+
+
 class CompiledModel:
     """Owns the final GraphModule and the paged KV caches; ``forward`` runs one packed step."""
 
@@ -36,14 +48,28 @@ class CompiledModel:
         self.enable_prefix_caching = enable_prefix_caching
         self.num_pages = self._plan_pages(num_pages, memory_fraction)
         self.caches: dict[str, torch.Tensor] = {}
+        # Each layer's cache tensors, in the order of its graph inputs; their layout belongs to the backend.
+        self.layer_caches: list[tuple[torch.Tensor, ...]] = []
         # One extra scratch page, never handed out by the cache manager: CUDA-graph padding rows write there.
         self.scratch_page = self.num_pages
-        for spec, (k_name, v_name) in zip(ctx.attention_specs, ctx.cache_input_names):
-            k, v = self.backend.allocate_cache(self.num_pages + 1, self.page_size, spec, self.dtype, self.device)
-            self.caches[k_name], self.caches[v_name] = k, v
+        for spec, names in zip(ctx.attention_specs, ctx.cache_input_names):
+            tensors = tuple(self.backend.allocate_cache(self.num_pages + 1, self.page_size, spec, self.dtype,
+                                                        self.device))
+            if len(tensors) != len(names):
+                raise TypeError(f"backend {self.backend.name} allocated {len(tensors)} cache tensors for layer "
+                                f"{spec.layer}, whose graph takes {len(names)} ({names})")
+            self.caches.update(zip(names, tensors))
+            self.layer_caches.append(tensors)
+        # The backend's per-step host planner, looked up once: a backend without one costs nothing per step.
+        self._plan_step = self.backend.plan_step if self.backend.has_plan_step() else None
         self.report.cache = (f"{self.num_pages} pages x {self.page_size} tokens "
                              f"({self.num_pages * self._bytes_per_page() / 2**20:.1f} MiB) on {self.device}")
-        self.packer = SequencePacker(self.page_size, self.device, self.max_seq_len)
+        # Every step is packed here (engine steps, warm-up, graph captures and replays), so a backend's host
+        # planner sees each step the graph runs.
+        packer_cls = SequencePacker if self._plan_step is None else _PlanningPacker
+        self.packer = packer_cls(self.page_size, self.device, self.max_seq_len)
+        if self._plan_step is not None:
+            self.packer.plan_step = self._plan_step
         self._runner = gm
         self.graph_runner = None  # CudaGraphRunner when lowered with "cudagraph"
         self.mixed_graphs = None  # MixedGraphRunner (prefill/mixed steps) when lowered with "cudagraph"
@@ -51,11 +77,9 @@ class CompiledModel:
 
     # -- cache planning --------------------------------------------------------------------------------
     def _bytes_per_page(self) -> int:
-        """K and V bytes of one page over all layers. Unlike ``kv_cache.bytes_per_page`` (uniform layers), this
-        allows layers to differ in head counts and in K vs V head dims."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return sum(self.page_size * s.num_kv_heads * (s.head_dim + s.v_head_dim) * item
-                   for s in self.ctx.attention_specs)
+        """Cache bytes of one page over all layers, as the backend lays them out (``bytes_per_token``); layers
+        may differ in head counts and in K vs V head dims."""
+        return sum(self.page_size * self.backend.bytes_per_token(s, self.dtype) for s in self.ctx.attention_specs)
 
     def _plan_pages(self, num_pages: Optional[int], memory_fraction: float) -> int:
         per_seq = math.ceil(self.max_seq_len / self.page_size)
@@ -75,7 +99,7 @@ class CompiledModel:
 
     # -- execution ---------------------------------------------------------------------------------------
     def lower(self, mode: str) -> None:
-        mode = resolve_lowering(mode, self.device)
+        mode = resolve_lowering(mode, self.device, self.backend)
         self._runner, reason = lower_graph(self, mode)
         self.report.lowering, self.report.lowering_reason = mode if self._runner is not None else "eager", reason
         if self._runner is None:
@@ -95,12 +119,15 @@ class CompiledModel:
 
     def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False,
              token_src: Optional[torch.Tensor] = None) -> StepBatch:
-        """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences)."""
+        """The step's device inputs. ``token_src``: device tokens of the first chunks (see nest_sequences).
+        The backend's host planner (``AttentionBackend.plan_step``), if it has one, runs in the packer."""
         if self.graph_runner is not None and self.graph_runner.handles(chunks, all_logits):
-            return self.graph_runner.pack(chunks, token_src)
-        if self.mixed_graphs is not None and token_src is None and self.mixed_graphs.handles(chunks, all_logits):
-            return self.mixed_graphs.pack(chunks)
-        return self.packer.pack(chunks, all_logits=all_logits, token_src=token_src)
+            batch = self.graph_runner.pack(chunks, token_src)
+        elif self.mixed_graphs is not None and token_src is None and self.mixed_graphs.handles(chunks, all_logits):
+            batch = self.mixed_graphs.pack(chunks)
+        else:
+            batch = self.packer.pack(chunks, all_logits=all_logits, token_src=token_src)
+        return batch
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
@@ -152,25 +179,50 @@ class CompiledModel:
         return time.perf_counter() - t0
 
     def copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
-        """Apply copy-on-write page copies requested by the cache manager."""
+        """Apply copy-on-write page copies requested by the cache manager (through the backend's layout)."""
         if not copies:
             return
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
-        for cache in self.caches.values():
-            cache[dst] = cache[src]
+        for tensors in self.layer_caches:
+            self.backend.copy_pages(tensors, src, dst)
+
+    def swap_out(self, pages: Sequence[int]) -> list[list[torch.Tensor]]:
+        """Host copies of ``pages`` in every layer (the backend's ``swap_out``), to preempt a sequence and keep
+        its KV. The engine preempts by recomputation today; this is the backend-owned path a swap policy uses."""
+        idx = torch.tensor(list(pages), dtype=torch.int64, device=self.device)
+        return [self.backend.swap_out(tensors, idx) for tensors in self.layer_caches]
+
+    def swap_in(self, pages: Sequence[int], saved: Sequence[Sequence[torch.Tensor]]) -> None:
+        """Restore ``swap_out``'s copies into ``pages`` (any free pages, not necessarily the original ones)."""
+        if len(saved) != len(self.layer_caches):
+            raise ValueError(f"swap_in got {len(saved)} layers, the model has {len(self.layer_caches)}")
+        idx = torch.tensor(list(pages), dtype=torch.int64, device=self.device)
+        for tensors, host in zip(self.layer_caches, saved):
+            self.backend.swap_in(tensors, idx, host)
 
     # -- user API ------------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, sampling: Any = None,
                  **kwargs: Any) -> list[list[int]]:
-        """Generate for token-id prompts (greedy unless ``sampling`` says otherwise). Returns new tokens only."""
+        """Generate for token-id prompts (greedy unless ``sampling`` says otherwise). Returns new tokens only,
+        one list per prompt; a single prompt (``[1, 2, 3]``) counts as a batch of one, as in ``LLM.generate``.
+        Invalid input raises InvalidRequestError before any work starts (the rule ``LLM`` documents)."""
         from autodeploy.runtime.engine import Engine
         from autodeploy.runtime.sampling import SamplingConfig
 
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        if prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
         if sampling is None:
             sampling = SamplingConfig(max_new_tokens=max_new_tokens, **kwargs)
         engine = Engine(self)
         return [r.output_ids for r in engine.generate(prompts, sampling)]
+
+    def save(self, directory: Any) -> Any:
+        """Write a self-contained engine (ONNX + weights, runtime config, tokenizer): runtime/engine_dir.py."""
+        from autodeploy.runtime.engine_dir import save_engine
+        return save_engine(self, directory)
 
     def explain(self) -> str:
         text = self.report.render()

@@ -6,7 +6,8 @@ The engine calls them once per decode step for each request that attaches them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -67,39 +68,49 @@ class StopOnTokens(StoppingCriteria):
 class StopOnStrings(StoppingCriteria):
     """Stop when the generated text contains one of ``strings``.
 
-    Only the tail of the generated tokens is detokenized each step (so the cost does
-    not grow with the output length); prompt tokens are never searched, which is why
-    ``prompt_len`` is needed. After a stop, ``matched`` names the stop string and
-    :meth:`trim` cuts a decoded output at it (the stop string itself is removed, as in
-    the OpenAI/vLLM APIs).
+    The text is built incrementally (``runtime/detokenizer.py``), so a stop string split across tokens or
+    inside a multi-byte character is found, each step costs a constant amount of decoding, and the text is
+    exactly what the output and the stream show. ``detokenize`` is the tokenizer (or its ``decode``, or any
+    ``decode(ids) -> str``). Prompt tokens are never searched, which is why ``prompt_len`` is needed; they give
+    the first generated token its context (its leading space). One instance serves every sample of a request
+    (one detokenizer per token list). After a stop, ``matched`` names the stop string and :meth:`trim` cuts a
+    decoded output before it (the stop string itself is removed, as in the OpenAI/vLLM APIs).
     """
 
-    def __init__(
-        self,
-        strings: Iterable[str],
-        detokenize: Callable[[list[int]], str],
-        prompt_len: int = 0,
-        tail_tokens: int | None = None,
-    ):
+    def __init__(self, strings: Iterable[str], detokenize: Any, prompt_len: int = 0):
         self.strings = [s for s in strings]
         if not self.strings or any(not isinstance(s, str) or not s for s in self.strings):
             raise ValueError("StopOnStrings needs a non-empty list of non-empty strings")
         self.detokenize = detokenize
         self.prompt_len = int(prompt_len)
-        # A stop string of L characters spans at most L tokens when every token yields
-        # at least one character; the slack covers tokens that decode to nothing alone
-        # (partial UTF-8 byte tokens) and tokenizers that drop a leading space.
-        self.tail_tokens = tail_tokens or max(len(s) for s in self.strings) + 4
         self.matched: str | None = None
+        # id(token list) -> (the list, its detokenizer); holding the list keeps its id from being reused
+        self._texts: dict[int, tuple[list[int], Any]] = {}
+
+    def _detokenizer(self, token_ids: list[int]):
+        from autodeploy.runtime.detokenizer import IncrementalDetokenizer
+
+        entry = self._texts.get(id(token_ids))
+        if entry is None or entry[0] is not token_ids or self.prompt_len + entry[1].num_tokens > len(token_ids):
+            d = IncrementalDetokenizer(self.detokenize, token_ids[:self.prompt_len], self.strings)
+            self._texts[id(token_ids)] = (token_ids, d)
+            return d
+        return entry[1]
 
     def __call__(self, token_ids: list[int], new_token: int) -> bool:
-        generated = token_ids[self.prompt_len :]
-        tail = self.detokenize(list(generated[-self.tail_tokens :]))
-        for s in self.strings:
-            if s in tail:
-                self.matched = s
-                return True
+        d = self._detokenizer(token_ids)
+        for t in token_ids[self.prompt_len + d.num_tokens:]:
+            d.add(t)
+            if d.stopped:
+                break
+        if d.stopped:
+            self.matched = d.matched
+            return True
         return False
+
+    def text(self, token_ids: list[int]) -> str:
+        """The visible text generated so far in ``token_ids`` (cut before a matched stop string)."""
+        return self._detokenizer(token_ids).text
 
     def trim(self, text: str) -> str:
         """Return ``text`` cut before the earliest occurrence of any stop string."""

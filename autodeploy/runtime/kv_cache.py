@@ -255,6 +255,15 @@ class KVCacheManager:
         for page in reversed(seq.pages):
             self._decref(page)
 
+    def peek_pending_copies(self) -> list[tuple[int, int]]:
+        """The ``(src_page, dst_page)`` copies :meth:`take_pending_copies` would return, left pending: apply them,
+        then take them, so a copy interrupted half-way is applied again (copies are idempotent)."""
+        return [(src, dst) for dst, src in self._pending.items()]
+
+    def seq_ids(self) -> list[Hashable]:
+        """Every allocated sequence (for the engine's consistency repair after a failed step)."""
+        return list(self._seqs)
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Return and clear the ``(src_page, dst_page)`` copies to apply to every layer before the forward.
 
@@ -269,6 +278,17 @@ class KVCacheManager:
         return copies
 
     # ------------------------------------------------------------------ invariants (tests)
+    def check_all_free(self) -> None:
+        """Raise AssertionError unless the bookkeeping is consistent and every page is back: no sequence, pin or
+        pending copy left, free plus evictable pages equal to ``num_pages`` (no page leaked or lost)."""
+        self.check_invariants()
+        if not self.all_free():
+            u = self.usage()
+            raise AssertionError(
+                f"KV pages not all returned: {u['free_pages']} free + {u['evictable_pages']} evictable of "
+                f"{self.num_pages}; sequences still allocated: {list(self._seqs)[:8]} ({len(self._seqs)}), "
+                f"pinned {len(self._pinned)}, pending copies {len(self._pending)}")
+
     def check_invariants(self) -> None:
         """Raise AssertionError if the bookkeeping is inconsistent. O(num_pages); for tests."""
         def fail(msg: str) -> None:

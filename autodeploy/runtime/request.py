@@ -61,6 +61,10 @@ class Sequence:
     num_computed: int = 0
     state: SeqState = SeqState.WAITING
     finish_reason: Optional[str] = None
+    # Per generated token (only when the request asks for logprobs): {token: logprob} for the sampled token and
+    # the top-N alternatives; ``cumulative_logprob`` sums the sampled tokens' logprobs.
+    logprobs: Optional[list[dict[int, float]]] = None
+    cumulative_logprob: float = 0.0
 
     @property
     def output_ids(self) -> list[int]:
@@ -86,8 +90,8 @@ class Request:
     error: Optional[str] = None
     stop_checkers: list = field(default_factory=list)  # generic StoppingCriteria (called per token)
     stop_ids: frozenset = frozenset()
-    plain_greedy: bool = False  # greedy with no processors/penalties: sampled by one batched argmax  # token-id stops, checked by set membership on the hot path
-    new_tokens: list = field(default_factory=list)  # (sample index, token) produced in the current step
+    plain_greedy: bool = False  # greedy with no processors/penalties/logprobs/min_tokens: one batched argmax
+    new_tokens: list = field(default_factory=list)  # (sample index, token) produced since last read
 
     @property
     def finished(self) -> bool:
@@ -106,8 +110,22 @@ class Request:
 
 
 @dataclass
+class CompletionOutput:
+    """One sample of a request (vLLM's shape): its tokens, and per token ``{token: logprob}`` (the sampled token
+    plus the top-N alternatives) when the request asked for logprobs."""
+
+    index: int
+    token_ids: list[int]
+    logprobs: Optional[list[dict[int, float]]]
+    cumulative_logprob: Optional[float]
+    finish_reason: Optional[str]
+    text: Optional[str] = None
+
+
+@dataclass
 class RequestOutput:
-    """What ``generate`` returns per prompt. ``output_ids`` is the best (or only) sample."""
+    """What ``generate`` returns per prompt. ``output_ids`` is the best (or only) sample; ``outputs`` holds every
+    sample as a :class:`CompletionOutput`."""
 
     request_id: Any
     prompt_ids: list[int]
@@ -118,3 +136,25 @@ class RequestOutput:
     error: Optional[str] = None
     text: Optional[str] = None
     texts: Optional[list[str]] = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token of one request, as :class:`~autodeploy.runtime.service.RequestStream` yields it.
+
+    ``index`` is the sample index (n > 1). ``logprob``/``top_logprobs`` are set when the request asked for
+    logprobs (``top_logprobs`` only for ``logprobs >= 1``). The request's last event has ``finished=True``,
+    its ``finish_reason`` and the full ``output``; a request that ends without a new token (abort, error)
+    ends with an event whose ``token_id`` is -1.
+    """
+
+    request_id: Any
+    index: int
+    token_id: int
+    logprob: Optional[float]
+    top_logprobs: Optional[dict[int, float]]
+    finished: bool
+    finish_reason: Optional[str]
+    output: Optional[RequestOutput] = None
+    sample_finished: bool = False  # this is the last token of sample ``index`` (its text can be flushed)

@@ -6,18 +6,28 @@ order follows HF transformers / vLLM so outputs can be compared with them:
 
     fp32 -> user LogitsProcessors -> repetition penalty (prompt + output, HF)
          -> presence/frequency penalties (output only, OpenAI/vLLM)
+         -> min_tokens: stop/EOS ids banned while the request is too short
+         -> [requested logprobs: log_softmax here]
          -> greedy rows: argmax
          -> sampled rows: temperature -> top-k -> top-p -> min-p -> exponential race
 
+Requested logprobs (``SamplingConfig.logprobs``) are the log-softmax of the logits after the user
+processors, penalties and min_tokens ban, before temperature/top-k/top-p/min-p: the distribution the
+model and the request's processors define, which is what OpenAI/vLLM clients read by default.
+
 Seeded requests draw their randomness from their own ``torch.Generator`` so their
 output does not depend on which other requests share the batch.
+
+User code never takes the batch down: with ``isolate_errors=True`` (the engine's mode) a processor that
+raises, returns the wrong shape or produces NaN/+inf (or bans every token) fails only the rows it ran on;
+:attr:`SampleOutput.errors` names the processor and the cause.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +47,10 @@ __all__ = [
     "apply_sampling_masks",
     "token_counts",
     "build_stopping_criteria",
+    "MAX_LOGPROBS",
 ]
+
+MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 def _is_real(x: Any) -> bool:
@@ -73,6 +86,14 @@ class SamplingConfig:
     ignore_eos: bool = False
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     stopping_criteria: list[StoppingCriteria] = field(default_factory=list)
+    # None: no logprobs; 0: the sampled token's logprob; N: plus the top N (see the module docstring).
+    logprobs: int | None = None
+    # EOS and stop tokens are banned (and stop checks skipped) until this many tokens are generated.
+    min_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        # Impossible values fail where they are written, not steps later inside a shared batch.
+        self.validate()
 
     @property
     def is_greedy(self) -> bool:
@@ -81,6 +102,13 @@ class SamplingConfig:
     @property
     def is_beam_search(self) -> bool:
         return self.beam_width > 1
+
+    @property
+    def needs_host_sampling(self) -> bool:
+        """Whether the sampler must see this request's row (processors, penalties, logprobs, min_tokens): it is
+        then neither on the one-argmax greedy path nor launched ahead by asynchronous scheduling."""
+        return bool(self.logits_processors) or self.needs_penalties or self.logprobs is not None \
+            or self.min_tokens > 0
 
     @property
     def needs_penalties(self) -> bool:
@@ -120,6 +148,13 @@ class SamplingConfig:
         real("length_penalty", None, None, False, False, "any finite number")
         integer("n", 1, "allowed range is >= 1")
         integer("beam_width", 1, "allowed range is >= 1 (1 = no beam search)")
+        integer("min_tokens", 0, "allowed range is >= 0")
+        if self.min_tokens > self.max_new_tokens:
+            raise _fail("min_tokens", self.min_tokens, f"must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.logprobs is not None:
+            if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise _fail("logprobs", self.logprobs,
+                            f"must be None or an int in [0, {MAX_LOGPROBS}] (0 = the sampled token only)")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**64):
             raise _fail("seed", self.seed, "must be None or an int in [0, 2**64)")
         if not isinstance(self.ignore_eos, bool):
@@ -149,6 +184,10 @@ class SamplingConfig:
                 )
             if self.n > self.beam_width:
                 raise _fail("n", self.n, f"with beam search n must be <= beam_width ({self.beam_width})")
+            if self.logprobs is not None:
+                raise _fail("logprobs", self.logprobs, "logprobs with beam search (beam_width > 1) is unsupported")
+            if self.min_tokens:
+                raise _fail("min_tokens", self.min_tokens, "min_tokens with beam search (beam_width > 1) is unsupported")
         elif self.n > 1 and self.is_greedy:
             raise _fail("n", self.n, "n > 1 needs temperature > 0 or beam search (greedy copies would be identical)")
         return self
@@ -191,10 +230,23 @@ class SamplingConfig:
 
 @dataclass
 class SampleOutput:
-    """Chosen tokens ``[B]`` (int64) and their log-probabilities ``[B]`` (fp32)."""
+    """Chosen tokens ``[B]`` (int64) and their log-probabilities ``[B]`` (fp32, under the final sampling
+    distribution, for ``return_logprobs``).
+
+    ``errors``: rows that failed (row -> message naming the hook and the cause); their token is meaningless.
+    Requested logprobs (``want_logprobs``): for the rows in ``logprob_rows``, the sampled token's logprob
+    ``token_logprobs[i]`` and the top ``top_ids/top_logprobs[i, :N]`` (best first, N the row's own count),
+    from the processed logits before temperature (module docstring). Device tensors: reading them is the
+    caller's host synchronisation.
+    """
 
     tokens: torch.Tensor
     logprobs: torch.Tensor | None = None  # None when the caller did not ask for them
+    errors: dict[int, str] = field(default_factory=dict)
+    logprob_rows: list[int] = field(default_factory=list)
+    token_logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -214,35 +266,92 @@ def _row_params(values: Sequence[float] | torch.Tensor, dtype: torch.dtype) -> t
     return torch.tensor(list(values), dtype=dtype)
 
 
+def _hook_name(hook: Any) -> str:
+    return type(hook).__name__
+
+
+def _bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """Per row of ``x`` [R, V]: NaN or +inf anywhere, or every token banned (-inf): nothing sensible to sample."""
+    return torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+
+
 def apply_logits_processors(
-    logits: torch.Tensor, configs: Sequence[SamplingConfig], token_ids: Sequence[Sequence[int]]
+    logits: torch.Tensor, configs: Sequence[SamplingConfig], token_ids: Sequence[Sequence[int]],
+    errors: dict[int, str] | None = None,
 ) -> torch.Tensor:
     """Run each request's user processors, in its own list order, on ``logits`` [B, V].
 
     A batched processor shared by several rows at the same list position is called once
     for all of them, which is the point of batched processors (one kernel, not B).
+
+    ``errors`` (row -> message): when given, a processor that raises, returns the wrong shape or leaves
+    NaN/+inf (or bans every token) records an error naming it for the rows it ran on, and those rows are
+    skipped by later processors; the other rows go on. Without it, such a processor raises.
+    Cost of the check: one finiteness reduction and one host read per processor call group.
     """
+    isolate = errors is not None
+    if errors is None:
+        errors = {}
     depth = max((len(c.logits_processors) for c in configs), default=0)
     for j in range(depth):
         groups: dict[int, tuple[LogitsProcessor, list[int]]] = {}
         for i, c in enumerate(configs):
-            if len(c.logits_processors) > j:
+            if len(c.logits_processors) > j and i not in errors:
                 p = c.logits_processors[j]
                 groups.setdefault(id(p), (p, []))[1].append(i)
         for p, rows in groups.values():
+            done: list[int] = []
             if getattr(p, "batched", False):
                 idx = torch.tensor(rows, device=logits.device)
-                out = p([list(token_ids[r]) for r in rows], logits[idx])
-                if out.shape != (len(rows), logits.shape[1]):
-                    raise ValueError(f"batched logits processor {p!r} returned shape {tuple(out.shape)}")
-                logits[idx] = out.to(logits.dtype)
+                try:
+                    out = p([list(token_ids[r]) for r in rows], logits[idx])
+                    if not isinstance(out, torch.Tensor) or out.shape != (len(rows), logits.shape[1]):
+                        raise ValueError(f"returned {_shape(out)} for logits of shape {(len(rows), logits.shape[1])}")
+                    logits[idx] = out.to(logits.dtype)
+                    done = rows
+                except Exception as exc:  # noqa: BLE001 - user code: fail its rows, keep the batch
+                    if not isolate:
+                        raise _wrap(p, exc) from exc
+                    for r in rows:
+                        errors[r] = _hook_error(p, exc)
             else:
                 for r in rows:
-                    out = p(list(token_ids[r]), logits[r])
-                    if out.shape != logits[r].shape:
-                        raise ValueError(f"logits processor {p!r} returned shape {tuple(out.shape)}")
-                    logits[r] = out.to(logits.dtype)
+                    try:
+                        out = p(list(token_ids[r]), logits[r])
+                        if not isinstance(out, torch.Tensor) or out.shape != logits[r].shape:
+                            raise ValueError(f"returned {_shape(out)} for logits of shape {tuple(logits[r].shape)}")
+                        logits[r] = out.to(logits.dtype)
+                        done.append(r)
+                    except Exception as exc:  # noqa: BLE001 - user code: fail its row, keep the batch
+                        if not isolate:
+                            raise _wrap(p, exc) from exc
+                        errors[r] = _hook_error(p, exc)
+            if done:
+                bad = _bad_rows(logits[torch.tensor(done, device=logits.device)]).tolist()
+                for r, b in zip(done, bad):
+                    if b:
+                        msg = (f"logits processor {_hook_name(p)} produced non-finite logits "
+                               "(NaN or +inf, or it banned every token)")
+                        if not isolate:
+                            raise ValueError(msg)
+                        errors[r] = msg
     return logits
+
+
+def _shape(x: Any) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}, not a tensor"
+
+
+def _hook_error(hook: Any, exc: BaseException) -> str:
+    if isinstance(exc, ValueError) and str(exc).startswith("returned "):
+        return f"logits processor {_hook_name(hook)} {exc}"
+    return f"logits processor {_hook_name(hook)} raised {type(exc).__name__}: {exc}"
+
+
+def _wrap(hook: Any, exc: Exception) -> Exception:
+    if isinstance(exc, ValueError) and str(exc).startswith("returned "):
+        return ValueError(_hook_error(hook, exc))
+    return exc
 
 
 def token_counts(
@@ -385,12 +494,18 @@ class Sampler:
         prompt_lens: Sequence[int],
         generators: Sequence[torch.Generator | None] | None = None,
         return_logprobs: bool = True,
+        suppress_ids: Sequence[Collection[int] | None] | None = None,
+        want_logprobs: Sequence[int | None] | None = None,
+        isolate_errors: bool = False,
     ) -> SampleOutput:
         """Pick one token per row of ``logits`` [B, V].
 
         ``token_ids[i]`` is request i's prompt followed by its generated tokens and
         ``prompt_lens[i]`` the prompt part's length. ``generators[i]`` (see
         :func:`make_generator`) supplies row i's randomness; None uses the global RNG.
+        ``suppress_ids[i]``: token ids banned in row i (min_tokens: EOS and stop ids).
+        ``want_logprobs[i]``: None, or how many top logprobs row i wants (0: the sampled token's only).
+        ``isolate_errors``: user processors fail only their rows (``SampleOutput.errors``) instead of raising.
         Configs are assumed validated (``SamplingConfig.validate``) when the request was
         admitted; the sampler does not re-check them every step.
         """
@@ -406,9 +521,12 @@ class Sampler:
             )
         # A private fp32 copy: processors may edit in place without touching the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
+        errors: dict[int, str] = {}
 
         if any(c.logits_processors for c in configs):
-            logits = apply_logits_processors(logits, configs, token_ids)
+            logits = apply_logits_processors(logits, configs, token_ids, errors if isolate_errors else None)
+            if errors:  # failed rows: neutral logits so the batched math below stays finite
+                logits[torch.tensor(sorted(errors), device=logits.device)] = 0.0
         if any(c.needs_penalties for c in configs):
             logits = apply_penalties(
                 logits,
@@ -418,6 +536,25 @@ class Sampler:
                 [c.presence_penalty for c in configs],
                 [c.frequency_penalty for c in configs],
             )
+        if suppress_ids is not None and any(suppress_ids):
+            rows, cols = [], []
+            for i, ids in enumerate(suppress_ids):
+                for t in ids or ():
+                    rows.append(i)
+                    cols.append(int(t))
+            logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+
+        out = SampleOutput(tokens=logits.new_empty(0, dtype=torch.long), errors=errors)
+        if want_logprobs is not None and any(n is not None for n in want_logprobs):
+            out.logprob_rows = [i for i, n in enumerate(want_logprobs) if n is not None]
+            sub = logits if len(out.logprob_rows) == b else \
+                logits[torch.tensor(out.logprob_rows, device=logits.device)]
+            processed_lp = torch.log_softmax(sub, dim=-1)
+            k = max(want_logprobs[i] for i in out.logprob_rows)
+            if k:
+                out.top_logprobs, out.top_ids = processed_lp.topk(min(k, processed_lp.shape[1]), dim=-1)
+        else:
+            processed_lp = None
 
         sample_rows = [i for i, c in enumerate(configs) if not c.is_greedy]
         if not sample_rows:
@@ -442,10 +579,14 @@ class Sampler:
                 tokens[idx] = chosen
                 final = logits.clone()
                 final[idx] = masked
-        if not return_logprobs:
-            return SampleOutput(tokens=tokens)
-        logprobs = torch.log_softmax(final, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-        return SampleOutput(tokens=tokens, logprobs=logprobs)
+        out.tokens = tokens
+        if processed_lp is not None:
+            picked = tokens if len(out.logprob_rows) == b else \
+                tokens[torch.tensor(out.logprob_rows, device=tokens.device)]
+            out.token_logprobs = processed_lp.gather(1, picked[:, None]).squeeze(1)
+        if return_logprobs:
+            out.logprobs = torch.log_softmax(final, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+        return out
 
 
 def build_stopping_criteria(

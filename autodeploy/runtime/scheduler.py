@@ -119,7 +119,11 @@ class Scheduler:
                 continue
             want = [min(s.num_pending, budget) for s in seqs]
             total = sum(want)
-            if total > budget or 0 in want:
+            if total > budget:  # chunk every sequence's prefill to a share of the budget
+                share = budget // len(seqs)
+                want = [min(s.num_pending, share) for s in seqs]
+                total = sum(want)
+            if 0 in want:
                 continue  # out of budget this step; it keeps its pages
             try:
                 ok = self._reserve(req, seqs, want, scheduled, step, preempted)

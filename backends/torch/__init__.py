@@ -6,6 +6,7 @@ import torch
 
 from autodeploy.backends.base import AttentionBackend
 from autodeploy.backends.registry import register_backend
+from autodeploy.ops.variants import param_names
 from autodeploy.backends.torch.attention import TORCH_METADATA_FIELDS, torch_cached_attention
 
 
@@ -13,6 +14,8 @@ class TorchBackend(AttentionBackend):
     name = "torch"
     devices = ("cpu", "cuda")
     metadata_fields = TORCH_METADATA_FIELDS
+    # The reference runs every registered variant through its plain-torch hooks.
+    capabilities = frozenset(param_names())
     priority = 0
 
     def cached_attention_op(self):

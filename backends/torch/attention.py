@@ -7,12 +7,13 @@ host-known counts come from ``batch_info`` (a CPU tensor), so nothing here syncs
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from autodeploy.ops.attention import attend, visible_mask
+from autodeploy.ops.cached import define_cached_attention
 
 # Order of the derived metadata fields this backend reads (docs/contracts.md).
 TORCH_METADATA_FIELDS = ("seq_idx", "tok_offset", "q_abs_pos")
@@ -35,21 +36,22 @@ def _gather_pages(cache: Tensor, page_table: Tensor) -> Tensor:
 def paged_attention(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor,
     batch_info: Tensor, seq_idx: Tensor, tok_offset: Tensor, q_abs_pos: Tensor, scale: float,
-    sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor],
+    params: dict[str, Any],
 ) -> Tensor:
-    """Attention of flattened queries ``[T, Hq, D]`` over the paged cache (already holding the new tokens)."""
+    """Attention of flattened queries ``[T, Hq, D]`` over the paged cache (already holding the new tokens).
+    ``params``: the variant parameters by name; every registered variant runs through its reference hooks."""
     n_prefill, n_prefill_tok, n_decode, max_q = (int(x) for x in batch_info.tolist())
     out = q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
     if n_decode:
         rows = slice(n_prefill, n_prefill + n_decode)
         k = _gather_pages(k_cache, page_table[rows])
         v = _gather_pages(v_cache, page_table[rows])
-        kv_pos = torch.arange(k.shape[2], device=q.device)
+        kv_pos = torch.arange(k.shape[2], device=q.device)[None]
         q_pos = q_abs_pos[n_prefill_tok:].long()[:, None]  # [Bd, 1]
-        allowed = visible_mask(q_pos, kv_pos, True, sliding_window)  # [Bd, 1, L]
+        allowed = visible_mask(q_pos, kv_pos, True, **params)  # [Bd, 1, L]
         allowed &= (kv_pos < seq_lens_kv[rows, None])[:, None, :]
         qd = q[n_prefill_tok:].unsqueeze(2)  # [Bd, Hq, 1, D]
-        out[n_prefill_tok:] = attend(qd, k, v, allowed, scale, logit_softcap, sinks).squeeze(2)
+        out[n_prefill_tok:] = attend(qd, k, v, allowed, scale, q_pos, kv_pos, **params).squeeze(2)
     if n_prefill:
         rows = slice(0, n_prefill)
         k = _gather_pages(k_cache, page_table[rows])
@@ -61,28 +63,22 @@ def paged_attention(
         kv_lens = seq_lens_kv[:n_prefill].long()
         ar = torch.arange(max_q, device=q.device)
         q_pos = (kv_lens - q_lens)[:, None] + ar  # [Bp, max_q]
-        kv_pos = torch.arange(k.shape[2], device=q.device)
-        allowed = visible_mask(q_pos, kv_pos, True, sliding_window)
-        allowed &= (kv_pos[None, None, :] < kv_lens[:, None, None]) & (ar[None, :, None] < q_lens[:, None, None])
-        o = attend(q_pad.transpose(1, 2), k, v, allowed, scale, logit_softcap, sinks)  # [Bp, Hq, max_q, D]
+        kv_pos = torch.arange(k.shape[2], device=q.device)[None]
+        allowed = visible_mask(q_pos, kv_pos, True, **params)
+        allowed &= (kv_pos[:, None, :] < kv_lens[:, None, None]) & (ar[None, :, None] < q_lens[:, None, None])
+        o = attend(q_pad.transpose(1, 2), k, v, allowed, scale, q_pos, kv_pos, **params)  # [Bp, Hq, max_q, D]
         out[:n_prefill_tok] = o.transpose(1, 2)[s_idx, t_off]
     return out
 
 
-@torch.library.custom_op("autodeploy::torch_cached_attention", mutates_args=("k_cache", "v_cache"))
-def torch_cached_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor,
-    meta: list[Tensor], scale: float, sliding_window: Optional[int] = None,
-    logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-) -> Tensor:
+def _cached_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor,
+                      seq_lens_kv: Tensor, page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor,
+                      meta: list[Tensor], scale: float, params: dict[str, Any]) -> Tensor:
     write_kv(k, v, k_cache, v_cache, slot_mapping)
     seq_idx, tok_offset, q_abs_pos = meta
     return paged_attention(q, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, batch_info,
-                           seq_idx, tok_offset, q_abs_pos, scale, sliding_window, logit_softcap, sinks)
+                           seq_idx, tok_offset, q_abs_pos, scale, params)
 
 
-@torch_cached_attention.register_fake
-def _fake(q, k, v, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping, batch_info, meta,
-          scale, sliding_window=None, logit_softcap=None, sinks=None):
-    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+# The op's signature is the shared cached-attention schema (autodeploy/ops/cached.py).
+torch_cached_attention = define_cached_attention("torch_cached_attention", _cached_attention)

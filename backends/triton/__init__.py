@@ -21,6 +21,8 @@ class TritonBackend(AttentionBackend):
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     # Decode reads the flash-decoding work partition (partition.py), derived in the one metadata node.
     metadata_fields = ("decode_work", "decode_split_start")
+    # What the kernels run (ops.KERNEL_PARAMS); any other variant (chunked attention) is refused by ``supports``.
+    capabilities = frozenset({"sliding_window", "logit_softcap", "sinks", "alibi_slopes"})
     priority = 10
     default_page_size = 64
     device_composed_steps = True
@@ -54,13 +56,20 @@ class TritonBackend(AttentionBackend):
         return torch.ops.autodeploy.triton_cached_attention.default
 
     def graph_passes(self):
+        """Tied to the triton attention op: only when triton runs attention."""
+        from autodeploy.backends.triton.passes.fuse_rope_cache_write import fuse_rope_cache_write
+
+        return [fuse_rope_cache_write]
+
+    def model_passes(self):
+        """Kernel fusions independent of the attention op: run wherever triton is available, whichever backend
+        runs attention (registry.kernel_passes)."""
         from autodeploy.backends.triton.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
         from autodeploy.backends.triton.passes.fuse_gated_act import fuse_gated_act
         from autodeploy.backends.triton.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
-        from autodeploy.backends.triton.passes.fuse_rope_cache_write import fuse_rope_cache_write
         from autodeploy.backends.triton.passes.skinny_gemm import skinny_gemm
 
-        return [fuse_rope_cache_write, fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act]
+        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act]
 
 
 register_backend(TritonBackend())

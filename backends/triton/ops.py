@@ -13,12 +13,14 @@ from autodeploy.backends.triton.kernels.gemv import gemv
 from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_cache_write
 from autodeploy.metadata import DEVICE_COMPOSED
+from autodeploy.ops.cached import define_cached_attention
 
 
 def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
                      k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor,
                      page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor, meta: list[Tensor], scale: float,
-                     sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor]) -> Tensor:
+                     sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor],
+                     alibi_slopes: Optional[Tensor] = None) -> Tensor:
     """Prefill/extend tokens: RoPE + cache write (one kernel), then the flash kernel. Decode tokens: one launch
     does RoPE, their cache write and split-K attention over the partition table the metadata node derived
     (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints, except in
@@ -29,7 +31,8 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     out = torch.empty((q.shape[0], q.shape[1], v_cache.shape[-1]), dtype=q.dtype, device=q.device)
     # the kernels index the last dim densely; a lowering may hand over other layouts (copies only then)
     k, v, cos, sin = (x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
-    kw = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks)
+    kw = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks,
+              alibi_slopes=alibi_slopes)
     if n_prefill == DEVICE_COMPOSED:
         return _device_composed(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
                                 slot_mapping, meta, out, kw)
@@ -72,39 +75,34 @@ def _device_composed(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     return out
 
 
-@torch.library.custom_op("autodeploy::triton_cached_attention", mutates_args=("k_cache", "v_cache"))
-def triton_cached_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor,
-    meta: list[Tensor], scale: float, sliding_window: Optional[int] = None,
-    logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-) -> Tensor:
+# Variant parameters the kernels run (TritonBackend.capabilities); any other is refused at backend selection.
+KERNEL_PARAMS = ("sliding_window", "logit_softcap", "sinks", "alibi_slopes")
+
+
+def _kernel_params(params: dict) -> dict:
+    extra = sorted(k for k, v in params.items() if v is not None and k not in KERNEL_PARAMS)
+    if extra:
+        raise NotImplementedError(f"triton cached attention does not run the variant parameters {extra}")
+    return {k: params.get(k) for k in KERNEL_PARAMS}
+
+
+def _cached(q, k, v, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping, batch_info, meta,
+            scale, params):
     return _paged_attention(q, k, v, None, None, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                            slot_mapping, batch_info, meta, scale, sliding_window, logit_softcap, sinks)
+                            slot_mapping, batch_info, meta, scale, **_kernel_params(params))
 
 
-@triton_cached_attention.register_fake
-def _fake_cached(q, k, v, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping, batch_info, meta,
-                 scale, sliding_window=None, logit_softcap=None, sinks=None):
-    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
-
-
-@torch.library.custom_op("autodeploy::triton_cached_attention_rope", mutates_args=("k_cache", "v_cache"))
-def triton_cached_attention_rope(
-    q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_cache: Tensor, v_cache: Tensor,
-    cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor,
-    meta: list[Tensor], scale: float, sliding_window: Optional[int] = None,
-    logit_softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
-) -> Tensor:
+def _cached_rope(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping,
+                 batch_info, meta, scale, params):
     """RoPE on q/k fused with the KV-cache write and (for decode tokens) with the attention itself."""
     return _paged_attention(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                            slot_mapping, batch_info, meta, scale, sliding_window, logit_softcap, sinks)
+                            slot_mapping, batch_info, meta, scale, **_kernel_params(params))
 
 
-@triton_cached_attention_rope.register_fake
-def _fake_rope(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping,
-               batch_info, meta, scale, sliding_window=None, logit_softcap=None, sinks=None):
-    return q.new_empty((q.shape[0], q.shape[1], v_cache.shape[-1]))
+# Both signatures are the shared cached-attention schema (autodeploy/ops/cached.py); the RoPE form adds cos/sin.
+triton_cached_attention = define_cached_attention("triton_cached_attention", _cached)
+triton_cached_attention_rope = define_cached_attention("triton_cached_attention_rope", _cached_rope,
+                                                       extra_inputs=("cos", "sin"))
 
 
 @torch.library.custom_op("autodeploy::triton_rms_norm", mutates_args=())

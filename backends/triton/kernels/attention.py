@@ -111,6 +111,8 @@ def _attn_tiles(
     softcap_scale,
     softcap_log2,
     window,
+    alibi,
+    apos,
     PAGE_SIZE: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -119,6 +121,7 @@ def _attn_tiles(
     MASK: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -126,7 +129,8 @@ def _attn_tiles(
 
     ``q``: ``[M, BLOCK_D]`` rows (query tokens x heads of one KV group), ``pos``: ``[M]`` absolute positions.
     MASK=False is the fast path for tiles the caller proved fully visible to every row (no per-score mask,
-    no key-range mask on loads).
+    no key-range mask on loads). HAS_ALIBI: ``alibi`` ``[M]`` is each row's slope (base 2), ``apos`` ``[M]`` its
+    query position; the score gains ``alibi * (j - apos)``.
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -144,6 +148,8 @@ def _attn_tiles(
             qk = softcap_log2 * _tanh(qk * softcap_scale)
         else:
             qk = qk * qk_scale
+        if HAS_ALIBI:
+            qk = qk + alibi[:, None] * (j[None, :] - apos[:, None]).to(tl.float32)
         if MASK:
             vis = (j[None, :] <= pos[:, None]) & j_ok[None, :]
             if HAS_WINDOW:
@@ -163,9 +169,10 @@ def _attn_tiles(
 @triton.jit
 def _page_step(
     acc, m_i, l_i, q, pg, k_lo, k_hi, k_base, v_base, pt_row, k_off, v_off, stride_kp, stride_vp,
-    qk_scale, softcap_scale, softcap_log2,
+    qk_scale, softcap_scale, softcap_log2, alibi, apos,
     PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
-    MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """Online-softmax update with one whole page as the KV tile (BLOCK_N == PAGE_SIZE): one scalar page-table
     load, then K and V rows at loop-invariant offsets from the page base (both loads issued before any math).
@@ -181,6 +188,8 @@ def _page_step(
         qk = softcap_log2 * _tanh(qk * softcap_scale)
     else:
         qk = qk * qk_scale
+    if HAS_ALIBI:
+        qk = qk + alibi[:, None] * (j[None, :] - apos[:, None]).to(tl.float32)
     if MASK:
         qk = tl.where(j_ok[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -194,9 +203,9 @@ def _page_step(
 @triton.jit
 def _attn_pages(
     acc, m_i, l_i, q, lo, hi, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
-    qk_scale, softcap_scale, softcap_log2,
+    qk_scale, softcap_scale, softcap_log2, alibi, apos,
     PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """Keys ``[lo, hi)`` page by page: partial first/last pages masked, whole pages on the unmasked path."""
     offs_n = tl.arange(0, PAGE_SIZE)
@@ -209,24 +218,24 @@ def _attn_pages(
         if lo < hi:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
-                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
+                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
     else:
         if lo % PAGE_SIZE != 0:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
-                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
+                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
         for pg in range(first_full, last_full):
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False,
-                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
+                NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
         if hi % PAGE_SIZE != 0:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True,
-                HAS_SOFTCAP, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
+                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
     return acc, m_i, l_i
 
 
@@ -261,6 +270,7 @@ def _context_attn_kernel(
     seq_lens_kv,
     page_table,
     sinks_ptr,
+    alibi_ptr,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -287,6 +297,7 @@ def _context_attn_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    HAS_ALIBI: tl.constexpr,
     FLAT_GRID: tl.constexpr,
     SEARCH_STEPS: tl.constexpr,
     SKIP_SINGLE: tl.constexpr,
@@ -350,6 +361,9 @@ def _context_attn_kernel(
     tok64 = (q_start + tok).to(tl.int64)
     q_ptrs = q_ptr + tok64[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    alibi = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        alibi = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: fully masked tiles give exp2(-inf) = 0
@@ -369,20 +383,21 @@ def _context_attn_kernel(
         mid_lo = tl.minimum(tl.maximum(kv_lo, win_safe), diag)
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, kv_lo, mid_lo, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
-            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST,
+            IEEE,
         )  # fmt: skip
     else:
         mid_lo = 0
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, mid_lo, diag, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
     )  # fmt: skip
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, diag, kv_hi, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, UPCAST, IEEE,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
     )  # fmt: skip
 
     o = _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
@@ -399,7 +414,7 @@ def _context_attn_kernel(
 def _decode_kernel(
     q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
     k_cache, v_cache, out_ptr,
-    cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, mid_o, mid_lse,
+    cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, alibi_ptr, mid_o, mid_lse,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cos, stride_sin,
     stride_ot, stride_oh,
     stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh,
@@ -407,7 +422,7 @@ def _decode_kernel(
     qk_scale, softcap_scale, softcap_log2,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr,
+    NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
     EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -455,6 +470,11 @@ def _decode_kernel(
     hi_cache = tl.where(owns_new, s_hi - 1, s_hi)  # keys read from the cache
     s_full = s_lo + ((hi_cache - s_lo) // BLOCK_N) * BLOCK_N  # end of the full tiles
     pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (hi_cache - 1)  # every key of [lo, hi) is visible
+    alibi = tl.zeros([BLOCK_H], dtype=tl.float32)
+    apos = tl.zeros([BLOCK_H], dtype=tl.int32)
+    if HAS_ALIBI:  # the query sits at the sequence's last position; the new key's own bias is 0
+        alibi = tl.load(alibi_ptr + head, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        apos = apos + (tl.load(seq_lens_kv + seq).to(tl.int32) - 1)
 
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
@@ -466,18 +486,19 @@ def _decode_kernel(
     if PAGE_TILES:
         acc, m_i, l_i = _attn_pages(
             acc, m_i, l_i, q, s_lo, hi_cache, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
-            qk_scale, softcap_scale, softcap_log2, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP, UPCAST, IEEE,
+            qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP,
+            HAS_ALIBI, UPCAST, IEEE,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
-            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, UPCAST, IEEE,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
         )  # fmt: skip
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, s_full, hi_cache, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0,
-            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, UPCAST, IEEE,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
         )  # fmt: skip
 
     if owns_new:
@@ -696,6 +717,7 @@ def context_attention(
     sinks: Optional[torch.Tensor],
     max_q_len: Optional[int] = None,
     skip_single: bool = False,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> None:
     """Causal paged attention for prefill/extend sequences, written into ``out`` ``[Tq, Hq, D]``.
 
@@ -703,7 +725,8 @@ def context_attention(
     (cached + new, already in the cache), ``page_table[s]`` the sequence's pages. ``max_q_len`` (a host int,
     an upper bound on any sequence's new tokens) sizes a grid per sequence; without it the grid depends only on
     ``Tq`` and ``num_seqs`` (no device value is read on the host: CUDA-graph capturable). ``skip_single``
-    leaves one-token sequences (decodes) and empty ones alone.
+    leaves one-token sequences (decodes) and empty ones alone. ``alibi_slopes`` ``[Hq]`` (fp32) adds
+    ``slope[h] * (j - i)`` to the scores.
     """
     _common_checks(q, k_cache, v_cache, out)
     if num_seqs <= 0 or q.shape[0] == 0 or max_q_len == 0:
@@ -723,7 +746,7 @@ def context_attention(
         grid = (triton.cdiv(max_q_len * group, block_m), num_seqs, hkv)
     _context_attn_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens_kv, page_table,
-        sinks if sinks is not None else q,
+        sinks if sinks is not None else q, alibi_slopes if alibi_slopes is not None else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -731,7 +754,7 @@ def context_attention(
         qk_scale, softcap_scale, softcap_log2, window, num_seqs,
         GROUP=group, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
-        FLAT_GRID=flat, SEARCH_STEPS=_search_steps(num_seqs) if flat else 0, SKIP_SINGLE=skip_single,
+        HAS_ALIBI=alibi_slopes is not None, FLAT_GRID=flat, SEARCH_STEPS=_search_steps(num_seqs) if flat else 0, SKIP_SINGLE=skip_single,
         UPCAST=interp, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
@@ -752,6 +775,7 @@ def decode_attention(
     partition: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     target: Optional[int] = None,
     new_kv: Optional[NewTokenKV] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-decoding over the paged cache for the decode sequences (``q_len == 1``) of a flattened batch,
     in one launch.
@@ -799,7 +823,8 @@ def decode_attention(
     sinks_arg = sinks if sinks is not None else q
     _decode_kernel[(n_items, hkv)](
         q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
-        cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg, mid_o, mid_lse,
+        cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
+        alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse,
         q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -808,7 +833,7 @@ def decode_attention(
         qk_scale, softcap_scale, softcap_log2,
         GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d,
         BLOCK_N=block_n, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap,
-        HAS_SINKS=sinks is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
+        HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
         PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),

@@ -10,6 +10,7 @@ from torch import fx
 
 from autodeploy.graph.utils import aten, flatten_heads, is_op, unflatten_source, val
 from autodeploy.graph.passes import PassResult, register_pass
+from autodeploy.ops.cached import cached_call, cached_inputs
 
 
 def _rope_output(x, index: int):
@@ -28,7 +29,8 @@ def fuse_rope_cache_write(gm: fx.GraphModule, ctx) -> PassResult:
     for node in list(graph.nodes):
         if not is_op(node, torch.ops.autodeploy.triton_cached_attention):
             continue
-        qf, kf, vf = node.args[:3]
+        inputs = cached_inputs(node)
+        qf, kf = inputs["q"], inputs["k"]
         rope_q, rope_k = _rope_output(qf, 0), _rope_output(kf, 1)
         if rope_q is None or rope_q is not rope_k:
             continue
@@ -37,12 +39,11 @@ def fuse_rope_cache_write(gm: fx.GraphModule, ctx) -> PassResult:
         hkv = kf.args[1][1]
         rot = val(cos).shape[-1] if val(cos) is not None else d
         with graph.inserting_before(node):
-            q2 = flatten_heads(graph, q_raw, hq, d)
-            k2 = flatten_heads(graph, k_raw, hkv, d)
-            cos2 = graph.call_function(aten.reshape.default, (cos, [-1, rot]))
-            sin2 = graph.call_function(aten.reshape.default, (sin, [-1, rot]))
-            new = graph.call_function(torch.ops.autodeploy.triton_cached_attention_rope.default,
-                                      (q2, k2, vf, cos2, sin2, *node.args[3:]))
+            inputs["q"] = flatten_heads(graph, q_raw, hq, d)
+            inputs["k"] = flatten_heads(graph, k_raw, hkv, d)
+            inputs["cos"] = graph.call_function(aten.reshape.default, (cos, [-1, rot]))
+            inputs["sin"] = graph.call_function(aten.reshape.default, (sin, [-1, rot]))
+            new = cached_call(graph, torch.ops.autodeploy.triton_cached_attention_rope.default, inputs)
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
