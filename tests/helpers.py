@@ -13,7 +13,10 @@ def hf_greedy(model, prompt, n):
     saved = gen.eos_token_id
     gen.eos_token_id = None
     try:
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([prompt])
+        # an explicit mask: without one HF infers it from pad_token_id and masks every prompt token equal to it
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0)
     finally:
         gen.eos_token_id = saved
     return out[0, len(prompt):].tolist()

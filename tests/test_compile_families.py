@@ -2,6 +2,8 @@
 (chunked prefill + decode + prefill in one step, contexts crossing page boundaries), and greedy generation
 matches HF ``generate`` token for token."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -17,7 +19,7 @@ CASES = [(f, impl) for f in FAMILIES for impl in ("sdpa", "eager") if not (f == 
 def test_logits_match_hf_on_mixed_batch(family, impl):
     model = make_model(family, impl)
     cm = autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48)
-    g = torch.Generator().manual_seed(hash(family) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(family.encode()) % 1000)  # str hash() differs per process
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
     got = mixed_batch_logits(cm, seqs)
     with torch.no_grad():

@@ -3,6 +3,8 @@ InferenceSession inside the usual runtime. Per family: mixed-batch logits within
 and greedy tokens identical to HF generate. Plus the engine cache (a second compile skips the export and says
 so in ``explain()``), the lowering contract, and the choice of backend on a CPU."""
 
+import zlib
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def compiled(engine_cache):
 def test_mixed_batch_logits_and_greedy_tokens_match_hf(compiled, family):
     model, cm = compiled(family)
     assert cm.report.lowering == "onnxruntime"
-    g = torch.Generator().manual_seed(hash(family) % 1000)
+    g = torch.Generator().manual_seed(zlib.crc32(family.encode()) % 1000)  # str hash() differs per process
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
     got = mixed_batch_logits(cm, seqs)
     with torch.no_grad():
