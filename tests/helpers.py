@@ -55,3 +55,14 @@ def mixed_batch_logits(cm, seqs):
     got[1].append(l2[rows1])
     got[2].append(l2[rows2])
     return {k: torch.cat(v) for k, v in got.items()}
+
+
+def assert_mixed_batch_matches_hf(cm, model, seqs, label: str, tol: float = 1e-4) -> None:
+    """:func:`mixed_batch_logits` of ``seqs`` against HF's forward of each sequence alone."""
+    got = mixed_batch_logits(cm, seqs)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            ref = model(torch.tensor([s])).logits[0]
+            assert got[i].shape == ref.shape
+            err = rel_rms(got[i], ref)
+            assert err < tol, f"{label} seq {i}: rel RMS {err:.2e}"

@@ -9,7 +9,7 @@ import torch
 
 import autodeploy
 from autodeploy.runtime.sampling import SamplingConfig
-from helpers import hf_greedy, mixed_batch_logits, rel_rms
+from helpers import assert_mixed_batch_matches_hf, hf_greedy
 from model_zoo import FAMILIES, make_model
 
 CASES = [(f, impl) for f in FAMILIES for impl in ("sdpa", "eager") if not (f == "gemma2" and impl == "sdpa")]
@@ -21,13 +21,7 @@ def test_logits_match_hf_on_mixed_batch(family, impl):
     cm = autodeploy.compile(model, max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48)
     g = torch.Generator().manual_seed(zlib.crc32(family.encode()) % 1000)  # str hash() differs per process
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
-    got = mixed_batch_logits(cm, seqs)
-    with torch.no_grad():
-        for i, s in enumerate(seqs):
-            ref = model(torch.tensor([s])).logits[0]
-            assert got[i].shape == ref.shape
-            err = rel_rms(got[i], ref)
-            assert err < 1e-4, f"{family}/{impl} seq {i}: rel RMS {err:.2e}"
+    assert_mixed_batch_matches_hf(cm, model, seqs, f"{family}/{impl}")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -81,12 +75,7 @@ def test_variant_family_matches_hf_on_mixed_batch(variant_models, family, impl):
         assert any(spec.param("chunk_size") for spec in cm.ctx.attention_specs)
     g = torch.Generator().manual_seed(11)
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
-    got = mixed_batch_logits(cm, seqs)
-    with torch.no_grad():
-        for i, s in enumerate(seqs):
-            ref = model(torch.tensor([s])).logits[0]
-            err = rel_rms(got[i], ref)
-            assert err < 1e-4, f"{family}/{impl} seq {i}: rel RMS {err:.2e}"
+    assert_mixed_batch_matches_hf(cm, model, seqs, f"{family}/{impl}")
 
 
 @pytest.mark.parametrize("family", list(VARIANT_CASES))

@@ -14,7 +14,7 @@ from autodeploy.backends.onnxruntime import engine_files, export, lowering
 from autodeploy.errors import BackendUnavailableError
 from autodeploy.lowering import resolve_lowering
 from autodeploy.runtime.sampling import SamplingConfig
-from helpers import hf_greedy, mixed_batch_logits, rel_rms
+from helpers import assert_mixed_batch_matches_hf, hf_greedy
 from model_zoo import make_model
 
 FAMILIES = {"llama": "sdpa", "qwen3": "sdpa", "gemma2": "eager", "gpt2": "sdpa"}
@@ -49,13 +49,7 @@ def test_mixed_batch_logits_and_greedy_tokens_match_hf(compiled, family):
     assert cm.report.lowering == "onnxruntime"
     g = torch.Generator().manual_seed(zlib.crc32(family.encode()) % 1000)  # str hash() differs per process
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
-    got = mixed_batch_logits(cm, seqs)
-    with torch.no_grad():
-        for i, s in enumerate(seqs):
-            ref = model(torch.tensor([s])).logits[0]
-            assert got[i].shape == ref.shape
-            err = rel_rms(got[i], ref)
-            assert err < 1e-4, f"{family} seq {i}: rel RMS {err:.2e}"
+    assert_mixed_batch_matches_hf(cm, model, seqs, family)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 11, 1)]
     outs = cm.generate(prompts, sampling=SamplingConfig(max_new_tokens=16, ignore_eos=True))
     for p, o in zip(prompts, outs):
