@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import fx
 
+from autodeploy.ops import kv_quant
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -39,6 +41,8 @@ class AttentionSpec:
     causal: bool
     dtype: torch.dtype
     params: tuple[tuple[str, Any], ...] = ()
+    # How the layer's KV cache is stored (autodeploy/ops/kv_quant.py): "auto" (the model dtype) or "fp8".
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         items = self.params.items() if isinstance(self.params, dict) else self.params
@@ -62,8 +66,25 @@ class AttentionSpec:
     def features(self) -> str:
         parts = [f"H={self.num_heads}/{self.num_kv_heads}", f"D={self.head_dim}"]
         parts += [name if value is True else f"{name}={value}" for name, value in self.params]
+        if self.kv_cache_dtype != "auto":
+            parts.append(f"kv={self.kv_cache_dtype}")
         return " ".join(parts)
 
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One stateful mixer layer's per-sequence state (autodeploy/ops/mixers/): the mixer kind, the shape of one
+    sequence's state and its dtype. The runtime keeps one slot per live sequence (runtime/state_slots.py); the
+    backend lays the slots out (``allocate_state``)."""
+
+    layer: int
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def features(self) -> str:
+        return f"{self.kind} state {list(self.shape)} {str(self.dtype).replace('torch.', '')}"
 
 class CudaGraphSupport(enum.IntEnum):
     """How much of a step a backend's cached op lets a CUDA graph capture (higher includes lower).
@@ -82,8 +103,9 @@ class CudaGraphSupport(enum.IntEnum):
 class AttentionBackend:
     """Base class; subclasses set the class attributes and override what differs.
 
-    Cache layout: each attention layer has the cache tensors ``allocate_cache`` returns (the graph's two inputs
-    ``k_cache_<i>``, ``v_cache_<i>``), each with pages along dim 0. ``copy_pages``/``swap_out``/``swap_in`` and
+    Cache layout: each attention layer has the cache tensors ``allocate_cache`` returns, named by
+    ``cache_names`` (graph inputs ``<name>_<layer>``, e.g. ``k_cache_0``, ``v_cache_0``, and with an FP8 KV cache
+    ``k_scale_0``, ``v_scale_0``), each with pages along dim 0. ``copy_pages``/``swap_out``/``swap_in`` and
     ``bytes_per_token`` work on those, so the runtime never assumes a layout. Host planning: ``plan_step`` runs
     once per step (only when a backend overrides it)."""
 
@@ -93,6 +115,8 @@ class AttentionBackend:
     metadata_fields: tuple[str, ...] = ()
     # Variant parameters (autodeploy/ops/variants/) the cached op runs; ``supports`` refuses any other.
     capabilities: frozenset[str] = frozenset()
+    # KV-cache storage dtypes its cached op reads (kv_quant.KV_CACHE_DTYPES); ``supports`` refuses any other.
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)
     # Higher wins in automatic selection among backends that support the model.
     priority: int = 0
     # The cached op runs device-composed steps (``batch_info[0] == metadata.DEVICE_COMPOSED``): launches sized by
@@ -122,6 +146,9 @@ class AttentionBackend:
         missing = [name for name, _ in spec.params if name not in self.capabilities]
         if missing:
             return False, f"backend {self.name!r} lacks the capabilities {missing} (it runs {sorted(self.capabilities)})"
+        if spec.kv_cache_dtype not in self.kv_cache_dtypes:
+            return False, (f"backend {self.name!r} cannot store a {spec.kv_cache_dtype} KV cache "
+                           f"(its kv_cache_dtypes: {list(self.kv_cache_dtypes)})")
         return True, "supported"
 
     def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
@@ -137,12 +164,26 @@ class AttentionBackend:
         raise NotImplementedError
 
     # -- cache layout -----------------------------------------------------------------------------------------
+    def cache_names(self, spec: AttentionSpec) -> tuple[str, ...]:
+        """Names of one layer's cache tensors, in ``allocate_cache`` order: the cached op's inputs of those names
+        receive them (graph inputs ``<name>_<layer>``). An FP8 KV cache adds its scales (cached.KV_SCALE_CACHES)."""
+        if spec.kv_cache_dtype == "fp8":
+            return ("k_cache", "v_cache", "k_scale", "v_scale")
+        return ("k_cache", "v_cache")
+
     def allocate_cache(self, num_pages: int, page_size: int, spec: AttentionSpec, dtype: torch.dtype,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's cache tensors (the layer's K and V cache graph inputs), pages along dim 0. The default is
-        docs/contracts.md's paged layout ``[num_pages, page_size, Hkv, D]`` for K and V."""
+                       device: torch.device) -> tuple[torch.Tensor, ...]:
+        """One layer's cache tensors (named by ``cache_names``), pages along dim 0. The default is
+        docs/contracts.md's paged layout ``[num_pages, page_size, Hkv, D]`` for K and V; with
+        ``spec.kv_cache_dtype == "fp8"`` the pages are float8 E4M3 and ``[num_pages, page_size, Hkv]`` bf16
+        scales follow (autodeploy/ops/kv_quant.py)."""
         shape = (num_pages, page_size, spec.num_kv_heads, spec.head_dim)
         v_shape = (num_pages, page_size, spec.num_kv_heads, spec.v_head_dim)
+        if spec.kv_cache_dtype == "fp8":
+            scale_shape = (num_pages, page_size, spec.num_kv_heads)
+            fp8, sdt = kv_quant.FP8_KV_DTYPE, kv_quant.KV_SCALE_DTYPE
+            return (torch.zeros(shape, dtype=fp8, device=device), torch.zeros(v_shape, dtype=fp8, device=device),
+                    torch.ones(scale_shape, dtype=sdt, device=device), torch.ones(scale_shape, dtype=sdt, device=device))
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(v_shape, dtype=dtype, device=device)
 
     def bytes_per_token(self, spec: AttentionSpec, dtype: torch.dtype) -> int:
@@ -175,6 +216,33 @@ class AttentionBackend:
         for cache, host in zip(caches, saved):
             cache[pages.to(cache.device)] = host.to(cache.device, non_blocking=True)
 
+    # -- recurrent state slots (stateful mixers, autodeploy/ops/mixers/) --------------------------------------
+    def allocate_state(self, num_slots: int, spec: StateSpec, device: torch.device) -> torch.Tensor:
+        """One stateful layer's state tensor (its graph input ``<kind>_state_<layer>``): ``num_slots`` slots
+        along dim 0, each ``spec.shape``. The cached mixer op reads a slot only when the sequence continues
+        (tokens before the chunk), so a reused slot needs no reset before use."""
+        return torch.zeros((num_slots, *spec.shape), dtype=spec.dtype, device=device)
+
+    def state_bytes_per_slot(self, spec: StateSpec) -> int:
+        """Bytes one sequence's slot costs in this layer (from ``allocate_state`` on the meta device)."""
+        t = self.allocate_state(1, spec, torch.device("meta"))
+        return t.numel() * t.element_size()
+
+    def copy_state(self, state: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slots ``src[i] -> dst[i]`` (device index tensors) in one layer's state (e.g. to fork a sequence)."""
+        state[dst] = state[src]
+
+    def reset_state(self, state: torch.Tensor, slots: torch.Tensor) -> None:
+        """Zero ``slots`` in one layer's state."""
+        state[slots] = 0
+
+    def cached_mixer_op(self, kind: str) -> Any:
+        """The cached op this backend runs for mixer ``kind`` (default: the torch reference the kind registers,
+        with its one schema; a backend may return its own kernel with the same schema)."""
+        from autodeploy.ops.mixers import MIXER_KINDS
+
+        return MIXER_KINDS[kind].cached
+
     # -- per-step host planning -------------------------------------------------------------------------------
     def plan_step(self, batch: Any, chunks: Sequence[Any]) -> None:
         """Host-side planner run once per step, after packing and before the forward (as vLLM's metadata
@@ -206,6 +274,7 @@ class AttentionBackend:
         return {
             "devices": list(self.devices), "dtypes": [str(d).replace("torch.", "") for d in self.dtypes],
             "params": sorted(getattr(self, "capabilities", ())),
+            "kv_cache_dtypes": list(getattr(self, "kv_cache_dtypes", ("auto",))),
             "metadata_fields": list(self.metadata_fields), "cuda_graphs": self.cuda_graph_support().name.lower(),
             "cache_layout": self.cache_layout, "default_page_size": self.default_page_size,
             "priority": self.priority, "host_planner": self.has_plan_step(), "module": type(self).__module__,

@@ -48,8 +48,8 @@ def measure_bandwidth() -> float:
 
 
 def kv_bytes_per_token(cm) -> int:
-    item = torch.empty((), dtype=cm.dtype).element_size()
-    return sum(s.num_kv_heads * (s.head_dim + s.v_head_dim) * item for s in cm.ctx.attention_specs)
+    """KV bytes one token costs over all layers, as the backend lays the cache out (fp8 pages and scales too)."""
+    return sum(cm.backend.bytes_per_token(s, cm.dtype) for s in cm.ctx.attention_specs)
 
 
 def run_prefills(engine) -> None:
@@ -67,8 +67,18 @@ def decode_chunks(cm, batch: int, ctx: int) -> list:
     return [SequenceChunk([1], ctx, list(range(i * pages_per, (i + 1) * pages_per))) for i in range(batch)]
 
 
-def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_scheduling: bool = True):
+class _NoopProcessor:
+    """A Python logits processor that changes nothing: forces the host-assisted sampler path (synchronous steps)
+    so its cost can be measured against the fused path."""
+
+    def __call__(self, token_ids, logits):
+        return logits
+
+
+def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_scheduling: bool = True,
+               sampling: dict | None = None, noop_processor: bool = False):
     """Prefill ``batch`` sequences of ``ctx`` tokens, then time ``steps`` engine decode steps (all decoding).
+    ``sampling``: SamplingConfig fields of every request (None: greedy; sampled requests are seeded 0, 1, ...).
 
     Returns (median step s, mean step s, slowest step s, median host overhead s, median forward s). Each step is
     timed on its own: with asynchronous scheduling a steady-state step's wall time is the GPU step time, and the
@@ -79,9 +89,12 @@ def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_schedulin
 
     engine = Engine(cm, record_stats=True, async_scheduling=async_scheduling)
     g = torch.Generator().manual_seed(batch)
-    for _ in range(batch):
+    sampling = dict(sampling or {})
+    extra = {"logits_processors": [_NoopProcessor()]} if noop_processor else {}
+    for i in range(batch):
+        seed = {"seed": i} if sampling.get("temperature", 0) > 0 else {}
         engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(),
-                           SamplingConfig(max_new_tokens=steps + 8, ignore_eos=True))
+                           SamplingConfig(max_new_tokens=steps + 8, ignore_eos=True, **sampling, **seed, **extra))
     run_prefills(engine)
     for _ in range(3):
         engine.step()  # warm-up (captures the bucket's graph)
@@ -285,6 +298,16 @@ def apply_tuning(args: argparse.Namespace) -> None:
             switch()
 
 
+def _pipeline(args):
+    """The default pipeline, plus the skinny quantized GEMM after quantization when asked for."""
+    if not args.quant_skinny:
+        return None
+    import autodeploy.backends.triton.passes.quant_skinny_gemm  # noqa: F401 - registers the pass
+    from autodeploy.compiler.pipeline import Pipeline
+
+    return Pipeline.default().insert_after("quantize_linears", "quant_skinny_gemm")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -306,7 +329,18 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
     p.add_argument("--json", default=None)
     p.add_argument("--decode-only", action="store_true", help="skip prefill, mixed steps and the profile")
+    p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int8-weight"],
+                   help="quantize the linears (compile(quantization=...))")
+    p.add_argument("--quant-skinny", action="store_true",
+                   help="with --quantization: add the quant_skinny_gemm pass (decode rows on the skinny quantized GEMM)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV-cache storage (fp8: E4M3 pages with per-row scales)")
     add_tuning_args(p)
+    from autodeploy.entrypoints.bench import add_sampling_arguments, sampling_settings
+
+    add_sampling_arguments(p)  # --temperature/--top-k/--top-p/--min-p for the decode rows and the workload
+    p.add_argument("--noop-processor", action="store_true",
+                   help="decode rows: attach a no-op Python logits processor (measures the host-sampler path)")
     p.add_argument("--sync-too", action="store_true",
                    help="also time each decode row with asynchronous scheduling off (side by side)")
     args = p.parse_args()
@@ -315,6 +349,7 @@ def main() -> None:
     from autodeploy.models.builtin import build_builtin
 
     apply_tuning(args)
+    sampling = sampling_settings(args)
     bw = measure_bandwidth()
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.perf_counter()
@@ -323,24 +358,32 @@ def main() -> None:
     t0 = time.perf_counter()
     cm = autodeploy.compile(model, max_batch_size=args.max_batch_size or max(batches + [64]),
                             max_seq_len=args.max_seq_len,
-                            backend=args.backend, lowering=args.lowering, max_num_tokens=args.max_num_tokens)
+                            backend=args.backend, lowering=args.lowering, max_num_tokens=args.max_num_tokens,
+                            kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                            passes=_pipeline(args))
     compile_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_tok = kv_bytes_per_token(cm)
     vocab = cm.vocab_size
     res = {"model": args.model, "lowering": cm.report.lowering, "backend": cm.report.backend,
+           "kv_cache_dtype": args.kv_cache_dtype, "kv_bytes_per_token": kv_tok,
+           "quantization": args.quantization, "quant_skinny": args.quant_skinny,
            "device_bw_GBps": bw / 1e9, "weight_GB": weight_bytes / 1e9, "compile_s": compile_s,
-           "model_init_s": build_s, "decode": []}
+           "model_init_s": build_s, "sampling": sampling, "noop_processor": args.noop_processor, "decode": []}
     print(f"device copy bandwidth {bw / 1e9:.0f} GB/s; weights {weight_bytes / 1e9:.2f} GB; compile {compile_s:.1f} s")
+    print("sampling:", "greedy" if sampling["temperature"] == 0 else json.dumps(sampling),
+          "(+ no-op Python logits processor)" if args.noop_processor else "")
     print(f"{'batch':>5} {'ctx':>5} {'sched':>5} {'step ms':>8} {'tok/s':>9} {'floor ms':>8} {'% floor':>7} "
           f"{'host ms':>7} {'mean ms':>8} {'max ms':>8}")
     for b in [] if args.cb_only else batches:
         for mode in (True, False) if args.sync_too else (True,):
-            step, mean, worst, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode)
+            step, mean, worst, host, fwd = decode_run(cm, b, args.ctx, args.steps, vocab, async_scheduling=mode,
+                                                      sampling=sampling, noop_processor=args.noop_processor)
             floor = (weight_bytes + b * (args.ctx + args.steps // 2) * kv_tok) / bw
             row = {"batch": b, "ctx": args.ctx, "async": mode, "step_ms": step * 1e3, "tok_per_s": b / step,
                    "floor_ms": floor * 1e3, "pct_of_floor": 100 * floor / step, "host_overhead_ms": host * 1e3,
-                   "forward_ms": fwd * 1e3, "mean_step_ms": mean * 1e3, "max_step_ms": worst * 1e3}
+                   "forward_ms": fwd * 1e3, "mean_step_ms": mean * 1e3, "max_step_ms": worst * 1e3,
+                   "sampling": sampling}
             res["decode"].append(row)
             print(f"{b:>5} {args.ctx:>5} {'async' if mode else 'sync':>5} {step * 1e3:8.2f} {b / step:9.1f} "
                   f"{floor * 1e3:8.2f} {100 * floor / step:6.1f}% {host * 1e3:7.3f} {mean * 1e3:8.2f} {worst * 1e3:8.2f}")
@@ -356,11 +399,11 @@ def main() -> None:
         policy = admission_policy(args.admit_min_tokens, args.admit_max_wait)
         for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
             first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
-                                 progress=False)
+                                 progress=False, sampling=sampling)
             print(f"continuous batching pass {rep + 1}: {first['output_tok_per_s']:,.0f} output tok/s "
                   f"({first['elapsed_s']:.1f} s); by step kind: {json.dumps(first['step_kinds'])}")
         cb = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
-                                 progress=False)
+                                 progress=False, sampling=sampling)
         res["continuous_batching"] = {k: cb[k] for k in ("output_tok_per_s", "total_tok_per_s", "elapsed_s",
                                                           "ttft_s", "tpot_s", "steps", "preemptions",
                                                           "max_running_seqs", "host_overhead_per_step_s",

@@ -4,7 +4,7 @@ Sends ``--num-requests`` streaming requests, at most ``--concurrency`` at a time
 Poisson arrivals), stops sending after ``--max-seconds``, and reports what vLLM's ``benchmark_serving`` reports:
 request/token throughput and TTFT, TPOT, ITL and end-to-end latency (mean, median, p99, in ms).
 
-- TTFT: request sent -> first streamed text.
+- TTFT: request sent -> first streamed chunk (the server sends one chunk per token, text or not).
 - TPOT: (latency - TTFT) / (output tokens - 1), per request (output tokens from the server's ``usage``).
 - ITL: the gaps between successive streamed chunks, over all requests.
 
@@ -108,10 +108,7 @@ def one_request(u: urllib.parse.ParseResult, endpoint: str, model: str, prompt: 
             if msg.get("usage"):
                 res.prompt_tokens = msg["usage"]["prompt_tokens"]
                 res.output_tokens = msg["usage"]["completion_tokens"]
-            text = ""
-            for c in msg.get("choices", []):
-                text += (c.get("delta") or {}).get("content") or c.get("text") or ""
-            if text:
+            if msg.get("choices"):  # a token's chunk (its text may be empty: bytes held back), as vLLM times it
                 now = time.perf_counter()
                 if res.ttft is None:
                     res.ttft = now - start
@@ -185,6 +182,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         cmd += ["--device", args.device]
     if args.served_model_name:
         cmd += ["--served-model-name", args.served_model_name]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     found: dict = {}
 
@@ -270,6 +269,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--start-server", action="store_true", help="start `autodeploy serve --model MODEL` first")
     p.add_argument("--device", default=None)
+    p.add_argument("--tokenizer", default=None, help="the served model's tokenizer (serve --tokenizer), e.g. for a "
+                                                     "builtin random-weight config: --tokenizer smollm2")
     p.add_argument("--max-seq-len", type=int, default=512)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--server-start-timeout", type=float, default=600.0)

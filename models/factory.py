@@ -17,6 +17,7 @@ from torch.export import Dim
 
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.models.defaults import family_defaults
+from autodeploy.ops.moe import traceable_experts
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,24 @@ DEFAULT_MODEL = "smollm2"
 # model -> (load notes, tokenizer) of the load that built it: passing that model on (the CLI loads, then
 # compiles the instance) keeps both.
 _LOADED: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[list[str], Any]]" = weakref.WeakKeyDictionary()
+
+
+def load_tokenizer(spec: str) -> Any:
+    """A tokenizer by name (``smollm2``) or from a local directory with tokenizer files (``--tokenizer``)."""
+    from autodeploy.models import smollm2
+
+    if spec == smollm2.NAME:
+        return smollm2.load_tokenizer()
+    if not os.path.isdir(spec):
+        raise UnsupportedModelError(f"tokenizer {spec!r}: neither {smollm2.NAME!r} nor a local directory")
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            return AutoTokenizer.from_pretrained(spec)
+    except Exception as exc:  # noqa: BLE001 - any loader failure names the directory
+        raise UnsupportedModelError(f"tokenizer {spec!r}: no loadable tokenizer there ({type(exc).__name__}: "
+                                    f"{exc})") from None
 
 
 def register_model_source(name: str) -> Callable[[ModelSource], ModelSource]:
@@ -317,7 +336,8 @@ def export_model(model: torch.nn.Module, max_batch_size: int, max_seq_len: int, 
     dyn = Dim.DYNAMIC
     dynamic = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn})
     try:
-        with torch.no_grad():
+        # experts modules HF writes as a data-dependent loop (DBRX) export through the canonical MoE op
+        with torch.no_grad(), traceable_experts(model):
             ep = torch.export.export(_LogitsOnly(model), (ids, pos), dynamic_shapes=dynamic, strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
     except Exception as exc:

@@ -131,3 +131,25 @@ def load(arg: Optional[str] = None, dtype: Optional[torch.dtype] = None,
     model, tokenizer, seconds = _template()
     note = f"{NAME}: {DESCRIPTION}" + (f", loaded in {seconds:.1f} s" if fresh else ", reused from this process")
     return copy.deepcopy(model), copy.deepcopy(tokenizer), [note]
+
+
+def load_tokenizer() -> Any:
+    """SmolLM2's tokenizer alone (e.g. to serve a random-weight config as text): from the converted checkpoint
+    when this machine has one, else straight from the GGUF (no model conversion)."""
+    from transformers import AutoTokenizer
+
+    from autodeploy.models.factory import quiet_transformers
+
+    if _template.cache_info().currsize:
+        return copy.deepcopy(_template()[1])
+    gguf = gguf_path()
+    entry = _entry_dir(gguf)
+    with quiet_transformers():
+        if entry.is_dir():
+            try:
+                return AutoTokenizer.from_pretrained(entry)
+            except Exception:  # noqa: BLE001 - a damaged entry: the GGUF still has it
+                pass
+        if importlib.util.find_spec("gguf") is None:
+            raise UnsupportedModelError(f"reading the tokenizer of {NAME!r} from its GGUF needs gguf: {PIP_HINT}")
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

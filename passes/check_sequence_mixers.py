@@ -1,13 +1,14 @@
 """Never silently wrong: refuse a cached graph in which anything but the cached attention mixes tokens.
 
 After cache insertion, every op that lets one token's result depend on another token's input must be a
-cached-attention op: those are the only mixers whose state (the KV cache) is carried across steps. Anything else
+cached-attention op or a cached stateful mixer op (autodeploy/ops/mixers/: causal conv, SSM scan): those are the
+only mixers whose state (the KV cache, the per-sequence state slots) is carried across steps. Anything else
 that mixes tokens (an attention form the matcher did not know, a Mamba/SSM scan, a causal conv1d over the sequence,
 a linear-attention or delta-rule recurrence, a cumsum over tokens...) would run on each step's new tokens alone
 and answer wrong. Instead of listing such ops (the list is never complete), this pass *measures* it:
 
 1. a copy of the graph has every cached-attention op replaced by a token-local stand-in (each token's output is
-   a function of its own q and v only);
+   a function of its own q and v only), and every cached mixer op by its kind's token-local stand-in;
 2. the copy runs on one probe prompt twice, with only token 0 changed;
 3. if any other token's logits move, something else mixes tokens. Both runs are repeated node by node to find
    the first node whose output moved at another token; the model is refused naming that node's module path
@@ -31,6 +32,7 @@ from autodeploy.graph.passes import PassResult, register_pass
 from autodeploy.graph.utils import getattr_path, remove_dead_code
 from autodeploy.metadata import SequenceChunk, nest_sequences
 from autodeploy.ops.cached import cached_inputs, is_cached_attention
+from autodeploy.ops.mixers import cached_mixer_kind
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,14 @@ def _probe_module(gm: fx.GraphModule) -> fx.GraphModule:
             inputs = cached_inputs(node)
             with graph.inserting_before(node):
                 new = graph.call_function(token_local_standin, (inputs["q"], inputs["v"]))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        elif (kind := cached_mixer_kind(node)) is not None:
+            inputs = kind.inputs(node, kind.cached_inputs)
+            with graph.inserting_before(node):  # the canonical inputs only: the state and step inputs die
+                kwargs = {n: inputs[n] for n in kind.canonical_inputs}
+                new = graph.call_function(kind.standin, (), kwargs)
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -85,7 +95,9 @@ def _probe_length(gm: fx.GraphModule, limit: int) -> int:
 
 def _inputs(probe: fx.GraphModule, ids: list[int], page_size: int, device: torch.device) -> list:
     pages = list(range(1, -(-len(ids) // page_size) + 1))
-    batch = nest_sequences([SequenceChunk(ids, 0, pages)], page_size, device=device, all_logits=True)
+    names = {n.target for n in probe.graph.nodes if n.op == "placeholder"}
+    batch = nest_sequences([SequenceChunk(ids, 0, pages)], page_size, device=device, all_logits=True,
+                           state_slots="state_slots" in names)
     args = []
     for node in probe.graph.nodes:
         if node.op != "placeholder":
@@ -174,7 +186,9 @@ def check_sequence_mixers(gm: fx.GraphModule, ctx) -> PassResult:
             f"({type(exc).__name__}: {exc}); refusing rather than risking wrong answers") from exc
     outs = [(a, b) for a, b in zip(tree_flatten(base)[0], tree_flatten(moved)[0])]
     if not any(_moved_elsewhere(a, b, length) for a, b in outs):
-        return PassResult(0, [f"only the cached attention mixes tokens (probe of {length} tokens)"])
+        stateful = any(cached_mixer_kind(n) is not None for n in gm.graph.nodes)
+        what = "the cached attention and the cached stateful mixers mix" if stateful else "the cached attention mixes"
+        return PassResult(0, [f"only {what} tokens (probe of {length} tokens)"])
     culprit = _locate(probe, ids, other, page_size, ctx.device, length)
     notes = "; ".join(f"{n}: {why}" for n, why in getattr(ctx, "unmatched_attention", []))
     raise SequenceMixerError(

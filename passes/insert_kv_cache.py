@@ -1,7 +1,9 @@
 """Turn canonical attention into the selected backend's paged cached attention.
 
 * picks ONE backend for the model (``select_backend``) and records why;
-* adds the step inputs (docs/contracts.md) and one K and one V cache input per layer;
+* adds the step inputs (docs/contracts.md) and, per layer, one input per cache tensor the backend declares
+  (``cache_names``: K and V, plus their scales with ``kv_cache_dtype="fp8"``), named ``<name>_<layer>``, each
+  handed to the cached op's input of that name;
 * inserts exactly ONE ``autodeploy::prepare_metadata`` node right after the inputs, deriving the union of
   the fields the backend's layers declare; every cached-attention node reads the ones it needs;
 * reshapes q/k/v into the flattened ``[T, H, D]`` layout around each cached op.
@@ -21,11 +23,13 @@ from autodeploy.graph.utils import (
 from autodeploy.metadata import METADATA_OP_INPUTS, STEP_INPUT_NAMES
 from autodeploy.graph.passes import PassResult, register_pass
 from autodeploy.ops.attention import attention_inputs
+from autodeploy.ops import kv_quant
 from autodeploy.ops.cached import STEP_TENSORS, cached_call
 from autodeploy.ops.variants import active_params, param_names
 
 
-def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Node, AttentionSpec, dict]]:
+def attention_specs(gm: fx.GraphModule, dtype: torch.dtype,
+                    kv_cache_dtype: str = "auto") -> list[tuple[fx.Node, AttentionSpec, dict]]:
     """Each canonical attention node, its spec (shapes and active variant parameters) and its inputs by name."""
     out = []
     for node in gm.graph.nodes:
@@ -44,14 +48,15 @@ def attention_specs(gm: fx.GraphModule, dtype: torch.dtype) -> list[tuple[fx.Nod
         variant = {n: inputs[n] for n in param_names()}
         active = {n: (True if isinstance(v, fx.Node) else v) for n, v in active_params(variant).items()}
         spec = AttentionSpec(layer=len(out), num_heads=hq, num_kv_heads=hkv, head_dim=d, v_head_dim=dv,
-                             causal=bool(inputs["causal"]), dtype=dtype, params=active)
+                             causal=bool(inputs["causal"]), dtype=dtype, params=active,
+                             kv_cache_dtype=kv_cache_dtype)
         out.append((node, spec, inputs))
     return out
 
 
 @register_pass("insert_kv_cache")
 def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
-    layers = attention_specs(gm, ctx.dtype)
+    layers = attention_specs(gm, ctx.dtype, getattr(ctx, "kv_cache_dtype", "auto"))
     if not layers:
         detail = "; ".join(f"{n}: {why}" for n, why in ctx.unmatched_attention) or "no attention pattern found"
         raise UnsupportedModelError(f"no attention layer could be converted to a cached form ({detail})")
@@ -65,10 +70,10 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
     for name in STEP_INPUT_NAMES:
         if name not in inputs:
             inputs[name] = add_placeholder(gm, name)
-    caches = []
+    caches: list[dict[str, fx.Node]] = []
     for spec in specs:
-        caches.append((add_placeholder(gm, f"k_cache_{spec.layer}"), add_placeholder(gm, f"v_cache_{spec.layer}")))
-    ctx.cache_input_names = [(k.target, v.target) for k, v in caches]
+        caches.append({n: add_placeholder(gm, f"{n}_{spec.layer}") for n in backend.cache_names(spec)})
+    ctx.cache_input_names = [tuple(c.target for c in layer.values()) for layer in caches]
 
     fields = list(backend.model_metadata_fields(specs))
     meta: list[fx.Node] = []
@@ -82,13 +87,13 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
             meta = [getitem(graph, prep, i) for i in range(len(fields))]
     op = backend.cached_attention_op()
     step = {n: inputs[n] for n in STEP_TENSORS}
-    for (node, spec, a), (kc, vc) in zip(layers, caches):
+    for (node, spec, a), layer_caches in zip(layers, caches):
         with graph.inserting_before(node):
             call = {
                 "q": flatten_heads(graph, a["q"], spec.num_heads, spec.head_dim),
                 "k": flatten_heads(graph, a["k"], spec.num_kv_heads, spec.head_dim),
                 "v": flatten_heads(graph, a["v"], spec.num_kv_heads, spec.v_head_dim),
-                "k_cache": kc, "v_cache": vc, **step,
+                **layer_caches, **step,
                 "meta": [meta[fields.index(f)] for f in backend.layer_metadata_fields(spec)],
                 "scale": a["scale"], **{n: a[n] for n in param_names()},
             }
@@ -97,4 +102,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
             out = graph.call_function(aten.transpose.int, (out, 1, 2))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    return PassResult(len(layers), [f"backend {backend.name}: {reason}", f"metadata fields: {fields}"])
+    notes = [f"backend {backend.name}: {reason}", f"metadata fields: {fields}"]
+    if specs[0].kv_cache_dtype != "auto":
+        notes.append(f"kv cache {specs[0].kv_cache_dtype}: {kv_quant.SCHEME}")
+    return PassResult(len(layers), notes)

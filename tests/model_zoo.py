@@ -111,8 +111,9 @@ VARIANT_FAMILIES = {
 EAGER_ONLY = {"gpt_oss", "granite_swa"}
 
 
-# Hybrid models: attention layers next to Mamba / conv / linear-attention layers whose recurrent state we do not
-# carry across steps yet. They must be refused (check_sequence_mixers), never compiled.
+# Hybrid models: attention layers next to Mamba / conv / linear-attention layers. Those whose mixers have a cached
+# form with per-sequence state (autodeploy/ops/mixers/, models/stateful/) run (STATEFUL_FAMILIES); the others'
+# recurrent state is not carried across steps, and they must be refused (check_sequence_mixers), never compiled.
 def _hybrid(config_cls: str, model_cls: str, **kw):
     def make(**extra):
         import transformers
@@ -149,6 +150,11 @@ HYBRIDS = {
                        layer_types=["linear_attention", "full_attention"], num_local_experts=2,
                        num_experts_per_tok=1, block_size=8),
 }
+
+
+# Hybrids that compile and match HF (tests/test_recurrent_state.py); every other HYBRIDS entry is refused.
+STATEFUL_FAMILIES = ("lfm2", "lfm2_moe", "bamba", "granitemoehybrid", "zamba2", "falcon_h1")
+REFUSED_HYBRIDS = tuple(f for f in HYBRIDS if f not in STATEFUL_FAMILIES)
 
 
 def make_model(family: str, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32, **kw):

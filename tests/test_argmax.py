@@ -86,9 +86,31 @@ def test_argmax_also_writes_the_host_copy(small_chunks):
     if DEV == "cuda":
         torch.cuda.synchronize()
     assert torch.equal(host, x.cpu().argmax(-1)) and torch.equal(got.cpu(), host)
-    with pytest.raises(ValueError, match="pinned int64"):
+    with pytest.raises(ValueError, match="host_out must be a contiguous torch.int64"):
         chunked_argmax(x, host_out=torch.empty(2, dtype=torch.int64))
     # the torch fallback fills it too
     host2 = torch.full((3,), -1, dtype=torch.int64)
     argmax_rows(x.cpu(), host_out=host2)
     assert torch.equal(host2, host)
+
+
+def test_argmax_row_sums_ride_along(small_chunks):
+    """The finiteness check's row sums come out of the same pass, NaN/inf included, on both paths."""
+    x = torch.randn(4, 700).to(DEV)
+    x[1, 333] = float("nan")
+    x[2, 5] = float("inf")
+    sums = torch.full((4,), -1.0)
+    if DEV == "cuda":
+        sums = sums.pin_memory()
+    got = chunked_argmax(x, row_sums=sums)
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    ref = torch.sum(x.cpu(), dim=-1, dtype=torch.float32)
+    assert torch.equal(got.cpu(), x.cpu().argmax(-1))
+    assert torch.isnan(sums[1]) and sums[2] == float("inf")
+    torch.testing.assert_close(sums[[0, 3]], ref[[0, 3]], rtol=1e-5, atol=1e-4)
+    cpu_sums = torch.full((4,), -1.0)
+    argmax_rows(x.cpu(), row_sums=cpu_sums)
+    torch.testing.assert_close(cpu_sums, ref, equal_nan=True)
+    with pytest.raises(ValueError, match="row_sums must be"):
+        chunked_argmax(x, row_sums=torch.empty(4, dtype=torch.float64))

@@ -177,7 +177,7 @@ def test_kernel_passes_do_not_depend_on_the_attention_backend():
     torch_backend = get_backend("torch")
     passes, _notes = kernel_passes(torch.device("cuda"), torch_backend)
     names = [p.pass_name for p in passes]
-    assert names == ["fuse_add_rmsnorm", "fuse_gated_act", "skinny_gemm", "fuse_gemv_gated_act"]
+    assert names == ["fuse_add_rmsnorm", "fuse_gated_act", "skinny_gemm", "fuse_gemv_gated_act", "moe_kernel"]
     assert "fuse_rope_cache_write" not in names  # tied to triton attention
     passes, notes = kernel_passes(torch.device("cpu"), torch_backend)
     assert passes == [] and any("kernels from triton skipped" in n for n in notes)
@@ -196,7 +196,7 @@ def test_torch_attention_with_triton_kernels_matches_hf():
     assert any(is_op(n, torch.ops.autodeploy.torch_cached_attention) for n in graph.nodes)
     ran = [p.name for p in cm.report.passes]
     assert "fuse_add_rmsnorm" in ran and "fuse_rope_cache_write" not in ran
-    assert "kernels from triton: fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act" in cm.explain()
+    assert "kernels from triton: fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel" in cm.explain()
     prompt = [4, 8, 15, 16, 23, 42, 7]
     assert rel_rms(_prefill_logits(cm, prompt, [1, 2]), _hf_logits(model, prompt)) < 1e-4
 

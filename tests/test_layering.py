@@ -13,7 +13,7 @@ FOLDERS = {"autodeploy": "autodeploy", "passes": "autodeploy.passes", "backends"
 # Lower levels never import higher ones; stages of one level may import each other, but not in a cycle.
 LEVELS = {
     "errors": 0, "logging_utils": 0, "numerics": 0, "graph": 0, "ops": 0, "metadata": 0,
-    "passes": 1, "backends": 1, "models": 1,
+    "passes": 1, "backends": 1, "models": 1, "distributed": 1,
     "compiler": 2, "lowering": 2, "runtime": 2,
     "entrypoints": 3,
     "autodeploy": 4,  # the package root: the public API re-exports

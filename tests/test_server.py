@@ -195,6 +195,31 @@ def test_multiple_prompts_n_seed_and_stop(srv):
     assert "".join(c.choices[0].text for c in srv.client.completions.create(**kw, stream=True)) == cut.text
 
 
+def test_stream_closes_each_choice_when_it_finishes(srv):
+    """With n > 1, a sample that stops early gets its final chunk (finish_reason) then, not when the whole
+    request ends."""
+    kw = dict(model=MODEL, prompt=PROMPTS[3], max_tokens=14, n=3, temperature=1.0, seed=77,
+              extra_body={"ignore_eos": True})
+    free = srv.client.completions.create(**kw)
+    text0 = next(c.text for c in free.choices if c.index == 0)
+    stop = text0[len(text0) // 3:len(text0) // 3 + 4]
+    full = srv.client.completions.create(**kw, stop=[stop])
+    reasons = {c.index: c.finish_reason for c in full.choices}
+    assert reasons[0] == "stop" and "length" in (reasons[1], reasons[2]), reasons
+    order, texts = [], ["", "", ""]
+    for chunk in srv.client.completions.create(**kw, stop=[stop], stream=True):
+        for ch in chunk.choices:
+            texts[ch.index] += ch.text
+            order.append((ch.index, ch.finish_reason))
+    assert texts == [c.text for c in sorted(full.choices, key=lambda c: c.index)]
+    finals = [j for j, (i, r) in enumerate(order) if r is not None]
+    assert sorted(order[j][0] for j in finals) == [0, 1, 2]  # one final chunk per choice
+    first_stop = next(j for j, (i, r) in enumerate(order) if i == 0 and r == "stop")
+    long_one = next(i for i in (1, 2) if reasons[i] == "length")
+    assert first_stop < max(j for j, (i, r) in enumerate(order) if i == long_one and r is None), order
+    assert all(i != 0 for i, _ in order[first_stop + 1:])  # nothing of choice 0 after its final chunk
+
+
 def test_logprobs_shapes(srv):
     kw = dict(model=MODEL, prompt=PROMPTS[1], max_tokens=5, temperature=0, logprobs=2,
               extra_body={"ignore_eos": True})
@@ -405,10 +430,26 @@ def test_overload_gets_503_then_shutdown_drains(tok):
 
 
 # -- the CLI and the load generator ------------------------------------------------------------------------------
-def test_cli_serve_refuses_a_model_without_tokenizer():
-    res = subprocess.run([sys.executable, "-m", "autodeploy.entrypoints.cli", "serve", "--model", "builtin"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "no tokenizer" in res.stderr, res.stderr
+def test_cli_serve_refuses_a_model_without_tokenizer(capsys):
+    from autodeploy.entrypoints.cli import main
+
+    assert main(["serve", "--model", "builtin"]) == 2
+    assert "no tokenizer" in capsys.readouterr().err
+    # --tokenizer lends one, but not one whose ids fall outside the model's vocabulary (tiny-llama: 1024)
+    _smollm2_tokenizer()
+    assert main(["serve", "--model", "builtin", "--tokenizer", "smollm2"]) == 2
+    assert "more than the model's vocabulary (1024)" in capsys.readouterr().err
+
+
+def test_named_tokenizers():
+    from autodeploy.errors import UnsupportedModelError
+    from autodeploy.models.factory import load_tokenizer
+
+    _smollm2_tokenizer()
+    tok = load_tokenizer("smollm2")
+    assert len(tok) == 49152 and tok.chat_template
+    with pytest.raises(UnsupportedModelError, match="neither 'smollm2' nor a local directory"):
+        load_tokenizer("no-such-tokenizer")
 
 
 def _bench_module():

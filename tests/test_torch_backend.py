@@ -45,8 +45,9 @@ def _run_case(seed, hq, hkv, d, page_size, window, softcap, sinks, dtype):
     sink_t = torch.randn(hq, generator=g) if sinks else None
     scale = d ** -0.5
     out = torch_cached_attention(q_all, k_new, v_new, k_cache, v_cache, i["cu_seqlens_q"], i["seq_lens_kv"],
-                                 i["page_table"], i["slot_mapping"], i["batch_info"], list(meta), scale, window,
-                                 softcap, sink_t)
+                                 i["page_table"], i["slot_mapping"], i["batch_info"], list(meta),
+                                 k_scale=None, v_scale=None, scale=scale, sliding_window=window,
+                                 logit_softcap=softcap, sinks=sink_t)
     cu = i["cu_seqlens_q"].tolist()
     for row, s in enumerate(b.order):
         q = q_all[cu[row]:cu[row + 1]]

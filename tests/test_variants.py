@@ -39,7 +39,8 @@ def test_every_variant_parameter_is_in_both_schemas():
     for info in CACHED_OPS.values():
         names = [a.name for a in info.overload._schema.arguments]
         assert tuple(names[-len(param_names()):]) == param_names()
-        assert names[names.index("meta") + 1] == "scale"
+        extra = tuple(info.optional_inputs)
+        assert tuple(names[names.index("meta") + 1:names.index("scale")]) == extra  # optional caches, by name
 
 
 def test_cached_signature_is_written_once():

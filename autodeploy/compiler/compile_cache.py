@@ -32,7 +32,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import fx
@@ -144,6 +144,12 @@ def _derived_recipe(node: fx.Node, model: torch.nn.Module) -> Optional[tuple]:
 # Recipe ops: name -> fn(source tensors, *params). ``cat`` re-points the sources at views of its result, as the
 # pass did on the cold compile, so the warm-loaded graph and the model share one copy of the weights.
 _DERIVE_OPS = {"cat": concat_shared}
+
+
+def register_derive_ops(ops: dict[str, Callable[..., torch.Tensor]]) -> None:
+    """Recipes (``meta["derived_from"] = (name, [source tensors], *params)``) that rebuild a pass's derived weights
+    from the caller's model tensors on a cache hit, so an entry never stores them."""
+    _DERIVE_OPS.update(ops)
 
 
 def _rebuild(model: torch.nn.Module, recipe: tuple, like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -25,6 +25,9 @@ class CompileContext:
     unmatched_attention: list[tuple[str, str]] = field(default_factory=list)
     attention_backend: Any = None
     attention_specs: list = field(default_factory=list)
-    cache_input_names: list[tuple[str, str]] = field(default_factory=list)
+    cache_input_names: list[tuple[str, ...]] = field(default_factory=list)
+    state_specs: list = field(default_factory=list)  # backends.base.StateSpec per stateful mixer layer
+    state_input_names: list[str] = field(default_factory=list)  # their state graph inputs, in order
     quantization: Any = None  # passes.quantize_linears.QuantizationConfig, or None
+    kv_cache_dtype: str = "auto"  # compile(kv_cache_dtype=...): "auto" (the model dtype) or "fp8" (ops/kv_quant.py)
     cache_dir: Optional[str] = None  # compile(cache_dir=...): engine backends keep their engine cache under it

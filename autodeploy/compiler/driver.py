@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -11,6 +12,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 
 import autodeploy.ops  # noqa: F401  (registers the canonical ops)
+from autodeploy import distributed as _distributed
 from autodeploy.compiler import compile_cache
 from autodeploy.compiler.context import CompileContext
 from autodeploy.compiler.pass_manager import PassManager
@@ -18,11 +20,15 @@ from autodeploy.compiler.pipeline import Pipeline, PassSpec, as_pipeline
 from autodeploy.compiler.report import CompileReport
 from autodeploy.errors import ConfigError
 from autodeploy.graph.passes import PASSES
+from autodeploy.ops.kv_quant import resolve_kv_cache_dtype
+from autodeploy.models.stateful import is_stateful, rewrite_mixers
+from autodeploy.passes.match_moe import DERIVE_OPS as _MOE_RECIPES
 from autodeploy.passes.quantize_linears import DERIVE_OPS as _QUANT_RECIPES, resolve_quantization
 
-# Quantized weights are rebuilt from the caller's model tensors on a cache hit (never stored: an entry serves
-# any weights of one architecture). TODO(lead): a public compile_cache.register_derive_op would replace this.
-compile_cache._DERIVE_OPS.update(_QUANT_RECIPES)
+# Quantized weights and stacked expert views are rebuilt from the caller's model tensors on a cache hit (never
+# stored: an entry serves any weights of one architecture).
+compile_cache.register_derive_ops(_QUANT_RECIPES)
+compile_cache.register_derive_ops(_MOE_RECIPES)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,8 @@ def compile(
     passes: Optional[Union[Pipeline, Iterable[PassSpec]]] = None,
     kernels: Union[str, Sequence[str]] = "auto",
     quantization: Optional[Union[str, Any]] = None,
+    kv_cache_dtype: Optional[str] = None,
+    tensor_parallel_size: int = 1,
 ) -> "CompiledModel":
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
@@ -116,13 +124,29 @@ def compile(
     ``quantization``: ``"fp8"``, ``"int8"``, ``"int8-weight"`` or a ``QuantizationConfig`` (calibration, ignore
     list...); None keeps the weights as they are (a pre-quantized checkpoint keeps its own). See
     docs/quantization.md.
+    ``kv_cache_dtype``: ``"auto"``/None (the model dtype) or ``"fp8"``: E4M3 pages with per-(token, kv-head)
+    scales, dequantized inside the attention kernels (autodeploy/ops/kv_quant.py); a backend that cannot read
+    it refuses the model.
+    ``tensor_parallel_size``: shard the model over N ranks (``shard_tensor_parallel``; gloo on CPU, NCCL on
+    CUDA). The library spawns ranks 1..N-1 and this process becomes rank 0, or, under torchrun, every rank
+    calls compile itself (rank 0 gets the model, the others serve it and exit). See docs/user-guide.md.
     """
+    rank_options = {k: v for k, v in locals().items() if k not in ("model", "tensor_parallel_size")}
     from autodeploy.runtime.compiled_model import CompiledModel
     from autodeploy.models import export_model, load_model, model_info
 
     if max_batch_size < 1 or max_seq_len < 2:
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
     pipeline = as_pipeline(passes)
+    tp = _distributed.resolve(tensor_parallel_size, device)
+    if tensor_parallel_size > 1 and tp is None:  # the caller: start the ranks, become rank 0
+        build = functools.partial(compile, model, tensor_parallel_size=tensor_parallel_size, **rank_options)
+        return _distributed.launch(build, tensor_parallel_size, torch.device(device) if device is not None else None)
+    if tp is not None and tp.world_size > 1:
+        pipeline.insert_before("insert_kv_cache", ("shard_tensor_parallel", {
+            "world_size": tp.world_size, "rank": tp.rank, "group_name": tp.group_name}))
+        cache_dir = ""  # no compile cache: entries do not record the shard (falsy, so $AUTODEPLOY_CACHE_DIR stays off)
+    kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     if kernels != "auto" and (isinstance(kernels, str) or not all(isinstance(k, str) for k in kernels)):
         raise ConfigError(f"kernels must be 'auto' or a list of backend names, got {kernels!r}")
     kernels = kernels if kernels == "auto" else list(kernels)
@@ -145,16 +169,21 @@ def compile(
     ctx = CompileContext(
         max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
         page_size=page_size or 0, device=info.device, dtype=info.dtype, backend=backend, report=report,
-        quantization=quant,
+        quantization=quant, kv_cache_dtype=kv_cache_dtype,
     )
     cache_dir = cache_dir if cache_dir is not None else os.environ.get("AUTODEPLOY_CACHE_DIR")
     ctx.cache_dir = str(cache_dir) if cache_dir else None
     entry_path = None
     plugins = _plugin_hashes(pipeline, backend, kernels) if cache_dir else None
+    if cache_dir and is_stateful(hf_model):  # TODO: store the state specs in the entry
+        log.info("compile cache off: stateful mixers (their state layout is not stored in cache entries)")
+        plugins = None
     if cache_dir and plugins is not None:
         options = dict(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
                        backend=backend, page_size=page_size, pipeline=pipeline.describe(), kernels=kernels,
                        quantization=quant.describe() if quant is not None else None)
+        if kv_cache_dtype != "auto":  # (keys of default compiles stay as they were)
+            options["kv_cache_dtype"] = kv_cache_dtype
         entry_path = compile_cache.entry_path(cache_dir, compile_cache.cache_key(hf_model, options, plugins))
     t0 = time.perf_counter()
     state = compile_cache.load(entry_path, hf_model) if entry_path is not None else None
@@ -171,7 +200,8 @@ def compile(
         report.quantization = state.get("quantization", "")
         report.stage_seconds["cache load"] = time.perf_counter() - t0
     else:
-        gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
+        with rewrite_mixers(hf_model, report.loading):  # stateful mixers -> canonical ops, for the export only
+            gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
         report.stage_seconds["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         manager.run(gm, ctx)
@@ -192,4 +222,4 @@ def compile(
         log.info("warming up: one dummy prefill + decode step (first-use kernel compiles)")
         report.stage_seconds["warmup"] = cm.warmup()
     log.info("compiled %s with backend=%s lowering=%s", info.name, report.backend, report.lowering)
-    return cm
+    return _distributed.finish(cm, tp) if tp is not None else cm

@@ -19,6 +19,7 @@ from autodeploy.errors import ConfigError
 # The default pipeline, in order. Each name is a file under passes/.
 DEFAULT_PASSES = [
     "cleanup",
+    "match_moe",  # before the attention matchers: the experts are cut out whole, by module
     "match_attention",
     "remove_repeat_kv",
     "match_rope",
@@ -26,6 +27,7 @@ DEFAULT_PASSES = [
     "match_rmsnorm",
     "gather_logits",
     "insert_kv_cache",
+    "insert_state_cache",  # stateful mixers (ops/mixers/): one state slot per sequence
     "check_sequence_mixers",
     "fuse_gemms",
     "quantize_linears",  # after fuse_gemms: a fused q/k/v or gate/up GEMM is quantized as one; off by default

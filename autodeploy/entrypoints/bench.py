@@ -1,7 +1,8 @@
 """``autodeploy bench``: a synthetic serving workload through the real engine.
 
 Requests with uniform random input/output lengths arrive as a Poisson process (or all at once); the engine
-runs in-flight batching. Reports throughput, TTFT/TPOT percentiles and the host-side overhead per step
+runs in-flight batching. Every request samples with ``--temperature/--top-k/--top-p/--min-p`` (default: greedy),
+each with its own seed, and the JSON records the setting under ``sampling``. Reports throughput, TTFT/TPOT percentiles and the host-side overhead per step
 (scheduling, nest_sequences, sampling, bookkeeping) as a table on stdout; ``--json FILE`` writes the full
 results there (``--json -``: to stdout, instead of the table).
 """
@@ -41,10 +42,34 @@ def make_workload(num: int, input_len: str, output_len: str, rate: float, vocab:
     return out
 
 
-def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> dict:
+def sampling_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The workload's sampling fields from ``--temperature/--top-k/--top-p/--min-p``, checked now (a bad value
+    raises SamplingConfigError naming the field, before anything is compiled)."""
+    from autodeploy.runtime.sampling import SamplingConfig
+
+    out = {"temperature": float(args.temperature), "top_k": int(args.top_k), "top_p": float(args.top_p),
+           "min_p": float(args.min_p)}
+    SamplingConfig(**out)
+    return out
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k filter (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="top-p (nucleus) filter (1: off)")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p filter (0: off)")
+
+
+def run_workload(engine: Any, workload: list[dict], progress: bool = True,
+                 sampling: Optional[dict[str, Any]] = None) -> dict:
+    """Run ``workload`` through ``engine``; ``sampling``: SamplingConfig fields for every request (None:
+    greedy); sampled requests get the seeds 0, 1, ... in arrival order."""
     from tqdm import tqdm
 
     from autodeploy.runtime.sampling import SamplingConfig
+
+    sampling = dict(sampling or {})
+    sampled = sampling.get("temperature", 0.0) > 0
 
     engine.record_stats = True
     pending = list(workload)
@@ -56,7 +81,9 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
         now = time.perf_counter() - t0
         while pending and pending[0]["arrival"] <= now:
             w = pending.pop(0)
-            req = engine.add_request(w["prompt"], SamplingConfig(max_new_tokens=w["max_new_tokens"], ignore_eos=True))
+            seed = {"seed": len(reqs)} if sampled else {}
+            req = engine.add_request(w["prompt"], SamplingConfig(max_new_tokens=w["max_new_tokens"], ignore_eos=True,
+                                                                 **sampling, **seed))
             req.metrics.arrival = t0 + w["arrival"]
             reqs.append(req)
         if not engine.has_work():
@@ -77,6 +104,7 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True) -> di
                    if s.num_seqs >= max(1, int(0.9 * max_running)) and s.num_tokens == s.num_seqs]
     return {
         "requests": len(reqs), "errors": sum(1 for r in reqs if r.error), "elapsed_s": elapsed,
+        "sampling": sampling or {"temperature": 0.0},
         "output_tokens": out_tokens, "input_tokens": in_tokens,
         "output_tok_per_s": out_tokens / elapsed, "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
         "ttft_s": percentiles([r.metrics.ttft for r in reqs if r.metrics.ttft is not None]),
@@ -121,6 +149,7 @@ def render(results: dict, console: Any) -> None:
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("requests (errors)", f"{results['requests']} ({results['errors']})")
+    t.add_row("sampling", ", ".join(f"{k}={v}" for k, v in results.get("sampling", {}).items()) or "greedy")
     t.add_row("elapsed", f"{results['elapsed_s']:.2f} s")
     t.add_row("output tokens/s", f"{results['output_tok_per_s']:.1f}")
     t.add_row("total tokens/s", f"{results['total_tok_per_s']:.1f}")
@@ -164,6 +193,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admit-max-wait", type=int, default=None,
                    help="...but never hold admission longer than this many steps (default: AdmissionPolicy's)")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
+    add_sampling_arguments(p)
     p.add_argument("--json", default=None, metavar="FILE", help="write the full results as JSON here ('-': stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -185,15 +215,20 @@ def run_bench(args: argparse.Namespace) -> int:
         raise ConfigError(f"--json {args.json}: its directory does not exist or is not writable")
     console = Console(stderr=to_stdout)
     admission = admission_policy(args.admit_min_tokens, args.admit_max_wait)  # bad settings fail before compiling
+    sampling = sampling_settings(args)
     t0 = time.perf_counter()
     extra = {"max_num_tokens": args.max_num_tokens} if args.max_num_tokens else {}
     _model, cm = _compile(args, **extra)
     compile_s = time.perf_counter() - t0
     workload = make_workload(args.num_requests, args.input_len, args.output_len, args.arrival_rate,
                              cm.vocab_size, args.seed)
-    warm = Engine(cm)  # one warm-up pass so first-call costs are not billed to the workload
-    warm.generate([workload[0]["prompt"]], None)
-    results = run_workload(Engine(cm, admission=admission), workload, progress=not args.no_progress)
+    warm = Engine(cm)  # one warm-up pass so first-call costs (the sampling kernel's JIT too) are not billed
+    from autodeploy.runtime.sampling import SamplingConfig
+
+    warm.generate([workload[0]["prompt"]], SamplingConfig(**sampling, seed=0) if sampling["temperature"] > 0
+                  else None)
+    results = run_workload(Engine(cm, admission=admission), workload, progress=not args.no_progress,
+                           sampling=sampling)
     results.update(compile_s=compile_s, model=args.model, device=str(cm.device), dtype=str(cm.dtype),
                    backend=cm.report.backend, lowering=cm.report.lowering,
                    workload=dict(num_requests=args.num_requests, input_len=args.input_len,

@@ -44,6 +44,10 @@ def add_compile_arguments(p: argparse.ArgumentParser, max_seq_len: int = 512, ma
     p.add_argument("--max-batch-size", type=int, default=max_batch_size, help="sequences per step")
     p.add_argument("--max-seq-len", type=int, default=max_seq_len, help="prompt + generated tokens per sequence")
     p.add_argument("--page-size", type=int, default=None, help="KV-cache page size in tokens (default: backend's)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="KV-cache storage: auto (the model dtype) or fp8 (E4M3 pages with per-row scales)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="shard the model over N ranks (worker processes started here; gloo on CPU, NCCL on GPUs)")
     p.add_argument("--cache-dir", default=None,
                    help="compile cache (default: $AUTODEPLOY_CACHE_DIR or ~/.cache/autodeploy); 'none' disables")
     p.add_argument("--log-json", action="store_true", help="log as JSON lines")
@@ -80,7 +84,8 @@ def compile_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     """``autodeploy.compile`` keyword arguments from the shared flags."""
     return dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
                 lowering=args.lowering, dtype=resolve_dtype(args), device=args.device, page_size=args.page_size,
-                cache_dir=resolve_cache_dir(args), **extra)
+                cache_dir=resolve_cache_dir(args), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1), **extra)
 
 
 def compile_from_args(args: argparse.Namespace, **extra: Any) -> tuple[torch.nn.Module, Any]:

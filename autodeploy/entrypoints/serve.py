@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="TCP port (0: any free port)")
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: --model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to serve with instead of the model's own: 'smollm2' or a local directory (lets "
+                        "a builtin random-weight config, e.g. builtin:llama-3.1-8b, be served and benchmarked)")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="waiting requests beyond which new ones get HTTP 503 (backpressure; default: unbounded)")
     p.add_argument("--shutdown-timeout", type=float, default=None,
@@ -96,10 +99,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from autodeploy.entrypoints.llm import LLM
     from autodeploy.errors import ConfigError
 
-    if is_builtin(args.model):  # known before compiling: fail fast
+    tokenizer = None
+    if getattr(args, "tokenizer", None):
+        from autodeploy.models.factory import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)  # before compiling: fail fast
+    elif is_builtin(args.model):
         raise ConfigError(f"--model {args.model} has no tokenizer, and the OpenAI API speaks text: serve a model "
-                          "with a tokenizer (e.g. --model smollm2 or a checkpoint directory)")
-    llm = LLM(model_arg(args.model), **compile_options(args))
+                          "with a tokenizer (e.g. --model smollm2 or a checkpoint directory), or pass --tokenizer")
+    llm = LLM(model_arg(args.model), tokenizer=tokenizer, **compile_options(args))
+    if tokenizer is not None and len(tokenizer) > llm.compiled.vocab_size:
+        raise ConfigError(f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens, more than the model's "
+                          f"vocabulary ({llm.compiled.vocab_size}): its ids would fall outside the embedding")
     name = args.served_model_name or args.model
     app = build_llm_app(llm, model_name=name, max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",

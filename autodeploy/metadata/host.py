@@ -37,6 +37,7 @@ class SequenceChunk:
     num_cached: int
     pages: Sequence[int]
     want_logits: bool = True  # False for a non-final prefill chunk: its logits are never sampled
+    state_slot: int = -1  # the sequence's recurrent-state slot (stateful models, runtime/state_slots.py); -1: none
 
     @property
     def num_new(self) -> int:
@@ -58,15 +59,17 @@ class StepBatch:
 
 
 _INT64 = ("input_ids", "position_ids", "slot_mapping", "logits_index")
-_INT32 = ("cu_seqlens_q", "seq_lens_kv", "page_table")
+_INT32 = ("cu_seqlens_q", "seq_lens_kv", "page_table", "state_slots")
 
 
 class SequencePacker:
     """Builds :class:`StepBatch` objects, reusing one staging buffer so a step allocates nothing."""
 
-    def __init__(self, page_size: int, device: torch.device | str, max_seq_len: int = 0):
+    def __init__(self, page_size: int, device: torch.device | str, max_seq_len: int = 0,
+                 state_slots: bool = False):
         self.page_size = page_size
         self.max_seq_len = max_seq_len
+        self.state_slots = state_slots  # the graph reads ``state_slots`` (a stateful model)
         self.device = torch.device(device)
         self._host = torch.empty(0, dtype=torch.uint8)
         self._copy_done: Optional[torch.cuda.Event] = None
@@ -80,6 +83,8 @@ class SequencePacker:
         return self._host
 
     def pack(self, chunks: Sequence[SequenceChunk], all_logits: bool = False, **options) -> StepBatch:
+        if self.state_slots:
+            options.setdefault("state_slots", True)
         return nest_sequences(chunks, self.page_size, self.device, all_logits=all_logits, packer=self,
                               max_seq_len=self.max_seq_len, **options)
 
@@ -97,6 +102,7 @@ def nest_sequences(
     max_seq_len: int = 0,
     token_src: Optional[Tensor] = None,
     compose_on_device: Optional[tuple[int, int]] = None,
+    state_slots: bool = False,
 ) -> StepBatch:
     """Pack sequences into the flattened layout: prefill/extend sequences first, then decodes (1 token).
 
@@ -114,6 +120,10 @@ def nest_sequences(
     ``token_src``: a device tensor with the new token of the first ``len(token_src)`` chunks (asynchronous decode:
     the previous step's samples, never seen by the host); the upload takes them from there. Those chunks must
     keep their order in the packed layout (one-token chunks do).
+
+    ``state_slots``: also pack ``state_slots[B]`` (int32, each packed sequence's ``SequenceChunk.state_slot``,
+    -1 for none), the step input stateful mixers read (autodeploy/ops/mixers/); one per step, shared by every
+    layer, in the same upload.
     """
     if not chunks:
         raise ValueError("nest_sequences needs at least one sequence")
@@ -121,7 +131,8 @@ def nest_sequences(
         chunks = list(chunks) + [SequenceChunk([0], 0, [pad_page])] * (pad_to - len(chunks))
     device = torch.device(device)
     if compose_on_device is None and not all_logits and all(len(c.token_ids) == 1 and c.want_logits for c in chunks):
-        return _nest_decodes(chunks, page_size, device, packer, pages_width, target, max_seq_len, token_src)
+        return _nest_decodes(chunks, page_size, device, packer, pages_width, target, max_seq_len, token_src,
+                             state_slots)
     new_counts = [len(c.token_ids) for c in chunks]
     prefill = [i for i, n in enumerate(new_counts) if n != 1]
     decode = [i for i, n in enumerate(new_counts) if n == 1] if prefill else list(range(len(chunks)))
@@ -161,6 +172,8 @@ def nest_sequences(
         "logits_index": np.asarray(logits_index, dtype=np.int64),
         "cu_seqlens_q": cu, "seq_lens_kv": kv_lens, "page_table": page_table,
     }
+    if state_slots:
+        arrays["state_slots"] = np.fromiter((chunks[i].state_slot for i in order), dtype=np.int64, count=n_seq)
     n_prefill = len(prefill)
     if token_src is not None and order[:token_src.numel()] != list(range(token_src.numel())):
         raise ValueError("token_src covers chunks that the packed layout reorders")
@@ -194,12 +207,15 @@ def _pad_device_composed(arrays: dict[str, np.ndarray], num_tokens: int, num_seq
     pad("cu_seqlens_q", num_seqs + 1, n_tok)
     pad("seq_lens_kv", num_seqs, 0)
     pad("page_table", num_seqs, 0)
+    if "state_slots" in arrays:
+        pad("state_slots", num_seqs, -1)
     return (DEVICE_COMPOSED, num_tokens, num_seqs, num_tokens)
 
 
 def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch.device,
                   packer: Optional[SequencePacker], pages_width: int, target: Optional[Tensor],
-                  max_seq_len: int = 0, token_src: Optional[Tensor] = None) -> StepBatch:
+                  max_seq_len: int = 0, token_src: Optional[Tensor] = None,
+                  state_slots: bool = False) -> StepBatch:
     """The steady-state step (every sequence decodes one token) with the fewest host operations."""
     n = len(chunks)
     positions = np.fromiter((c.num_cached for c in chunks), dtype=np.int64, count=n)
@@ -218,6 +234,8 @@ def _nest_decodes(chunks: Sequence[SequenceChunk], page_size: int, device: torch
         "logits_index": rows, "cu_seqlens_q": np.arange(n + 1), "seq_lens_kv": positions + 1,
         "page_table": page_table,
     }
+    if state_slots:
+        arrays["state_slots"] = np.fromiter((c.state_slot for c in chunks), dtype=np.int64, count=n)
     inputs = _device_inputs(arrays, (0, 0, n, 1), max_pages, device, packer, target, token_src)
     order = list(range(n))
     return StepBatch(inputs=inputs, order=order, logits_rows=order, num_tokens=n, num_prefill=0, num_decode=n)

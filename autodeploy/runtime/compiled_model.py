@@ -10,8 +10,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import fx
 
+from autodeploy.errors import UnsupportedModelError
 from autodeploy.lowering import lower_graph, resolve_lowering
 from autodeploy.metadata import SequenceChunk, SequencePacker, StepBatch
+from autodeploy.runtime.state_slots import StateSlotAllocator, allocate_states, stateful_lowering
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,15 @@ class CompiledModel:
         self.device = info.device
         self.dtype = info.dtype
         self.vocab_size = info.vocab_size
+        # Stateful mixers (runtime/state_slots.py): one state slot per sequence (max_batch_size of them),
+        # allocated before the KV pages are sized from free memory. No prefix reuse: nothing stores their state.
+        self.state_specs = list(getattr(ctx, "state_specs", []))
+        self.num_state_slots = self.max_batch_size if self.state_specs else 0
+        self.state_caches = allocate_states(self.backend, self.state_specs, getattr(ctx, "state_input_names", []),
+                                            self.num_state_slots, self.device)
+        if self.state_specs and enable_prefix_caching:
+            log.info("prefix caching off: the model's recurrent state is not cached with its KV pages")
+            enable_prefix_caching = False
         self.enable_prefix_caching = enable_prefix_caching
         self.num_pages = self._plan_pages(num_pages, memory_fraction)
         self.caches: dict[str, torch.Tensor] = {}
@@ -60,14 +71,26 @@ class CompiledModel:
                                 f"{spec.layer}, whose graph takes {len(names)} ({names})")
             self.caches.update(zip(names, tensors))
             self.layer_caches.append(tensors)
+        self.caches.update(self.state_caches)
         # The backend's per-step host planner, looked up once: a backend without one costs nothing per step.
         self._plan_step = self.backend.plan_step if self.backend.has_plan_step() else None
         self.report.cache = (f"{self.num_pages} pages x {self.page_size} tokens "
                              f"({self.num_pages * self._bytes_per_page() / 2**20:.1f} MiB) on {self.device}")
+        self.kv_cache_dtype = getattr(ctx, "kv_cache_dtype", "auto")
+        if self.kv_cache_dtype != "auto":
+            from autodeploy.ops.kv_quant import SCHEME
+
+            self.report.cache += f"; KV cache {self.kv_cache_dtype}: {SCHEME}"
+        else:
+            self.report.cache += f"; KV cache {str(self.dtype).replace('torch.', '')}"
         # Every step is packed here (engine steps, warm-up, graph captures and replays), so a backend's host
         # planner sees each step the graph runs.
+        if self.state_specs:
+            mib = self.num_state_slots * sum(self.backend.state_bytes_per_slot(sp) for sp in self.state_specs) / 2**20
+            self.report.cache += (f"; {self.num_state_slots} recurrent-state slots for {len(self.state_specs)} "
+                                  f"stateful layers ({mib:.1f} MiB), prefix caching off")
         packer_cls = SequencePacker if self._plan_step is None else _PlanningPacker
-        self.packer = packer_cls(self.page_size, self.device, self.max_seq_len)
+        self.packer = packer_cls(self.page_size, self.device, self.max_seq_len, state_slots=bool(self.state_specs))
         if self._plan_step is not None:
             self.packer.plan_step = self._plan_step
         self._runner = gm
@@ -97,10 +120,18 @@ class CompiledModel:
             return pages
         return full
 
+    def new_state_slots(self) -> Optional[StateSlotAllocator]:
+        """The slot allocator a cache manager of this model needs (None for a stateless model)."""
+        return StateSlotAllocator(self.num_state_slots) if self.state_specs else None
+
     # -- execution ---------------------------------------------------------------------------------------
     def lower(self, mode: str) -> None:
         mode = resolve_lowering(mode, self.device, self.backend)
+        stateful_note = ""
+        if self.state_specs:
+            mode, stateful_note = stateful_lowering(mode)
         self._runner, reason = lower_graph(self, mode)
+        reason = f"{reason}; {stateful_note}" if stateful_note else reason
         self.report.lowering, self.report.lowering_reason = mode if self._runner is not None else "eager", reason
         if self._runner is None:
             self._runner = self.graph_module
@@ -222,6 +253,10 @@ class CompiledModel:
     def save(self, directory: Any) -> Any:
         """Write a self-contained engine (ONNX + weights, runtime config, tokenizer): runtime/engine_dir.py."""
         from autodeploy.runtime.engine_dir import save_engine
+
+        if self.state_specs:
+            raise UnsupportedModelError("saving an engine of a stateful model (recurrent mixer layers) is not "
+                                        "supported: the exported engine would carry no state slots")
         return save_engine(self, directory)
 
     def explain(self) -> str:

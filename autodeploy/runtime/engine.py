@@ -48,12 +48,13 @@ import torch
 from autodeploy.errors import CacheCapacityError, EngineBusyError, InvalidRequestError
 from autodeploy.metadata import SequenceChunk
 from autodeploy.backends.triton.kernels.argmax import argmax_rows
+from autodeploy.backends.triton.kernels.sampling import NUM_FIELDS, pack_params, param_row, sample_rows
 from autodeploy.runtime.beam_search import BeamSearchState
+from autodeploy.runtime.detokenizer import fill_text
 from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.request import CompletionOutput, Request, RequestOutput, Sequence as Seq, SeqState
-from autodeploy.runtime.sampling import (SampleOutput, Sampler, SamplingConfig, build_stopping_criteria,
-                                         make_generator)
+from autodeploy.runtime.sampling import SampleOutput, Sampler, SamplingConfig, build_stopping_criteria, draw_seed
 from autodeploy.runtime.scheduler import AdmissionPolicy, Scheduler
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,10 @@ class Engine:
         # Overlapping host and GPU only pays where the forward is asynchronous; forcing it on CPU tests it.
         self.async_scheduling = cm.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._inflight: Optional[_Launched] = None
-        self.kv = KVCacheManager(cm.num_pages, cm.page_size, enable_prefix_caching=cm.enable_prefix_caching)
+        # a stateful model's sequences also hold a recurrent-state slot (runtime/state_slots.py)
+        state_slots = cm.new_state_slots() if hasattr(cm, "new_state_slots") else None
+        self.kv = KVCacheManager(cm.num_pages, cm.page_size, enable_prefix_caching=cm.enable_prefix_caching,
+                                 state_slots=state_slots)
         self.scheduler = Scheduler(self.kv, max_batch_size or cm.max_batch_size,
                                    max_num_tokens or cm.max_num_tokens, on_preempt=self._on_preempt,
                                    admission=admission)
@@ -202,6 +206,9 @@ class Engine:
                 f"prompt of {len(ids)} tokens does not fit max_seq_len={self.cm.max_seq_len} "
                 "(it needs room for at least one generated token)")
         width = max(sampling.n, sampling.beam_width)
+        if width > 1 and self.kv.state_slots is not None:
+            raise InvalidRequestError(f"n/beam_width={width}: a stateful model (recurrent mixer layers) runs one "
+                                      "sequence per request (forking would need a copy of its recurrent state)")
         if width > self.scheduler.max_batch_size:
             raise InvalidRequestError(f"n/beam_width={width} exceeds max_batch_size={self.scheduler.max_batch_size}")
         pages_alone = width * self.kv.pages_needed(min(self.cm.max_seq_len, len(ids) + sampling.max_new_tokens))
@@ -225,6 +232,7 @@ class Engine:
                 sampling = _with(sampling, logits_processors=list(sampling.logits_processors) + self.global_processors)
             req = Request(request_id, ids, sampling)
             req.plain_greedy = sampling.is_greedy and not sampling.needs_host_sampling
+            req.device_sampling = not sampling.needs_host_sampling and not sampling.is_beam_search
             req.metrics.num_prompt_tokens = len(ids)
             detok = self.tokenizer.decode if self.tokenizer is not None else None
             checkers = build_stopping_criteria(sampling, self.eos_token_ids, len(ids), detok) + self.global_stopping
@@ -244,12 +252,12 @@ class Engine:
             req.beam = BeamSearchState.from_config(cfg, eos_token_ids=[] if cfg.ignore_eos else self.eos_token_ids)
             req.seqs = [Seq(req, list(req.prompt_ids), len(req.prompt_ids))]
             return
-        device = self.cm.device
         req.seqs = []
         for i in range(cfg.n):
-            seed = None if cfg.seed is None else cfg.seed + i
-            gen = make_generator(seed, device) if seed is not None else None
-            req.seqs.append(Seq(req, list(req.prompt_ids), len(req.prompt_ids), generator=gen,
+            # one Philox stream per sample, drawn once here (a preempted request keeps its sequences, so its seed)
+            seed = (cfg.seed + i) % 2**64 if cfg.seed is not None else draw_seed() if cfg.temperature > 0 else 0
+            req.seqs.append(Seq(req, list(req.prompt_ids), len(req.prompt_ids), seed=seed,
+                                sample_params=param_row(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, seed),
                                 logprobs=[] if cfg.logprobs is not None else None))
 
     def _on_preempt(self, req: Request) -> None:
@@ -336,7 +344,8 @@ class Engine:
             return
         self._stalled = 0
         chunks = [SequenceChunk(s.token_ids[s.num_computed:s.num_computed + n], s.num_computed,
-                                self.kv.pages_view(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids))
+                                self.kv.pages_view(s.seq_id), want_logits=s.num_computed + n == len(s.token_ids),
+                                state_slot=self.kv.state_slot(s.seq_id, s.num_computed, n))
                   for s, n in sched.items]
         st.schedule = time.perf_counter() - t0
         launched = self._launch([(s, s.num_computed, n) for s, n in sched.items], chunks, st)
@@ -392,13 +401,14 @@ class Engine:
         # On a GPU the tokens start their trip to the host now (into pinned memory): a plain .tolist() later
         # would queue behind (and wait for) the next step's forward, serialising the very overlap
         # asynchronous scheduling is for.
-        # one pinned buffer: the tokens, then the rows' logit sums (fp32) of the finiteness check
-        host = torch.empty((2 * len(plain_rows),), dtype=torch.int64, pin_memory=True) \
+        # one pinned buffer: the tokens, then the rows' logit sums (fp32) of the finiteness check, then the fused
+        # sampler's per-row parameters (int32 [rows, NUM_FIELDS], read by the kernel through the mapped address)
+        host = torch.empty(((2 + NUM_FIELDS // 2) * len(plain_rows),), dtype=torch.int64, pin_memory=True) \
             if plain_rows and logits.is_cuda else None
         tokens = device_tokens = row_sums = None
         samples: list[tuple[list[int], SampleOutput]] = []
         if plain_rows:
-            device_tokens, tokens, samples, row_sums = self._sample(plain_rows, logits, host)
+            device_tokens, tokens, samples, row_sums = self._sample(plain_rows, logits, host, plain_after)
         done = None
         if host is not None:
             done = torch.cuda.Event()
@@ -438,7 +448,8 @@ class Engine:
                 return None  # out of pages: the scheduler preempts next step
         except CacheCapacityError:
             return None
-        chunks = [SequenceChunk((0,), start, kv.pages_view(s.seq_id)) for s, start in zip(seqs, starts)]
+        chunks = [SequenceChunk((0,), start, kv.pages_view(s.seq_id), state_slot=kv.state_slot(s.seq_id, start, 1))
+                  for s, start in zip(seqs, starts)]
         dev = prev.device_tokens
         src = dev if len(seqs) == len(prev.plain) else dev[torch.tensor(src_rows, device=dev.device)]
         st = StepStats(schedule=time.perf_counter() - t0)
@@ -530,27 +541,44 @@ class Engine:
             raise failure
 
     # -- sampling ------------------------------------------------------------------------------------------
-    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor, host: Optional[torch.Tensor]
-                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[list[int], SampleOutput]], torch.Tensor]:
+    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor, host: Optional[torch.Tensor],
+                after: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[list[int], SampleOutput]],
+                                           torch.Tensor]:
         """Next token of every non-beam sequence on the device (no host synchronisation): returns the device
         tokens (the next step's inputs), the tokens for the host (``host`` when given, filled asynchronously: the
-        greedy kernel writes it itself, saving a copy-engine trip), the sampler outputs (errors, requested
-        logprobs) and the rows' logit sums for the finiteness check (on their way to the host)."""
+        greedy and sampling kernels write it themselves, saving a copy-engine trip), the sampler outputs (errors,
+        requested logprobs) and the rows' logit sums for the finiteness check (on their way to the host).
+        ``after[i]``: tokens computed after this step, so the token drawn is generated token
+        ``after[i] - prompt_len`` (the Philox counter of its draws).
+
+        Batches whose requests need no host work (no processors, penalties, logprobs, min_tokens) sample in one
+        fused launch, greedy rows included; any other batch goes through :class:`Sampler` (host-built tensors, a
+        host sync only where a Python processor reads its row), whose sampled rows draw the same Philox stream."""
         rows = [r for _, r in plain]
         picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
             logits.index_select(0, torch.tensor(rows, device=logits.device))
         n = len(rows)
-        sums = torch.sum(picked, dim=-1, dtype=torch.float32)  # the step's one finiteness check
+        # the step's one finiteness check: each row's fp32 sum, written by the token kernels in the same pass
+        prm_buf = None
         if host is not None:
-            sums = host[n:].view(torch.float32)[:n].copy_(sums, non_blocking=True)
+            sums = host[n:].view(torch.float32)[:n]
+            prm_buf = host[2 * n:].view(torch.int32).view(n, NUM_FIELDS)
             host = host[:n]
+        else:
+            sums = torch.empty((n,), dtype=torch.float32, device=picked.device)
         samples: list[tuple[list[int], SampleOutput]] = []
         if all(s.request.plain_greedy for s, _ in plain):  # hot path: one argmax
-            tokens = argmax_rows(picked, host_out=host)
+            tokens = argmax_rows(picked, host_out=host, row_sums=sums)
             return tokens, (host if host is not None else tokens), samples, sums
         seqs = [s for s, _ in plain]
+        steps = [a - s.prompt_len for s, a in zip(seqs, after)]
+        if all(s.request.device_sampling for s in seqs):  # one fused launch, parameters read from pinned memory
+            prm = pack_params([s.sample_params for s in seqs], steps, out=prm_buf)
+            tokens = sample_rows(picked, prm, host_out=host, row_sums=sums)
+            return tokens, (host if host is not None else tokens), samples, sums
+        sums.copy_(torch.sum(picked, dim=-1, dtype=torch.float32), non_blocking=True)  # before processors run
         try:
-            out = self._sample_rows(picked, seqs)
+            out = self._sample_rows(picked, seqs, steps)
             samples.append((list(range(len(seqs))), out))
             tokens = out.tokens
         except Exception as exc:  # noqa: BLE001 - not a hook (those are isolated): find the failing rows
@@ -558,7 +586,7 @@ class Engine:
             parts = []
             for i, s in enumerate(seqs):
                 try:
-                    out = self._sample_rows(picked[i:i + 1], [s])
+                    out = self._sample_rows(picked[i:i + 1], [s], steps[i:i + 1])
                 except Exception as row_exc:  # noqa: BLE001
                     out = SampleOutput(tokens=torch.zeros(1, dtype=torch.long, device=picked.device),
                                        errors={0: f"sampling failed: {type(row_exc).__name__}: {row_exc}"})
@@ -570,14 +598,14 @@ class Engine:
         host.copy_(tokens, non_blocking=True)
         return tokens, host, samples, sums
 
-    def _sample_rows(self, logits: torch.Tensor, seqs: list[Seq]) -> SampleOutput:
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Seq], steps: list[int]) -> SampleOutput:
         cfgs = [s.request.sampling for s in seqs]
         suppress = [s.request.stop_ids if len(s.token_ids) - s.prompt_len < c.min_tokens else None
                     for s, c in zip(seqs, cfgs)]
         return self.sampler.sample(
-            logits, cfgs, [s.token_ids for s in seqs], [s.prompt_len for s in seqs], [s.generator for s in seqs],
+            logits, cfgs, [s.token_ids for s in seqs], [s.prompt_len for s in seqs],
             return_logprobs=False, suppress_ids=suppress, want_logprobs=[c.logprobs for c in cfgs],
-            isolate_errors=True)
+            isolate_errors=True, streams=[(s.seed or 0, st) for s, st in zip(seqs, steps)])
 
     @staticmethod
     def _read_samples(launched: _Launched) -> tuple[dict[int, str], dict[int, tuple[float, Optional[dict]]]]:
@@ -760,6 +788,7 @@ class Engine:
         if n_wait:
             return all(s.state is SeqState.WAITING and s.seq_id not in kv and s.num_computed == 0 for s in live)
         return all(s.state is SeqState.RUNNING and s.seq_id in kv and kv.num_computed(s.seq_id) == s.num_computed
+                   and kv.state_matches(s.seq_id, s.num_computed)
                    and s.num_pending > 0 and kv.num_pages_of(s.seq_id) * kv.page_size >= s.num_computed
                    for s in live)
 
@@ -793,17 +822,8 @@ class Engine:
                             output_ids=samples[0] if samples else [], samples=samples,
                             finish_reason=req.seqs[0].finish_reason if req.seqs else None,
                             metrics=req.metrics, error=req.error, outputs=outputs)
-        if self.tokenizer is not None:
-            out.texts = [self._trim(req, self.tokenizer.decode(x, skip_special_tokens=True)) for x in samples]
-            out.text = out.texts[0] if out.texts else ""
-        return out
-
-    def _trim(self, req: Request, text: str) -> str:
-        for stop in req.sampling.stop_strings:
-            pos = text.find(stop)
-            if pos >= 0:
-                text = text[:pos]
-        return text
+        # the one text rule (runtime/detokenizer.py): what a stream of this request shows, concatenated
+        return fill_text(out, self.tokenizer, req.sampling.stop_strings)
 
     def run_until_done(self) -> None:
         while self.has_work():

@@ -23,6 +23,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 from autodeploy.errors import CacheCapacityError
+from autodeploy.runtime.state_slots import StateSlotAllocator
 
 __all__ = ["KVCacheManager", "bytes_per_page", "pages_for_budget"]
 
@@ -60,7 +61,8 @@ class KVCacheManager:
     all pages except ``check_invariants``, which is meant for tests.
     """
 
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 state_slots: "StateSlotAllocator | None" = None) -> None:
         if num_pages <= 0 or page_size <= 0:
             raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
         self.num_pages = num_pages
@@ -76,6 +78,11 @@ class KVCacheManager:
         self._seqs: dict[Hashable, _Sequence] = {}
         self._query_tokens = 0
         self._hit_tokens = 0
+        # Stateful models: one recurrent-state slot per sequence, taken and freed with its pages
+        # (runtime/state_slots.py). Prefix reuse would skip tokens whose state nothing stores: refused.
+        if state_slots is not None and enable_prefix_caching:
+            raise ValueError("prefix caching cannot serve a stateful model: its recurrent state is not cached")
+        self.state_slots = state_slots
 
     # ------------------------------------------------------------------ sizes and stats
     def pages_needed(self, num_tokens: int) -> int:
@@ -117,7 +124,9 @@ class KVCacheManager:
 
     def all_free(self) -> bool:
         """True when nothing is owned or pinned: every page is free or evictable (no leak)."""
-        return not self._seqs and not self._pinned and not self._pending and self.num_free_pages == self.num_pages
+        slots_free = self.state_slots is None or self.state_slots.all_free()
+        return (not self._seqs and not self._pinned and not self._pending and self.num_free_pages == self.num_pages
+                and slots_free)
 
     # ------------------------------------------------------------------ sequence queries
     def __contains__(self, seq_id: Hashable) -> bool:
@@ -148,7 +157,10 @@ class KVCacheManager:
 
     # ------------------------------------------------------------------ allocation
     def can_allocate(self, token_ids: Sequence[int]) -> bool:
-        """Whether ``allocate`` would succeed now, counting pages that prefix hits reuse."""
+        """Whether ``allocate`` would succeed now, counting pages that prefix hits reuse (and, for a stateful
+        model, a free state slot)."""
+        if self.state_slots is not None and not self.state_slots.num_free:
+            return False
         return self._plan(token_ids)[2] <= self.num_free_pages
 
     def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
@@ -171,6 +183,8 @@ class KVCacheManager:
         hits, hashes, need = self._plan(token_ids)
         if need > self.num_free_pages:
             raise CacheCapacityError(f"{n} tokens need {need} free pages now; {self.num_free_pages} are free")
+        if self.state_slots is not None:
+            self.state_slots.allocate(seq_id)  # CacheCapacityError (nothing changed) when no slot is free
 
         ps = self.page_size
         full_hit = len(hits) * ps == n
@@ -242,6 +256,9 @@ class KVCacheManager:
         if child_id in self._seqs:
             raise ValueError(f"sequence {child_id!r} already allocated")
         parent = self._seq(parent_id)
+        if self.state_slots is not None:
+            raise NotImplementedError("forking a sequence of a stateful model (n > 1, beam search) would need a "
+                                      "copy of its recurrent state; not supported")
         for page in parent.pages:
             self._refcount[page] += 1
         self._seqs[child_id] = _Sequence(list(parent.pages), list(parent.block_hashes), parent.num_computed)
@@ -251,6 +268,8 @@ class KVCacheManager:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             raise KeyError(f"unknown sequence {seq_id!r}")
+        if self.state_slots is not None:
+            self.state_slots.free(seq_id)
         # Tail pages first, so LRU eviction drops the least shareable (longest-prefix) pages first.
         for page in reversed(seq.pages):
             self._decref(page)
@@ -259,6 +278,18 @@ class KVCacheManager:
         """The ``(src_page, dst_page)`` copies :meth:`take_pending_copies` would return, left pending: apply them,
         then take them, so a copy interrupted half-way is applied again (copies are idempotent)."""
         return [(src, dst) for dst, src in self._pending.items()]
+
+    def state_slot(self, seq_id: Hashable, start: int, num_new: int) -> int:
+        """The recurrent-state slot of a step computing tokens ``[start, start + num_new)`` of the sequence (-1
+        for a stateless model); records that its state then holds ``start + num_new`` tokens."""
+        if self.state_slots is None:
+            return -1
+        return self.state_slots.advance(seq_id, start, num_new)
+
+    def state_matches(self, seq_id: Hashable, num_computed: int) -> bool:
+        """Whether the sequence's recurrent state holds exactly its ``num_computed`` tokens (always for a
+        stateless model): False after a step ran whose tokens were not committed."""
+        return self.state_slots is None or self.state_slots.consumed(seq_id) == num_computed
 
     def seq_ids(self) -> list[Hashable]:
         """Every allocated sequence (for the engine's consistency repair after a failed step)."""

@@ -57,6 +57,10 @@ class Sequence:
     token_ids: list[int]
     prompt_len: int
     generator: Optional[torch.Generator] = None
+    # sampled sequences: the Philox stream's seed (drawn at admission when the request has none) and the constant
+    # part of the fused sampler's per-row parameters (backends/triton/kernels/sampling.py, param_row)
+    seed: Optional[int] = None
+    sample_params: Optional[list] = None
     seq_id: int = field(default_factory=lambda: next(_ids))
     num_computed: int = 0
     state: SeqState = SeqState.WAITING
@@ -91,6 +95,7 @@ class Request:
     stop_checkers: list = field(default_factory=list)  # generic StoppingCriteria (called per token)
     stop_ids: frozenset = frozenset()
     plain_greedy: bool = False  # greedy with no processors/penalties/logprobs/min_tokens: one batched argmax
+    device_sampling: bool = False  # no processors/penalties/logprobs/min_tokens/beams: the fused sampling kernel
     new_tokens: list = field(default_factory=list)  # (sample index, token) produced since last read
 
     @property
@@ -157,4 +162,6 @@ class TokenEvent:
     finished: bool
     finish_reason: Optional[str]
     output: Optional[RequestOutput] = None
-    sample_finished: bool = False  # this is the last token of sample ``index`` (its text can be flushed)
+    # this is the last token of sample ``index`` (its text can be flushed); ``finish_reason`` is then that
+    # sample's own, also on events before the request's last
+    sample_finished: bool = False

@@ -15,8 +15,15 @@ Requested logprobs (``SamplingConfig.logprobs``) are the log-softmax of the logi
 processors, penalties and min_tokens ban, before temperature/top-k/top-p/min-p: the distribution the
 model and the request's processors define, which is what OpenAI/vLLM clients read by default.
 
-Seeded requests draw their randomness from their own ``torch.Generator`` so their
-output does not depend on which other requests share the batch.
+Randomness. The engine samples with ``streams``: every sampled row draws from a Philox stream keyed by its
+request's seed (``seed + i`` for the i-th of ``n`` samples; a seed is drawn once at admission, from torch's
+global RNG, when the request has none) and counted by its generated-token index. A seeded request's tokens
+therefore depend only on its seed, its prompt and the model, not on the batch it shares, on asynchronous
+scheduling, on preemption, or on whether its batch took the fused kernel
+(``backends/triton/kernels/sampling.py``) or this module's host-assisted path (processors, penalties,
+logprobs). The kept set there is the kernel's (ties at the top-k / top-p boundary are all kept), which can
+differ from HF's warpers exactly at ties. Called without ``streams`` (the standalone API), sampled rows use
+:func:`apply_sampling_masks` (HF's warpers) and the exponential race with per-row ``torch.Generator`` s.
 
 User code never takes the batch down: with ``isolate_errors=True`` (the engine's mode) a processor that
 raises, returns the wrong shape or produces NaN/+inf (or bans every token) fails only the rows it ran on;
@@ -35,6 +42,8 @@ import torch
 
 from autodeploy.errors import SamplingConfigError
 from autodeploy.backends.triton.kernels.argmax import argmax_rows
+from autodeploy.backends.triton.kernels.sampling import pack_params, param_row, reference_kept
+from autodeploy.backends.triton.kernels.sampling import sample_rows as fused_sample_rows
 from autodeploy.runtime.hooks import LogitsProcessor, StoppingCriteria, StopOnStrings, StopOnTokens
 
 __all__ = [
@@ -42,6 +51,7 @@ __all__ = [
     "SampleOutput",
     "Sampler",
     "make_generator",
+    "draw_seed",
     "apply_logits_processors",
     "apply_penalties",
     "apply_sampling_masks",
@@ -247,6 +257,12 @@ class SampleOutput:
     token_logprobs: torch.Tensor | None = None
     top_ids: torch.Tensor | None = None
     top_logprobs: torch.Tensor | None = None
+
+
+def draw_seed() -> int:
+    """A 63-bit seed for an unseeded sampled request, from torch's global (CPU) RNG: drawn once at admission,
+    so ``torch.manual_seed`` makes unseeded runs repeatable too."""
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -483,6 +499,24 @@ def _exponential_race(
     return argmax_rows(probs / q)
 
 
+def _sample_streams(
+    logits: torch.Tensor, configs: Sequence[SamplingConfig], streams: Sequence[tuple[int, int]], want_masked: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sampled rows through the fused sampler (the kernel on a GPU, its torch twin elsewhere): the tokens, and
+    the tempered logits with removed tokens at -inf when ``want_masked`` (for ``return_logprobs``)."""
+    prm = pack_params([param_row(c.temperature, c.top_k, c.top_p, c.min_p, seed) for c, (seed, _) in
+                       zip(configs, streams)], [step for _, step in streams])
+    tokens = fused_sample_rows(logits, prm)
+    if not want_masked:
+        return tokens, None
+    temp = torch.tensor([c.temperature for c in configs], dtype=torch.float32)
+    kept = reference_kept(logits, temp, torch.tensor([c.top_k for c in configs]),
+                          torch.tensor([c.top_p for c in configs], dtype=torch.float32),
+                          torch.tensor([c.min_p for c in configs], dtype=torch.float32))
+    scaled = logits / temp.to(logits.device)[:, None]
+    return tokens, scaled.masked_fill(~kept, float("-inf"))
+
+
 class Sampler:
     """Batched, vectorized next-token selection for a mixed batch of requests."""
 
@@ -497,6 +531,7 @@ class Sampler:
         suppress_ids: Sequence[Collection[int] | None] | None = None,
         want_logprobs: Sequence[int | None] | None = None,
         isolate_errors: bool = False,
+        streams: Sequence[tuple[int, int]] | None = None,
     ) -> SampleOutput:
         """Pick one token per row of ``logits`` [B, V].
 
@@ -506,6 +541,8 @@ class Sampler:
         ``suppress_ids[i]``: token ids banned in row i (min_tokens: EOS and stop ids).
         ``want_logprobs[i]``: None, or how many top logprobs row i wants (0: the sampled token's only).
         ``isolate_errors``: user processors fail only their rows (``SampleOutput.errors``) instead of raising.
+        ``streams[i]``: ``(seed, generated-token index)`` of row i: sampled rows then draw from that Philox
+        stream with the fused kernel's kept set (module docstring) and ``generators`` is ignored.
         Configs are assumed validated (``SamplingConfig.validate``) when the request was
         admitted; the sampler does not re-check them every step.
         """
@@ -514,10 +551,12 @@ class Sampler:
         b = logits.shape[0]
         if generators is None:
             generators = [None] * b
-        if not (len(configs) == len(token_ids) == len(prompt_lens) == len(generators) == b):
+        if not (len(configs) == len(token_ids) == len(prompt_lens) == len(generators) == b) or (
+                streams is not None and len(streams) != b):
             raise ValueError(
                 f"batch mismatch: logits has {b} rows, configs {len(configs)}, token_ids {len(token_ids)}, "
                 f"prompt_lens {len(prompt_lens)}, generators {len(generators)}"
+                + ("" if streams is None else f", streams {len(streams)}")
             )
         # A private fp32 copy: processors may edit in place without touching the caller's tensor.
         logits = logits.to(torch.float32, copy=True)
@@ -564,21 +603,27 @@ class Sampler:
             sub_cfg = [configs[i] for i in sample_rows]
             all_rows = len(sample_rows) == b
             idx = None if all_rows else torch.tensor(sample_rows, device=logits.device)
-            masked = apply_sampling_masks(
-                logits if all_rows else logits[idx],
-                [c.temperature for c in sub_cfg],
-                [c.top_k for c in sub_cfg],
-                [c.top_p for c in sub_cfg],
-                [c.min_p for c in sub_cfg],
-            )
-            chosen = _exponential_race(masked.softmax(dim=-1), [generators[i] for i in sample_rows])
+            sub = logits if all_rows else logits[idx]
+            if streams is not None:
+                chosen, masked = _sample_streams(sub, sub_cfg, [streams[i] for i in sample_rows], return_logprobs)
+            else:
+                masked = apply_sampling_masks(
+                    sub,
+                    [c.temperature for c in sub_cfg],
+                    [c.top_k for c in sub_cfg],
+                    [c.top_p for c in sub_cfg],
+                    [c.min_p for c in sub_cfg],
+                )
+                chosen = _exponential_race(masked.softmax(dim=-1), [generators[i] for i in sample_rows])
             if all_rows:
                 tokens, final = chosen, masked
             else:
                 tokens = argmax_rows(logits)  # greedy rows use the penalized, untempered logits
                 tokens[idx] = chosen
-                final = logits.clone()
-                final[idx] = masked
+                final = None
+                if masked is not None:
+                    final = logits.clone()
+                    final[idx] = masked
         out.tokens = tokens
         if processed_lp is not None:
             picked = tokens if len(out.logprob_rows) == b else \

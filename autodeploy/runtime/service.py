@@ -371,6 +371,8 @@ class EngineService:
                             out.finish_reason if done else None, out if done else None)
             if req.beam is None and last_of[i] == j and i < len(req.seqs):
                 ev.sample_finished = req.seqs[i].state is SeqState.FINISHED
+                if ev.sample_finished and not done:
+                    ev.finish_reason = req.seqs[i].finish_reason  # this sample's own, before the request ends
             events.append(ev)
         return events
 

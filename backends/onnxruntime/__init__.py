@@ -37,6 +37,8 @@ class OnnxRuntimeBackend(AttentionBackend):
     metadata_fields = TORCH_METADATA_FIELDS
     # The variants the ONNX attention translation runs; sinks, ALiBi and chunked attention are refused.
     capabilities = ENGINE_VARIANTS
+    # The exported ONNX graph keeps K/V in the model dtype: kv_cache_dtype="fp8" is refused (named).
+    kv_cache_dtypes = ("auto",)
     priority = -10
     cuda_graphs = CudaGraphSupport.NONE
     # The backend lowers the whole graph itself (lowering.py): ``lowering="auto"`` resolves to this.

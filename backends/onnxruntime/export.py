@@ -71,11 +71,17 @@ def engine_graph(gm: fx.GraphModule) -> EngineGraph:
     for node in list(graph.nodes):
         if not is_cached_attention(node):
             continue
-        extras = set(cached_op_info(node.target).tensor_inputs) - _STANDARD_INPUTS
+        info = cached_op_info(node.target)
+        extras = set(info.tensor_inputs) - _STANDARD_INPUTS - set(info.optional_inputs)
         if extras:
             raise UnsupportedModelError(f"{node.name}: {node.target} takes inputs {sorted(extras)} that the engine "
                                         "form does not know")
         a = cached_inputs(node)
+        used = sorted(n for n in info.optional_inputs if a[n] is not None)
+        if used:  # e.g. the scales of kv_cache_dtype="fp8"
+            raise UnsupportedModelError(f"{node.name}: the engine form keeps K/V in the model dtype; the cache "
+                                        f"inputs {used} (kv_cache_dtype='fp8') have no ONNX form")
+        a = {n: v for n, v in a.items() if n not in info.optional_inputs}
         active = {n for n, v in a.items() if n not in _STANDARD_INPUTS | {"scale"} and v is not None}
         if active - ENGINE_VARIANTS:
             raise UnsupportedModelError(f"{node.name}: variant parameters {sorted(active - ENGINE_VARIANTS)} have "

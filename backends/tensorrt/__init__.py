@@ -36,6 +36,8 @@ class TensorRTBackend(AttentionBackend):
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     metadata_fields = OnnxRuntimeBackend.metadata_fields
     capabilities = OnnxRuntimeBackend.capabilities  # the same ONNX graph, so the same variants
+    # As onnxruntime: the engine's KV cache is in the model dtype; kv_cache_dtype="fp8" is refused.
+    kv_cache_dtypes = ("auto",)
     # Below triton (measured kernels, CUDA graphs) and above torch: where TensorRT imports on a GPU it is a
     # capable whole-graph engine, and on a CPU-only machine ``auto`` lists why it was skipped.
     priority = 5

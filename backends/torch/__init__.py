@@ -16,6 +16,8 @@ class TorchBackend(AttentionBackend):
     metadata_fields = TORCH_METADATA_FIELDS
     # The reference runs every registered variant through its plain-torch hooks.
     capabilities = frozenset(param_names())
+    # FP8 pages with per-row scales (autodeploy/ops/kv_quant.py), dequantized after the page gather.
+    kv_cache_dtypes = ("auto", "fp8")
     priority = 0
 
     def cached_attention_op(self):

@@ -15,6 +15,13 @@ from autodeploy.backends.triton.partition import field_params
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def _fp8_capable() -> bool:
+    """E4M3 conversions in Triton kernels: GPUs of compute capability 8.9+, or the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability() >= (8, 9)
+
+
 class TritonBackend(AttentionBackend):
     name = "triton"
     devices = ("cuda",)
@@ -23,6 +30,9 @@ class TritonBackend(AttentionBackend):
     metadata_fields = ("decode_work", "decode_split_start")
     # What the kernels run (ops.KERNEL_PARAMS); any other variant (chunked attention) is refused by ``supports``.
     capabilities = frozenset({"sliding_window", "logit_softcap", "sinks", "alibi_slopes"})
+    # FP8 E4M3 pages with per-row scales, quantized in the cache-write kernels and dequantized in the attention
+    # kernels (ops/kv_quant.py); on GPUs, E4M3 conversions need compute capability 8.9+.
+    kv_cache_dtypes = ("auto", "fp8")
     priority = 10
     default_page_size = 64
     device_composed_steps = True
@@ -44,6 +54,9 @@ class TritonBackend(AttentionBackend):
             return False, f"head_dim {spec.head_dim} unsupported (multiples of 8 up to 256)"
         if spec.v_head_dim != spec.head_dim:
             return False, "different K and V head dims"
+        if spec.kv_cache_dtype == "fp8" and not _fp8_capable():
+            return False, (f"an fp8 KV cache needs float8 E4M3 conversions (compute capability 8.9+); this GPU "
+                           f"has {torch.cuda.get_device_capability()}")
         return True, "supported"
 
     def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
@@ -67,9 +80,10 @@ class TritonBackend(AttentionBackend):
         from autodeploy.backends.triton.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
         from autodeploy.backends.triton.passes.fuse_gated_act import fuse_gated_act
         from autodeploy.backends.triton.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
+        from autodeploy.backends.triton.passes.moe_kernel import moe_kernel
         from autodeploy.backends.triton.passes.skinny_gemm import skinny_gemm
 
-        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act]
+        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel]
 
 
 register_backend(TritonBackend())

@@ -13,18 +13,20 @@ from autodeploy.backends.triton.kernels.gemv import gemv
 from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_cache_write
 from autodeploy.metadata import DEVICE_COMPOSED
-from autodeploy.ops.cached import define_cached_attention
+from autodeploy.ops.cached import KV_SCALE_CACHES, define_cached_attention
 
 
 def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
                      k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor,
                      page_table: Tensor, slot_mapping: Tensor, batch_info: Tensor, meta: list[Tensor], scale: float,
                      sliding_window: Optional[int], logit_softcap: Optional[float], sinks: Optional[Tensor],
-                     alibi_slopes: Optional[Tensor] = None) -> Tensor:
+                     alibi_slopes: Optional[Tensor] = None, k_scale: Optional[Tensor] = None,
+                     v_scale: Optional[Tensor] = None) -> Tensor:
     """Prefill/extend tokens: RoPE + cache write (one kernel), then the flash kernel. Decode tokens: one launch
     does RoPE, their cache write and split-K attention over the partition table the metadata node derived
     (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints, except in
-    a device-composed step (see :func:`_device_composed`)."""
+    a device-composed step (see :func:`_device_composed`). ``k_scale``/``v_scale``: an FP8 KV cache's scales
+    (every kernel quantizes on write and dequantizes on read)."""
     if len(meta) != 2:
         raise ValueError("triton cached attention expects meta = [decode_work, decode_split_start]")
     n_prefill, n_prefill_tok, n_decode, max_q = (int(x) for x in batch_info.tolist())
@@ -32,14 +34,15 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     # the kernels index the last dim densely; a lowering may hand over other layouts (copies only then)
     k, v, cos, sin = (x if x is None or x.stride(-1) == 1 else x.contiguous() for x in (k, v, cos, sin))
     kw = dict(scale=scale, sliding_window=sliding_window, logit_softcap=logit_softcap, sinks=sinks,
-              alibi_slopes=alibi_slopes)
+              alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
     if n_prefill == DEVICE_COMPOSED:
         return _device_composed(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                                slot_mapping, meta, out, kw)
+                                slot_mapping, meta, out, kw, scales)
     if n_prefill:
         p = slice(0, n_prefill_tok)
         q_pre = _rope_and_write(q[p], k[p], v[p], None if cos is None else cos[p], None if sin is None else sin[p],
-                                k_cache, v_cache, slot_mapping[p])
+                                k_cache, v_cache, slot_mapping[p], **scales)
         context_attention(q_pre, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, out[p],
                           num_seqs=n_prefill, max_q_len=max_q, **kw)
     if n_decode:
@@ -50,23 +53,25 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
 
 
 def _rope_and_write(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor], k_cache: Tensor,
-                    v_cache: Tensor, slot_mapping: Tensor) -> Tensor:
-    """Write the tokens' K/V into the cache (rotating k first when ``cos`` is given); returns q, rotated."""
+                    v_cache: Tensor, slot_mapping: Tensor, k_scale: Optional[Tensor] = None,
+                    v_scale: Optional[Tensor] = None) -> Tensor:
+    """Write the tokens' K/V into the cache (rotating k first when ``cos`` is given; quantized to FP8 when scales
+    are given); returns q, rotated."""
     if cos is not None:
-        return rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
-    cache_write(k, v, k_cache, v_cache, slot_mapping)
+        return rope_and_cache_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     return q
 
 
 def _device_composed(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin: Optional[Tensor],
                      k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor, seq_lens_kv: Tensor, page_table: Tensor,
-                     slot_mapping: Tensor, meta: list[Tensor], out: Tensor, kw: dict) -> Tensor:
+                     slot_mapping: Tensor, meta: list[Tensor], out: Tensor, kw: dict, scales: dict) -> Tensor:
     """A step whose split into prefill and decode sequences only the device knows (a CUDA graph captured per
     token bucket and replayed for other steps): every launch is sized by the tensor shapes alone. All tokens
     are rotated and written first (padding tokens carry slot -1), so the flash kernel (sequences of 2+ tokens)
     and the split-K decode kernel (1-token sequences, from the partition table) both read a complete cache.
     Rows of padding tokens are left unwritten."""
-    q_rot = _rope_and_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping.reshape(-1))
+    q_rot = _rope_and_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping.reshape(-1), **scales)
     num_seqs = seq_lens_kv.shape[0]
     context_attention(q_rot, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, out, num_seqs=num_seqs,
                       skip_single=True, **kw)
@@ -87,22 +92,26 @@ def _kernel_params(params: dict) -> dict:
 
 
 def _cached(q, k, v, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping, batch_info, meta,
-            scale, params):
+            scale, params, k_scale=None, v_scale=None):
     return _paged_attention(q, k, v, None, None, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                            slot_mapping, batch_info, meta, scale, **_kernel_params(params))
+                            slot_mapping, batch_info, meta, scale, **_kernel_params(params), k_scale=k_scale,
+                            v_scale=v_scale)
 
 
 def _cached_rope(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, slot_mapping,
-                 batch_info, meta, scale, params):
+                 batch_info, meta, scale, params, k_scale=None, v_scale=None):
     """RoPE on q/k fused with the KV-cache write and (for decode tokens) with the attention itself."""
     return _paged_attention(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
-                            slot_mapping, batch_info, meta, scale, **_kernel_params(params))
+                            slot_mapping, batch_info, meta, scale, **_kernel_params(params), k_scale=k_scale,
+                            v_scale=v_scale)
 
 
-# Both signatures are the shared cached-attention schema (autodeploy/ops/cached.py); the RoPE form adds cos/sin.
-triton_cached_attention = define_cached_attention("triton_cached_attention", _cached)
+# Both signatures are the shared cached-attention schema (autodeploy/ops/cached.py) with the FP8 KV scales; the
+# RoPE form adds cos/sin.
+triton_cached_attention = define_cached_attention("triton_cached_attention", _cached,
+                                                  optional_caches=KV_SCALE_CACHES)
 triton_cached_attention_rope = define_cached_attention("triton_cached_attention_rope", _cached_rope,
-                                                       extra_inputs=("cos", "sin"))
+                                                       extra_inputs=("cos", "sin"), optional_caches=KV_SCALE_CACHES)
 
 
 @torch.library.custom_op("autodeploy::triton_rms_norm", mutates_args=())

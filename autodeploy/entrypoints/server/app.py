@@ -137,6 +137,14 @@ class _Choice:
     logprobs: list[Optional[float]] = field(default_factory=list)
     top_logprobs: list[Optional[dict[int, float]]] = field(default_factory=list)
     finish_reason: Optional[str] = None
+    flushed: bool = False  # its final chunk went out (a stream closes each choice as soon as it finishes)
+
+    def close_chunk(self) -> Optional[str]:
+        """The rest of this choice's text for its final stream chunk, once (None: already sent)."""
+        if self.flushed:
+            return None
+        self.flushed = True
+        return self.text.finish()
 
 
 @dataclass
@@ -163,6 +171,8 @@ class _Run:
             ch.logprobs.append(ev.logprob)
             ch.top_logprobs.append(ev.top_logprobs)
             ch.text.add(ev.token_id)
+            if ev.sample_finished and not ev.finished:
+                ch.finish_reason = FINISH_REASONS.get(ev.finish_reason or "", ev.finish_reason or "stop")
             if self.first_token is None:
                 self.first_token = now
             self.last_token = now
@@ -459,8 +469,11 @@ class Server:
                                 lp = self.completion_logprobs(ch, sent_lp.get(idx, 0), k, offsets.get(idx, 0))
                                 sent_lp[idx] = len(ch.token_ids)
                                 offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else 0
-                            if delta or lp is not None:
-                                yield chunk(base + ch.index, delta, lp, None)
+                            # one chunk per token, empty text included (held-back bytes), as vLLM sends them:
+                            # clients see every step, and benchmarks time tokens, not characters
+                            yield chunk(base + ch.index, delta, lp, None)
+                            if ch.finish_reason is not None and not run.done:  # this sample is over
+                                yield chunk(base + ch.index, ch.close_chunk(), None, ch.finish_reason)
                         if run.done:
                             run.observe(self.state.metrics)
                             if run.error:
@@ -469,7 +482,9 @@ class Server:
                                     code="generation_failed")))
                                 continue
                             for c in run.choices:
-                                yield chunk(base + c.index, c.text.finish(), None, c.finish_reason)
+                                rest = c.close_chunk()
+                                if rest is not None:
+                                    yield chunk(base + c.index, rest, None, c.finish_reason)
                     if include_usage:
                         yield _sse(CompletionChunk(id=rid, created=created, model=self.state.model_name, choices=[],
                                                    usage=self.usage(runs)))
@@ -527,8 +542,10 @@ class Server:
                             if req.logprobs:
                                 lp = self.chat_logprobs(ch, sent_lp[ch.index], k)
                                 sent_lp[ch.index] = len(ch.token_ids)
-                            if delta or lp is not None:
-                                yield chunk(ch.index, ChatDelta(content=delta), lp)
+                            yield chunk(ch.index, ChatDelta(content=delta), lp)  # one per token, as above
+                            if ch.finish_reason is not None and not run.done:  # this sample is over
+                                yield chunk(ch.index, ChatDelta(content=ch.close_chunk() or None), None,
+                                            ch.finish_reason)
                         if run.done:
                             run.observe(self.state.metrics)
                             if run.error:
@@ -537,8 +554,9 @@ class Server:
                                     code="generation_failed")))
                                 break
                             for c in run.choices:
-                                rest = c.text.finish()
-                                yield chunk(c.index, ChatDelta(content=rest or None), None, c.finish_reason)
+                                rest = c.close_chunk()
+                                if rest is not None:
+                                    yield chunk(c.index, ChatDelta(content=rest or None), None, c.finish_reason)
                     if include_usage:
                         yield _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
                                                        usage=self.usage(runs)))

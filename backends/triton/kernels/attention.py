@@ -38,7 +38,7 @@ import triton.language as tl
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
-from autodeploy.backends.triton.kernels.rope_cache import rope_coeffs, rotate
+from autodeploy.backends.triton.kernels.rope_cache import check_kv_scales, fp8_quantize_rows, rope_coeffs, rotate
 from autodeploy.backends.triton.partition import derive_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
@@ -113,6 +113,10 @@ def _attn_tiles(
     window,
     alibi,
     apos,
+    ks_base,
+    vs_base,
+    stride_sp,
+    stride_sr,
     PAGE_SIZE: tl.constexpr,
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -124,13 +128,16 @@ def _attn_tiles(
     HAS_ALIBI: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Online-softmax update of (acc, m_i, l_i) with the keys ``[kv_lo, kv_hi)`` in tiles of BLOCK_N.
 
     ``q``: ``[M, BLOCK_D]`` rows (query tokens x heads of one KV group), ``pos``: ``[M]`` absolute positions.
     MASK=False is the fast path for tiles the caller proved fully visible to every row (no per-score mask,
     no key-range mask on loads). HAS_ALIBI: ``alibi`` ``[M]`` is each row's slope (base 2), ``apos`` ``[M]`` its
-    query position; the score gains ``alibi * (j - apos)``.
+    query position; the score gains ``alibi * (j - apos)``. KV_FP8: K/V rows are E4M3 with one scale per
+    (key, head) at ``ks_base``/``vs_base + page * stride_sp + row * stride_sr``; the K scale multiplies the
+    key's scores, the V scale its probabilities (exact: the scales are powers of two).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -143,7 +150,12 @@ def _attn_tiles(
         row = (j % PAGE_SIZE).to(tl.int64)
         k_ptrs = k_base + (page * stride_kp + row * stride_kr)[None, :] + offs_d[:, None]
         kt = _load2d(k_ptrs, j_ok[None, :], d_ok[:, None], MASK, NEED_DMASK)  # [BLOCK_D, BLOCK_N]
+        if KV_FP8:
+            kt = kt.to(q.dtype)
         qk = _dot(q, kt, UPCAST, IEEE)  # [M, BLOCK_N] fp32
+        if KV_FP8:
+            s_off = page * stride_sp + row * stride_sr
+            qk = qk * tl.load(ks_base + s_off, mask=j_ok, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
             qk = softcap_log2 * _tanh(qk * softcap_scale)
         else:
@@ -161,6 +173,9 @@ def _attn_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         v_ptrs = v_base + (page * stride_vp + row * stride_vr)[:, None] + offs_d[None, :]
         v = _load2d(v_ptrs, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)  # [BLOCK_N, BLOCK_D]
+        if KV_FP8:
+            v = v.to(q.dtype)
+            p = p * tl.load(vs_base + s_off, mask=j_ok, other=0.0).to(tl.float32)[None, :]
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
         m_i = m_new
     return acc, m_i, l_i
@@ -169,10 +184,10 @@ def _attn_tiles(
 @triton.jit
 def _page_step(
     acc, m_i, l_i, q, pg, k_lo, k_hi, k_base, v_base, pt_row, k_off, v_off, stride_kp, stride_vp,
-    qk_scale, softcap_scale, softcap_log2, alibi, apos,
+    qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
     PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
     MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Online-softmax update with one whole page as the KV tile (BLOCK_N == PAGE_SIZE): one scalar page-table
     load, then K and V rows at loop-invariant offsets from the page base (both loads issued before any math).
@@ -183,7 +198,15 @@ def _page_step(
     d_ok = tl.arange(0, BLOCK_D) < HEAD_D
     kt = _load2d(k_base + page * stride_kp + k_off, j_ok[None, :], d_ok[:, None], MASK, NEED_DMASK)
     v = _load2d(v_base + page * stride_vp + v_off, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)
+    if KV_FP8:  # scales as in _attn_tiles
+        s_off = page * stride_sp + tl.arange(0, PAGE_SIZE) * stride_sr
+        k_s = tl.load(ks_base + s_off).to(tl.float32)
+        v_s = tl.load(vs_base + s_off).to(tl.float32)
+        kt = kt.to(q.dtype)
+        v = v.to(q.dtype)
     qk = _dot(q, kt, UPCAST, IEEE)
+    if KV_FP8:
+        qk = qk * k_s[None, :]
     if HAS_SOFTCAP:
         qk = softcap_log2 * _tanh(qk * softcap_scale)
     else:
@@ -196,6 +219,8 @@ def _page_step(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
+    if KV_FP8:
+        p = p * v_s[None, :]
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
     return acc, m_new, l_i
 
@@ -203,9 +228,10 @@ def _page_step(
 @triton.jit
 def _attn_pages(
     acc, m_i, l_i, q, lo, hi, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
-    qk_scale, softcap_scale, softcap_log2, alibi, apos,
+    qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
     PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Keys ``[lo, hi)`` page by page: partial first/last pages masked, whole pages on the unmasked path."""
     offs_n = tl.arange(0, PAGE_SIZE)
@@ -218,24 +244,24 @@ def _attn_pages(
         if lo < hi:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
-                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
     else:
         if lo % PAGE_SIZE != 0:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
-                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
         for pg in range(first_full, last_full):
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
-                NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
         if hi % PAGE_SIZE != 0:
             acc, m_i, l_i = _page_step(
                 acc, m_i, l_i, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D,
-                NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE)  # fmt: skip
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
     return acc, m_i, l_i
 
 
@@ -271,6 +297,8 @@ def _context_attn_kernel(
     page_table,
     sinks_ptr,
     alibi_ptr,
+    k_scale,
+    v_scale,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -282,6 +310,8 @@ def _context_attn_kernel(
     stride_vr,
     stride_vh,
     stride_pt,
+    stride_sp,
+    stride_sr,
     qk_scale,
     softcap_scale,
     softcap_log2,
@@ -303,6 +333,7 @@ def _context_attn_kernel(
     SKIP_SINGLE: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Grid ``(cdiv(max_q_len * GROUP, BLOCK_M), num_seqs, Hkv)``, or with FLAT_GRID
     ``(cdiv(T * GROUP, BLOCK_M) + num_seqs, Hkv)``: sized by the token and sequence counts only, so one launch
@@ -371,6 +402,8 @@ def _context_attn_kernel(
 
     k_base = k_cache + kvh.to(tl.int64) * stride_kh
     v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    ks_base = k_scale + kvh.to(tl.int64)  # scales: [page, row, head] with a unit head stride
+    vs_base = v_scale + kvh.to(tl.int64)
     pt_row = page_table + seq.to(tl.int64) * stride_pt
 
     kv_hi = max_pos + 1
@@ -383,21 +416,21 @@ def _context_attn_kernel(
         mid_lo = tl.minimum(tl.maximum(kv_lo, win_safe), diag)
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, kv_lo, mid_lo, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos, ks_base, vs_base, stride_sp, stride_sr,
             PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST,
-            IEEE,
+            IEEE, KV_FP8,
         )  # fmt: skip
     else:
         mid_lo = 0
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, mid_lo, diag, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos, ks_base, vs_base, stride_sp, stride_sr,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
     )  # fmt: skip
     acc, m_i, l_i = _attn_tiles(
         acc, m_i, l_i, q, pos, diag, kv_hi, k_base, v_base, pt_row,
-        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos,
-        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
+        stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, window, alibi, pos, ks_base, vs_base, stride_sp, stride_sr,
+        PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
     )  # fmt: skip
 
     o = _finalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
@@ -415,16 +448,18 @@ def _decode_kernel(
     q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
     k_cache, v_cache, out_ptr,
     cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, alibi_ptr, mid_o, mid_lse,
+    k_scale, v_scale,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cos, stride_sin,
     stride_ot, stride_oh,
     stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh,
-    stride_pt, stride_mow, stride_moh, stride_mlw,
+    stride_pt, stride_mow, stride_moh, stride_mlw, stride_sp, stride_sr,
     qk_scale, softcap_scale, softcap_log2,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
     NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
     EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
     table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
@@ -434,6 +469,8 @@ def _decode_kernel(
     into the cache and attends to it from registers, so no program ever reads a cache row written in this
     launch, and RoPE, cache write and attention are one launch.
     PAGE_TILES: a KV tile is one whole page (BLOCK_N == PAGE_SIZE); else keys are gathered one by one.
+    KV_FP8: the cache is E4M3 with per-(key, head) scales; the new token is quantized on write and attended
+    as the cache holds it (dequantized).
     A sequence with one item writes its output directly; otherwise the item stores its normalised partial and
     base-2 LSE for :func:`_decode_reduce_kernel`.
     """
@@ -481,24 +518,26 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     k_base = k_cache + kvh.to(tl.int64) * stride_kh
     v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    ks_base = k_scale + kvh.to(tl.int64)  # scales: [page, row, head] with a unit head stride
+    vs_base = v_scale + kvh.to(tl.int64)
     pt_row = page_table + seq.to(tl.int64) * stride_pt
 
     if PAGE_TILES:
         acc, m_i, l_i = _attn_pages(
             acc, m_i, l_i, q, s_lo, hi_cache, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
-            qk_scale, softcap_scale, softcap_log2, alibi, apos, PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP,
-            HAS_ALIBI, UPCAST, IEEE,
+            qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr, PAGE_SIZE,
+            HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos,
-            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
         acc, m_i, l_i = _attn_tiles(
             acc, m_i, l_i, q, pos, s_full, hi_cache, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos,
-            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
 
     if owns_new:
@@ -515,10 +554,21 @@ def _decode_kernel(
         # A negative slot means padding: do not write. (The scalar condition goes into the bound, not into
         # `mask & scalar`, which the interpreter rejects.)
         w_ok = offs_d < tl.where(slot >= 0, HEAD_D, 0)
+        if KV_FP8:
+            k1, k1s = fp8_quantize_rows(k1, 0)
+            v1, v1s = fp8_quantize_rows(v1, 0)
+            s_ptr = page * stride_sp + row * stride_sr + offs_d * 0  # one address; lane 0 stores
+            s_ok = offs_d < tl.where(slot >= 0, 1, 0)
+            tl.store(ks_base + s_ptr, (offs_d * 0 + k1s).to(k_scale.dtype.element_ty), mask=s_ok)
+            tl.store(vs_base + s_ptr, (offs_d * 0 + v1s).to(v_scale.dtype.element_ty), mask=s_ok)
         tl.store(k_base + page * stride_kp + row * stride_kr + offs_d, k1.to(k_cache.dtype.element_ty), mask=w_ok)
         tl.store(v_base + page * stride_vp + row * stride_vr + offs_d, v1.to(v_cache.dtype.element_ty), mask=w_ok)
         # The key as the cache holds it, so the new token scores exactly as it will in later steps.
         k1 = k1.to(k_cache.dtype.element_ty).to(tl.float32)
+        v1 = v1.to(v_cache.dtype.element_ty).to(tl.float32)
+        if KV_FP8:
+            k1 = k1 * k1s
+            v1 = v1 * v1s
         s = tl.sum(q.to(tl.float32) * k1[None, :], 1)
         if HAS_SOFTCAP:
             s = softcap_log2 * _tanh(s * softcap_scale)
@@ -528,7 +578,7 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new)
         l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v1.to(v_cache.dtype.element_ty).to(tl.float32)[None, :]
+        acc = acc * alpha[:, None] + p[:, None] * v1[None, :]
         m_i = m_new
 
     if n_items == 1:
@@ -602,10 +652,13 @@ def _decode_reduce_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _common_checks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> None:
+def _common_checks(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                   k_scale: Optional[torch.Tensor] = None, v_scale: Optional[torch.Tensor] = None) -> None:
     if q.dtype not in _SUPPORTED_DTYPES:
         raise TypeError(f"unsupported dtype {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    if k_scale is not None or v_scale is not None:
+        check_kv_scales(k_cache, v_cache, k_scale, v_scale)
+    elif k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise TypeError("q, k_cache and v_cache must share a dtype")
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError("k_cache/v_cache must be [num_pages, page_size, Hkv, D] with equal shapes")
@@ -695,6 +748,11 @@ def _decode_config(block_d: int, dtype: torch.dtype):
     return 64, 4, 3
 
 
+def _scale_strides(k_scale: Optional[torch.Tensor]) -> tuple[int, int]:
+    """(page, row) strides of an FP8 cache's scale tensors (checked equal for K and V), or zeros."""
+    return (k_scale.stride(0), k_scale.stride(1)) if k_scale is not None else (0, 0)
+
+
 def _search_steps(num_seqs: int) -> int:
     """Halvings that find a program's sequence among ``num_seqs`` (rounded up to a multiple of 4: each value is
     a compiled variant, and every token bucket of the whole-step graphs has its own sequence count)."""
@@ -718,6 +776,8 @@ def context_attention(
     max_q_len: Optional[int] = None,
     skip_single: bool = False,
     alibi_slopes: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Causal paged attention for prefill/extend sequences, written into ``out`` ``[Tq, Hq, D]``.
 
@@ -726,9 +786,9 @@ def context_attention(
     an upper bound on any sequence's new tokens) sizes a grid per sequence; without it the grid depends only on
     ``Tq`` and ``num_seqs`` (no device value is read on the host: CUDA-graph capturable). ``skip_single``
     leaves one-token sequences (decodes) and empty ones alone. ``alibi_slopes`` ``[Hq]`` (fp32) adds
-    ``slope[h] * (j - i)`` to the scores.
+    ``slope[h] * (j - i)`` to the scores. ``k_scale``/``v_scale``: an FP8 cache's scales (ops/kv_quant.py).
     """
-    _common_checks(q, k_cache, v_cache, out)
+    _common_checks(q, k_cache, v_cache, out, k_scale, v_scale)
     if num_seqs <= 0 or q.shape[0] == 0 or max_q_len == 0:
         return
     t, hq, d = q.shape
@@ -747,15 +807,17 @@ def context_attention(
     _context_attn_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens_kv, page_table,
         sinks if sinks is not None else q, alibi_slopes if alibi_slopes is not None else q,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0),
+        page_table.stride(0), *_scale_strides(k_scale),
         qk_scale, softcap_scale, softcap_log2, window, num_seqs,
         GROUP=group, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         NEED_DMASK=block_d != d, HAS_WINDOW=has_window, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
         HAS_ALIBI=alibi_slopes is not None, FLAT_GRID=flat, SEARCH_STEPS=_search_steps(num_seqs) if flat else 0, SKIP_SINGLE=skip_single,
-        UPCAST=interp, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        UPCAST=interp, IEEE=q.dtype == torch.float32, KV_FP8=k_scale is not None, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
 
 
@@ -776,6 +838,8 @@ def decode_attention(
     target: Optional[int] = None,
     new_kv: Optional[NewTokenKV] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    k_scale: Optional[torch.Tensor] = None,
+    v_scale: Optional[torch.Tensor] = None,
 ) -> None:
     """Flash-decoding over the paged cache for the decode sequences (``q_len == 1``) of a flattened batch,
     in one launch.
@@ -786,9 +850,10 @@ def decode_attention(
     metadata node); when None it is derived here with ``target`` work items (default: two waves of programs).
     ``new_kv``: the step's new K/V (and RoPE inputs), written into the cache by this launch; without it
     the cache must already hold the new token and q is used as is.
-    No device value is read on the host, so this is CUDA-graph capturable.
+    No device value is read on the host, so this is CUDA-graph capturable. ``k_scale``/``v_scale``: an FP8
+    cache's scales (the new token is quantized as it is written).
     """
-    _common_checks(q, k_cache, v_cache, out)
+    _common_checks(q, k_cache, v_cache, out, k_scale, v_scale)
     num_seqs = seq_lens_kv.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
         return
@@ -825,18 +890,19 @@ def decode_attention(
         q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
         cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
         alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse,
+        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0),
+        page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), *_scale_strides(k_scale),
         qk_scale, softcap_scale, softcap_log2,
         GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d,
         BLOCK_N=block_n, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap,
         HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
-        PDL=pdl, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        PDL=pdl, KV_FP8=k_scale is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)

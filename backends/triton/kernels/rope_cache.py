@@ -10,6 +10,9 @@ Conventions (see docs/contracts.md):
   * cos/sin ``[T, R]`` (HF NeoX / ``rotate_half`` layout, R <= D, R even). Dims ``>= R`` pass through.
   * caches ``[num_pages, page_size, Hkv, D]``; token ``t`` goes to flat slot ``slot_mapping[t]``
     (= page * page_size + row), a negative slot means "padding, do not write".
+  * FP8 caches (``k_scale``/``v_scale`` ``[num_pages, page_size, Hkv]`` given): each (token, head) row is
+    quantized as autodeploy/ops/kv_quant.py says (power-of-two scale, E4M3 round-to-nearest-even), bit-identical
+    to the torch reference (:func:`fp8_quantize_rows`).
 
 Numerics: the rotation is computed in fp32 and rounded once to the q/k dtype. HF computes
 ``q * cos + rotate_half(q) * sin`` in the q dtype (three roundings), so in bf16/fp16 results agree
@@ -19,13 +22,15 @@ reference that computes in fp32 and rounds once).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .rms_norm import cast_rn, emulate_rne
 
-__all__ = ["rope_and_cache_write", "rope", "cache_write"]
+__all__ = ["rope_and_cache_write", "rope", "cache_write", "fp8_quantize_rows"]
 
 # Elements of one [BLOCK_H, BLOCK_D] tile; several tiles (q, its rotate partner, k, v) are live at
 # once, so keep it moderate to avoid register spills on large head dims.
@@ -57,19 +62,56 @@ def rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
 
 
 @triton.jit
+def _round_e4m3(x):
+    """fp32 ``|x| <= 448`` rounded to the nearest E4M3 value (ties to even), still in fp32. Done with integer
+    ops, so the conversion that follows is exact: the Triton interpreter's own fp32 -> fp8 cast mis-rounds
+    values that carry into the next binade and E4M3 subnormals."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
+    normal = b.to(tl.float32, bitcast=True)
+    t = tl.abs(x) * 512.0  # subnormals (|x| < 2^-6): multiples of 2^-9
+    fl = t.to(tl.int32)
+    fr = t - fl.to(tl.float32)
+    m = fl + ((fr > 0.5) | ((fr == 0.5) & ((fl & 1) == 1))).to(tl.int32)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where(x < 0, -sub, sub)
+    return tl.where(tl.abs(x) < 0.015625, sub, normal)
+
+
+@triton.jit
+def fp8_quantize_rows(x, AXIS: tl.constexpr):
+    """(E4M3-exact fp32 values, fp32 power-of-two scales) of the rows of ``x`` along ``AXIS`` (kv_quant.py):
+    ``s = 2^ceil(log2(amax / 448))`` from the bits (at least fp32's smallest normal), ``x / s`` exact."""
+    amax = tl.max(tl.abs(x.to(tl.float32)), AXIS) * (1.0 / 448.0)
+    bits = tl.maximum(amax.to(tl.int32, bitcast=True), 0x00800000)
+    s_bits = (bits + 0x7FFFFF) & 0x7F800000
+    inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)  # 1/s, also a power of two
+    s = s_bits.to(tl.float32, bitcast=True)
+    if AXIS == 1:
+        xq = _round_e4m3(x.to(tl.float32) * inv[:, None])
+    else:
+        xq = _round_e4m3(x.to(tl.float32) * inv)
+    return xq, s
+
+
+@triton.jit
 def _rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cos_t, stride_sin_t, stride_qot, stride_qoh,
     stride_kc_page, stride_kc_row, stride_kc_h,
     stride_vc_page, stride_vc_row, stride_vc_h,
+    stride_s_page, stride_s_row,
     HQ, HKV, page_size,
     D: tl.constexpr, ROT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     DO_Q: tl.constexpr, DO_KV: tl.constexpr, ROTATE_K: tl.constexpr, NEED_ROT: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    EMULATE_RNE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
-    """One program = one token x one block of heads (q heads and kv heads share the block index)."""
+    """One program = one token x one block of heads (q heads and kv heads share the block index).
+    KV_FP8: rows are quantized, their scales stored at ``[page, row, head]`` of the scale caches (unit head
+    stride)."""
     t = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -103,16 +145,27 @@ def _rope_cache_kernel(
             # Round to k's dtype first: same as rope-then-copy into a cache of another dtype.
             k = cast_rn(k, k_ptr.dtype.element_ty, EMULATE_RNE)
         else:
-            k = tl.load(k_base + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_mask)
+            k = tl.load(k_base + offs_h[:, None] * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :],
-                    mask=kv_mask)
+                    mask=kv_mask, other=0.0)
         kc = (k_cache_ptr + page * stride_kc_page + row * stride_kc_row
               + offs_h[:, None] * stride_kc_h + offs_d[None, :])
         vc = (v_cache_ptr + page * stride_vc_page + row * stride_vc_row
               + offs_h[:, None] * stride_vc_h + offs_d[None, :])
-        # Plain casts: a same-dtype cache gets a bit-exact copy, a wider one an exact widening.
-        tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+        if KV_FP8:
+            # Padding heads/dims load as 0 and do not raise the row's amax.
+            kq, ks = fp8_quantize_rows(k, 1)
+            vq, vs = fp8_quantize_rows(v, 1)
+            tl.store(kc, kq.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(vc, vq.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
+            s_off = page * stride_s_page + row * stride_s_row + offs_h
+            h_ok = offs_h < h_lim
+            tl.store(k_scale_ptr + s_off, ks.to(k_scale_ptr.dtype.element_ty), mask=h_ok)
+            tl.store(v_scale_ptr + s_off, vs.to(v_scale_ptr.dtype.element_ty), mask=h_ok)
+        else:
+            # Plain casts: a same-dtype cache gets a bit-exact copy, a wider one an exact widening.
+            tl.store(kc, k.to(k_cache_ptr.dtype.element_ty), mask=kv_mask)
+            tl.store(vc, v.to(v_cache_ptr.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +205,10 @@ def _blocks(D: int, H: int):
     return block_h, block_d
 
 
-def _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, *, D, R, rotate_k):
-    """Launch the kernel; ``q``/``q_out`` None = no q rotation, ``k`` None = no cache write."""
+def _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, *, D, R, rotate_k, k_scale=None,
+            v_scale=None):
+    """Launch the kernel; ``q``/``q_out`` None = no q rotation, ``k`` None = no cache write; ``k_scale``/``v_scale``
+    given = FP8 caches."""
     do_q, do_kv = q is not None, k is not None
     T = (q if do_q else k).shape[0]
     HQ = q.shape[1] if do_q else 0
@@ -172,16 +227,32 @@ def _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, *, D, R, r
 
     _rope_cache_kernel[grid](
         arg(q), arg(k), arg(v), arg(cos), arg(sin), arg(q_out),
-        arg(k_cache), arg(v_cache), arg(slot_mapping),
+        arg(k_cache), arg(v_cache), arg(slot_mapping), arg(k_scale), arg(v_scale),
         *st(q, 0, 1), *st(k, 0, 1), *st(v, 0, 1), *st(cos, 0), *st(sin, 0), *st(q_out, 0, 1),
-        *st(k_cache, 0, 1, 2), *st(v_cache, 0, 1, 2),
+        *st(k_cache, 0, 1, 2), *st(v_cache, 0, 1, 2), *st(k_scale, 0, 1),
         HQ, HKV, k_cache.shape[1] if do_kv else 1,
         D=D, ROT=R, BLOCK_H=block_h, BLOCK_D=block_d,
         DO_Q=do_q, DO_KV=do_kv, ROTATE_K=rotate_k, NEED_ROT=do_q or rotate_k,
         EMULATE_RNE=emulate_rne(_rope_cache_kernel,
                                 *(x.dtype for x in (q, k) if x is not None)),
+        KV_FP8=k_scale is not None,
         num_warps=4 if block_h * block_d >= 1024 else 2,
     )
+
+
+def check_kv_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale, v_scale) -> None:
+    """An FP8 cache: float8 E4M3 pages and both ``[num_pages, page_size, Hkv]`` scale tensors, unit head stride
+    and equal strides (the kernels take one set)."""
+    if k_scale is None and v_scale is None:
+        return
+    if k_scale is None or v_scale is None:
+        raise ValueError("an FP8 KV cache needs both k_scale and v_scale")
+    if k_cache.dtype != torch.float8_e4m3fn or v_cache.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"an FP8 KV cache stores float8_e4m3fn pages, got {k_cache.dtype}, {v_cache.dtype}")
+    want = tuple(k_cache.shape[:3])
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if tuple(sc.shape) != want or sc.stride(-1) != 1 or sc.stride() != k_scale.stride():
+            raise ValueError(f"{name} must be {list(want)} with a unit head stride, got {tuple(sc.shape)}")
 
 
 def _check_kv(k, v, k_cache, v_cache, slot_mapping, T):
@@ -198,7 +269,8 @@ def _check_kv(k, v, k_cache, v_cache, slot_mapping, T):
 def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          cos: torch.Tensor, sin: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
+                         slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+                         v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rotate q and k, write rotated k and raw v into the paged caches; return rotated q.
 
     q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, cos/sin ``[T, R]``, caches ``[P, page_size, Hkv, D]``
@@ -211,12 +283,14 @@ def rope_and_cache_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if k.dim() != 3 or k.shape[-1] != D:
         raise ValueError(f"k must be [T, Hkv, {D}], got {tuple(k.shape)}")
     slot_mapping = _check_kv(k, v, k_cache, v_cache, slot_mapping, T)
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if T == 0:
         return q_out
     cos, sin, R = _prep_cos_sin(cos, sin, T, D)
-    _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, D=D, R=R, rotate_k=True)
+    _launch(q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping, D=D, R=R, rotate_k=True, k_scale=k_scale,
+            v_scale=v_scale)
     return q_out
 
 
@@ -235,12 +309,15 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def cache_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                slot_mapping: torch.Tensor) -> None:
-    """Scatter k/v ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (in place, no rope)."""
+                slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+                v_scale: Optional[torch.Tensor] = None) -> None:
+    """Scatter k/v ``[T, Hkv, D]`` into the paged caches at ``slot_mapping`` (in place, no rope); with scales,
+    quantized to FP8."""
     T = k.shape[0] if k.dim() == 3 else -1
     slot_mapping = _check_kv(k, v, k_cache, v_cache, slot_mapping, T)
+    check_kv_scales(k_cache, v_cache, k_scale, v_scale)
     if T == 0:
         return
     k, v = _unit_last(k), _unit_last(v)
     _launch(None, k, v, None, None, None, k_cache, v_cache, slot_mapping, D=k.shape[2], R=0,
-            rotate_k=False)
+            rotate_k=False, k_scale=k_scale, v_scale=v_scale)

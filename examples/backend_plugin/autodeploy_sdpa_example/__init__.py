@@ -84,6 +84,8 @@ class SdpaExampleBackend(AttentionBackend):
     # Variant parameters it runs; ``AttentionBackend.supports`` refuses a layer needing any other (SDPA has no
     # logit softcap, sinks or ALiBi here), naming it.
     capabilities = frozenset({"sliding_window"})
+    # KV-cache storage it reads: the model dtype only (``supports`` refuses kv_cache_dtype="fp8", naming it).
+    kv_cache_dtypes = ("auto",)
     priority = -10
     cuda_graphs = CudaGraphSupport.NONE
 

@@ -1,0 +1,41 @@
+"""Triton backend: ``autodeploy::moe_experts`` runs on the fused grouped-GEMM kernel (kernels/moe.py).
+
+The torch reference runs one GEMM triple per expert with a host sync for the per-expert counts (or, inside a
+CUDA-graph capture, every expert on every token); the kernel runs all experts in two launches with no sync. Layers
+whose activation or dtype the kernel lacks keep the reference, and the note says why.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from autodeploy.graph.passes import PassResult, register_pass
+from autodeploy.graph.utils import getattr_path, is_op, val
+from autodeploy.ops.moe import moe_inputs
+
+
+@register_pass("moe_kernel")
+def moe_kernel(gm: fx.GraphModule, ctx) -> PassResult:
+    from autodeploy.backends.triton.kernels import moe
+
+    result = PassResult()
+    kept = []
+    for node in list(gm.graph.nodes):
+        if not is_op(node, torch.ops.autodeploy.moe_experts):
+            continue
+        args = moe_inputs(node)
+        w = val(args["w_gate"])
+        if w is None and getattr(args["w_gate"], "op", None) == "get_attr":
+            w = getattr_path(gm, args["w_gate"].target)
+        ok, why = moe.kernel_supports(args["activation"], w.dtype if w is not None else None)
+        if not ok:
+            kept.append(why)
+            continue
+        node.target = torch.ops.autodeploy.triton_moe_experts.default
+        result.num_matches += 1
+    if result.num_matches:
+        result.notes.append(f"{result.num_matches} MoE experts layers run the fused Triton kernel")
+    for why in dict.fromkeys(kept):
+        result.notes.append(f"MoE layers kept on the torch reference: {why}")
+    return result

@@ -1,0 +1,83 @@
+"""Module-level rewrites of HF stateful mixers before export: the mixer module's forward is replaced, for the
+export only, by one that calls the canonical mixer ops (autodeploy/ops/mixers/) with the module's own parameters.
+Matching the ATen soup HF's torch forward exports to would be fragile; a rewrite keyed by the HF module class,
+applied only when the module's configuration is a form verified against HF eager, is not.
+
+A rewrite is one file here that calls :func:`register_mixer_rewrite` with the HF class name, a ``check`` that
+returns None for a verified form (else the reason it is not), and the replacement ``forward``. A module whose
+check fails keeps HF's forward, and the mixer check then refuses the model naming the layer and the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MixerRewrite:
+    module_class: str
+    check: Callable[[torch.nn.Module], Optional[str]]
+    forward: Callable[..., torch.Tensor]
+
+
+MIXER_REWRITES: dict[str, MixerRewrite] = {}
+
+
+def register_mixer_rewrite(module_class: str, check: Callable[[torch.nn.Module], Optional[str]],
+                           forward: Callable[..., torch.Tensor]) -> MixerRewrite:
+    if module_class in MIXER_REWRITES:
+        raise ValueError(f"a mixer rewrite for {module_class} is already registered")
+    MIXER_REWRITES[module_class] = rewrite = MixerRewrite(module_class, check, forward)
+    return rewrite
+
+
+def find_mixers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, MixerRewrite, Optional[str]]]:
+    """Every module of a registered class: ``(path, module, rewrite, why_not)`` (``why_not`` None: rewritable)."""
+    out = []
+    for path, module in model.named_modules():
+        rewrite = MIXER_REWRITES.get(type(module).__name__)
+        if rewrite is not None:
+            out.append((path, module, rewrite, rewrite.check(module)))
+    return out
+
+
+def is_stateful(model: torch.nn.Module) -> bool:
+    return bool(find_mixers(model))
+
+
+@contextlib.contextmanager
+def rewrite_mixers(model: torch.nn.Module, notes: Optional[list[str]] = None) -> Iterator[int]:
+    """Within the block, every verified stateful mixer of ``model`` runs the canonical ops; HF's forward is back
+    afterwards (the caller's model is unchanged). Yields the number of modules rewritten; ``notes`` gets one line
+    per rewritten or skipped class."""
+    patched: list[torch.nn.Module] = []
+    summary: dict[str, list[str]] = {}
+    try:
+        for path, module, rewrite, why_not in find_mixers(model):
+            if why_not is not None:
+                log.warning("stateful mixer %s (%s) not rewritten: %s", path, rewrite.module_class, why_not)
+                summary.setdefault(f"{rewrite.module_class} kept (unverified form: {why_not})", []).append(path)
+                continue
+            module.forward = types.MethodType(rewrite.forward, module)
+            patched.append(module)
+            summary.setdefault(f"{rewrite.module_class} -> canonical mixer ops", []).append(path)
+        if notes is not None:
+            notes.extend(f"{what}: {len(paths)} module(s)" for what, paths in summary.items())
+        yield len(patched)
+    finally:
+        for module in patched:
+            del module.forward  # the instance attribute; the class's forward shows through again
+
+
+from autodeploy.models.stateful import lfm2, mamba2  # noqa: E402,F401  (register the rewrites)
+
+__all__ = ["MIXER_REWRITES", "MixerRewrite", "find_mixers", "is_stateful", "register_mixer_rewrite",
+           "rewrite_mixers"]
