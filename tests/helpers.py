@@ -22,6 +22,22 @@ def hf_greedy(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def prompt_logits(cm, prompt):
+    """Our logits for every token of ``prompt``, prefilled alone in one step."""
+    import math
+
+    from autodeploy.metadata import SequenceChunk
+
+    pages = list(range(math.ceil(len(prompt) / cm.page_size)))
+    return cm.forward(cm.pack([SequenceChunk(prompt, 0, pages)], all_logits=True))
+
+
+def hf_prompt_logits(model, prompt):
+    """HF eager's logits for every token of ``prompt``."""
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0]
+
+
 def drive(engine, arrivals, max_steps: int = 5000):
     """Run an engine over ``arrivals`` = [(step, prompt, sampling)] (requests join at their step); returns the
     outputs in arrival order. Fails instead of hanging if the engine stops making progress."""

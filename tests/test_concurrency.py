@@ -116,13 +116,19 @@ def test_threads_streaming_at_once(llm):
     _wait_free(llm.engine)
 
 
-def test_direct_engine_use_from_a_second_thread_is_refused(model):
-    cm = autodeploy.compile(model, max_batch_size=2, max_seq_len=64, page_size=4)
-    engine = Engine(cm)
+def _held_service(model):
+    """A service whose owner thread is held inside a step by a gated processor on its first request; returns
+    ``(engine, service, gate, first stream)``."""
+    engine = Engine(autodeploy.compile(model, max_batch_size=2, max_seq_len=64, page_size=4))
     service = EngineService(engine)
     gate = Gate()
-    stream = service.submit([1, 2, 3], _greedy(3, logits_processors=[gate]))
-    assert gate.entered.wait(TIMEOUT)  # the owner thread is inside a step
+    first = service.submit([1, 2, 3], _greedy(3, logits_processors=[gate]))
+    assert gate.entered.wait(TIMEOUT)
+    return engine, service, gate, first
+
+
+def test_direct_engine_use_from_a_second_thread_is_refused(model):
+    engine, service, gate, stream = _held_service(model)  # the owner thread is inside a step
     with pytest.raises(EngineBusyError, match="another thread"):
         engine.step()
     with pytest.raises(EngineBusyError):
@@ -250,12 +256,7 @@ def test_asyncio_streams_do_not_block_the_loop(model):
 
 
 def test_fatal_engine_error_fails_every_stream_and_service_goes_on(model, monkeypatch):
-    cm = autodeploy.compile(model, max_batch_size=2, max_seq_len=64, page_size=4)
-    engine = Engine(cm)
-    service = EngineService(engine)
-    gate = Gate()
-    first = service.submit([1, 2, 3], _greedy(3, logits_processors=[gate]))
-    assert gate.entered.wait(TIMEOUT)
+    engine, service, gate, first = _held_service(model)
     others = [service.submit([4, 5], _greedy(3)), service.submit([6, 7], _greedy(3))]
     orig, calls = engine.scheduler.schedule, {"n": 0}
 
@@ -277,12 +278,7 @@ def test_fatal_engine_error_fails_every_stream_and_service_goes_on(model, monkey
 
 def test_owner_thread_death_ends_streams(model, monkeypatch):
     """Even a BaseException escaping the engine ends every stream (with the cause) and closes the service."""
-    cm = autodeploy.compile(model, max_batch_size=2, max_seq_len=64, page_size=4)
-    engine = Engine(cm)
-    service = EngineService(engine)
-    gate = Gate()
-    first = service.submit([1, 2, 3], _greedy(3, logits_processors=[gate]))
-    assert gate.entered.wait(TIMEOUT)
+    engine, service, gate, first = _held_service(model)
     second = service.submit([4, 5], _greedy(3))
 
     def dies():

@@ -11,10 +11,9 @@ import torch
 
 import autodeploy
 from autodeploy.errors import ConfigError, UnsupportedModelError
-from autodeploy.metadata.host import SequenceChunk
 from autodeploy.ops import quant
 from autodeploy.passes.quantize_linears import QuantizationConfig
-from helpers import rel_rms
+from helpers import rel_rms, hf_prompt_logits, prompt_logits
 from model_zoo import make_model
 
 PROMPT = [1, 5, 9, 22, 7, 3, 44, 12, 100, 101, 17]
@@ -23,13 +22,11 @@ QUANT_OPS = set(quant.QUANT_LINEAR_OPS)
 
 
 def logits(cm, prompt=PROMPT):
-    pages = list(range(math.ceil(len(prompt) / cm.page_size)))
-    return cm.forward(cm.pack([SequenceChunk(prompt, 0, pages)], all_logits=True))
+    return prompt_logits(cm, prompt)
 
 
 def hf_logits(model, prompt=PROMPT):
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0]
+    return hf_prompt_logits(model, prompt)
 
 
 def quant_nodes(cm):

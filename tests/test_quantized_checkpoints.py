@@ -6,7 +6,6 @@ eager model built from the same files exactly, stay close to the unquantized mod
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ from safetensors.torch import save_file
 
 import autodeploy
 from autodeploy.errors import ConfigError, UnsupportedModelError
-from autodeploy.metadata.host import SequenceChunk
 from autodeploy.models import quantized as qload
 from autodeploy.ops import quant
-from helpers import rel_rms
+from helpers import rel_rms, hf_prompt_logits, prompt_logits
 from model_zoo import make_model
 
 PROMPT = [1, 5, 9, 22, 7, 3, 44, 12, 100, 101, 17]
@@ -27,13 +25,11 @@ KW = dict(max_batch_size=2, max_seq_len=64, page_size=4)
 
 
 def logits(cm, prompt=PROMPT):
-    pages = list(range(math.ceil(len(prompt) / cm.page_size)))
-    return cm.forward(cm.pack([SequenceChunk(prompt, 0, pages)], all_logits=True))
+    return prompt_logits(cm, prompt)
 
 
 def hf_logits(model, prompt=PROMPT):
-    with torch.no_grad():
-        return model(torch.tensor([prompt])).logits[0]
+    return hf_prompt_logits(model, prompt)
 
 
 def _input_absmax(model) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from typing import Any, Iterator, Optional, Sequence
 
 from autodeploy.errors import InvalidRequestError
-from autodeploy.runtime.detokenizer import TextStreams, fill_text
+from autodeploy.runtime.detokenizer import TextStreams
 from autodeploy.runtime.engine import Engine, per_prompt_configs
 from autodeploy.runtime.request import RequestOutput
 from autodeploy.runtime.sampling import SamplingConfig
@@ -133,7 +133,7 @@ class LLM:
                 if service is not None:
                     service.abort(st.request_id)
             raise
-        return [self._with_text(out, st) for out, st in zip(outs, streams)]
+        return outs  # text filled by the engine (Engine.output: the detokenizer's one rule)
 
     def chat(self, messages: Sequence[Any], sampling: Any = None, *, add_generation_prompt: bool = True,
              chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
@@ -161,11 +161,6 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _with_text(self, out: RequestOutput, handle: Any) -> RequestOutput:
-        """Fill the output's text fields with the streaming rule (``runtime/detokenizer.py``)."""
-        sampling = getattr(handle, "sampling", None)
-        return fill_text(out, self.tokenizer, getattr(sampling, "stop_strings", ()) or ())
-
     def generate_stream(self, prompts: Sequence[Any] | str, sampling: Any = None) -> Iterator[StreamEvent]:
         """Yield tokens as they are produced (requests interleaved as the engine makes them); each request's last
         event carries its full output. Thread-safe; closing the generator early aborts the requests left."""
@@ -185,7 +180,7 @@ class LLM:
                     for key in [k for k in texts.keys() if k[0] == ev.request_id]:
                         texts.close(key)
                 yield StreamEvent(ev.request_id, ev.index, ev.token_id, text, ev.finished,
-                                  self._with_text(ev.output, st) if ev.finished else None)
+                                  ev.output if ev.finished else None)
         finally:
             service = self.engine.service
             for rid in left:

@@ -434,6 +434,40 @@ class Server:
                               for t, v in top]))
         return ChatLogprobs(content=content)
 
+    async def stream_events(self, runs: list[_Run], n: int, *, token: Callable[[int, _Choice, str], str],
+                            final: Callable[[int, str, Optional[str]], str],
+                            usage: Optional[Callable[[], str]] = None, head: Sequence[str] = ()
+                            ) -> AsyncIterator[str]:
+        """The SSE body both endpoints stream: ``head``, then one ``token`` chunk per generated token (its text
+        may be empty: bytes held back, as vLLM sends them, so clients and benchmarks see every step), each
+        choice's ``final`` chunk as soon as its sample ends, the ``usage`` chunk and ``[DONE]``. Choices are
+        indexed prompt-major (``prompt * n + sample``)."""
+        try:
+            for h in head:
+                yield h
+            async for run, ev in _merge(runs):
+                ch = run.apply(ev)
+                base = runs.index(run) * n
+                if ch is not None:
+                    yield token(base + ch.index, ch, ch.text.take())
+                    if ch.finish_reason is not None and not run.done:  # this sample is over
+                        yield final(base + ch.index, ch.close_chunk(), ch.finish_reason)
+                if run.done:
+                    run.observe(self.state.metrics)
+                    if run.error:
+                        yield _sse(ErrorResponse(error=ErrorInfo(message=f"generation failed: {run.error}",
+                                                                 type="server_error", code="generation_failed")))
+                        continue
+                    for c in run.choices:
+                        rest = c.close_chunk()
+                        if rest is not None:
+                            yield final(base + c.index, rest, c.finish_reason)
+            if usage is not None:
+                yield usage()
+            yield "data: [DONE]\n\n"
+        finally:
+            self.close(runs)
+
     # -- endpoints ---------------------------------------------------------------------------------------------
     async def completions(self, request: Request, req: CompletionRequest) -> Response:
         self.check_model(req.model)
@@ -455,44 +489,21 @@ class Server:
                 return _sse(CompletionChunk(id=rid, created=created, model=self.state.model_name, choices=[
                     CompletionChoice(index=choice_index, text=text, logprobs=lp, finish_reason=reason)]))
 
-            async def events() -> AsyncIterator[str]:
-                sent_lp: dict[int, int] = {}
-                try:
-                    async for run, ev in _merge(runs):
-                        ch = run.apply(ev)
-                        base = runs.index(run) * n
-                        if ch is not None:
-                            delta = ch.text.take()
-                            lp = None
-                            if want_lp:
-                                idx = base + ch.index
-                                lp = self.completion_logprobs(ch, sent_lp.get(idx, 0), k, offsets.get(idx, 0))
-                                sent_lp[idx] = len(ch.token_ids)
-                                offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else 0
-                            # one chunk per token, empty text included (held-back bytes), as vLLM sends them:
-                            # clients see every step, and benchmarks time tokens, not characters
-                            yield chunk(base + ch.index, delta, lp, None)
-                            if ch.finish_reason is not None and not run.done:  # this sample is over
-                                yield chunk(base + ch.index, ch.close_chunk(), None, ch.finish_reason)
-                        if run.done:
-                            run.observe(self.state.metrics)
-                            if run.error:
-                                yield _sse(ErrorResponse(error=ErrorInfo(
-                                    message=f"generation failed: {run.error}", type="server_error",
-                                    code="generation_failed")))
-                                continue
-                            for c in run.choices:
-                                rest = c.close_chunk()
-                                if rest is not None:
-                                    yield chunk(base + c.index, rest, None, c.finish_reason)
-                    if include_usage:
-                        yield _sse(CompletionChunk(id=rid, created=created, model=self.state.model_name, choices=[],
-                                                   usage=self.usage(runs)))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    self.close(runs)
+            sent_lp: dict[int, int] = {}
 
-            return SSEResponse(events(), on_close=lambda: self.close(runs))
+            def token(idx: int, ch: _Choice, text: str) -> str:
+                lp = None
+                if want_lp:
+                    lp = self.completion_logprobs(ch, sent_lp.get(idx, 0), k, offsets.get(idx, 0))
+                    sent_lp[idx] = len(ch.token_ids)
+                    offsets[idx] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else 0
+                return chunk(idx, text, lp, None)
+
+            usage = (lambda: _sse(CompletionChunk(id=rid, created=created, model=self.state.model_name, choices=[],
+                                                  usage=self.usage(runs)))) if include_usage else None
+            events = self.stream_events(runs, n, token=token, final=lambda i, text, why: chunk(i, text, None, why),
+                                        usage=usage)
+            return SSEResponse(events, on_close=lambda: self.close(runs))
 
         if not await self.collect(request, runs):
             return Response(status_code=499)
@@ -529,42 +540,22 @@ class Server:
                 return _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[
                     ChatStreamChoice(index=i, delta=delta, logprobs=lp, finish_reason=reason)]))
 
-            async def events() -> AsyncIterator[str]:
-                sent_lp = [0] * sampling.n
-                try:
-                    for c in run.choices:
-                        yield chunk(c.index, ChatDelta(role="assistant", content=""))
-                    async for _, ev in _merge(runs):
-                        ch = run.apply(ev)
-                        if ch is not None:
-                            delta = ch.text.take()
-                            lp = None
-                            if req.logprobs:
-                                lp = self.chat_logprobs(ch, sent_lp[ch.index], k)
-                                sent_lp[ch.index] = len(ch.token_ids)
-                            yield chunk(ch.index, ChatDelta(content=delta), lp)  # one per token, as above
-                            if ch.finish_reason is not None and not run.done:  # this sample is over
-                                yield chunk(ch.index, ChatDelta(content=ch.close_chunk() or None), None,
-                                            ch.finish_reason)
-                        if run.done:
-                            run.observe(self.state.metrics)
-                            if run.error:
-                                yield _sse(ErrorResponse(error=ErrorInfo(
-                                    message=f"generation failed: {run.error}", type="server_error",
-                                    code="generation_failed")))
-                                break
-                            for c in run.choices:
-                                rest = c.close_chunk()
-                                if rest is not None:
-                                    yield chunk(c.index, ChatDelta(content=rest or None), None, c.finish_reason)
-                    if include_usage:
-                        yield _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                                       usage=self.usage(runs)))
-                    yield "data: [DONE]\n\n"
-                finally:
-                    self.close(runs)
+            sent_lp = [0] * sampling.n
 
-            return SSEResponse(events(), on_close=lambda: self.close(runs))
+            def token(i: int, ch: _Choice, text: str) -> str:
+                lp = None
+                if req.logprobs:
+                    lp = self.chat_logprobs(ch, sent_lp[i], k)
+                    sent_lp[i] = len(ch.token_ids)
+                return chunk(i, ChatDelta(content=text), lp)
+
+            usage = (lambda: _sse(ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
+                                                      usage=self.usage(runs)))) if include_usage else None
+            events = self.stream_events(
+                runs, sampling.n, token=token, usage=usage,
+                final=lambda i, text, why: chunk(i, ChatDelta(content=text or None), None, why),
+                head=[chunk(c.index, ChatDelta(role="assistant", content="")) for c in run.choices])
+            return SSEResponse(events, on_close=lambda: self.close(runs))
 
         if not await self.collect(request, runs):
             return Response(status_code=499)
