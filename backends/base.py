@@ -86,6 +86,11 @@ class StateSpec:
     def features(self) -> str:
         return f"{self.kind} state {list(self.shape)} {str(self.dtype).replace('torch.', '')}"
 
+
+# The methods that define a cache layout (see ``AttentionBackend.effective_cache_layout_key``).
+_LAYOUT_METHODS = ("cache_names", "allocate_cache", "copy_pages", "swap_out", "swap_in")
+
+
 class CudaGraphSupport(enum.IntEnum):
     """How much of a step a backend's cached op lets a CUDA graph capture (higher includes lower).
 
@@ -129,6 +134,12 @@ class AttentionBackend:
     default_page_size: int = 16
     # One line for ``autodeploy backends``; a backend that overrides ``allocate_cache`` says its own layout.
     cache_layout: str = "paged K and V per layer, each [num_pages, page_size, kv_heads, head_dim]"
+    # Names the physical cache layout (what ``cache_names``/``allocate_cache``/``copy_pages``/``swap_*`` produce
+    # and the cached op reads). Backends with equal keys may run different layers of one model over caches the
+    # model's primary backend allocates (per-layer fallback, ``can_share_cache``). The default is the contract's
+    # paged layout (docs/contracts.md). A subclass that overrides a layout method without declaring its own key
+    # gets none (``effective_cache_layout_key``): a private layout is never mixed with another backend's.
+    cache_layout_key: Optional[str] = "paged_kv"
 
     def available(self, device: torch.device, explicit: bool) -> tuple[bool, str]:
         """Can this backend run on ``device`` with the installed packages? ``explicit``: the user asked for it."""
@@ -150,6 +161,46 @@ class AttentionBackend:
             return False, (f"backend {self.name!r} cannot store a {spec.kv_cache_dtype} KV cache "
                            f"(its kv_cache_dtypes: {list(self.kv_cache_dtypes)})")
         return True, "supported"
+
+    def supports_page_size(self, page_size: int) -> tuple[bool, str]:
+        """Can the cached op read pages of ``page_size`` tokens? The primary backend's page size applies to every
+        layer of a model, so a per-layer fallback must accept it. The default takes any size."""
+        return True, "any page size"
+
+    # -- per-layer backends (a model may run some layers on a fallback backend; registry.select_backend) -------
+    def layer_backend(self, spec: AttentionSpec) -> "AttentionBackend":
+        """The backend that runs layer ``spec``: this one, except in a per-layer combination (backends/layered.py),
+        whose layers each name their own. Cache insertion builds each layer's cached op from it."""
+        return self
+
+    def involved(self) -> tuple["AttentionBackend", ...]:
+        """Every backend that runs some layer of the model, the primary first."""
+        return (self,)
+
+    def effective_cache_layout_key(self) -> Optional[str]:
+        """``cache_layout_key``, unless a class below the one that declared it overrides a layout method (then
+        the layout is its own, and None: never shared)."""
+        if "cache_layout_key" in vars(self):
+            return self.cache_layout_key
+        mro = type(self).__mro__
+        key_at = next(i for i, cls in enumerate(mro) if "cache_layout_key" in vars(cls))
+        layout_at = min((i for i, cls in enumerate(mro) if any(m in vars(cls) for m in _LAYOUT_METHODS)),
+                        default=len(mro))
+        return None if layout_at < key_at else self.cache_layout_key
+
+    def can_share_cache(self, other: "AttentionBackend") -> tuple[bool, str]:
+        """May ``other``'s cached op run layers over caches this backend lays out? Only with one declared layout
+        key on both sides; a backend that lowers the whole graph to an engine (``engine_lowering``) never mixes."""
+        for b in (self, other):
+            if getattr(b, "engine_lowering", None) is not None:
+                return False, f"{b.name} lowers the whole graph to one engine (no per-layer mixing)"
+        mine, theirs = self.effective_cache_layout_key(), other.effective_cache_layout_key()
+        if mine is None or theirs is None:
+            private = self if mine is None else other
+            return False, f"{private.name} keeps its own cache layout (no cache_layout_key declared for it)"
+        if mine != theirs:
+            return False, f"cache layouts differ ({self.name}: {mine!r}, {other.name}: {theirs!r})"
+        return True, f"shares the cache layout {mine!r}"
 
     def layer_metadata_fields(self, spec: AttentionSpec) -> tuple[str, ...]:
         """The derived fields one layer's cached op reads, in the order it receives them in ``meta``.
@@ -260,8 +311,8 @@ class AttentionBackend:
         return CudaGraphSupport.WHOLE_STEP if self.device_composed_steps else CudaGraphSupport(self.cuda_graphs)
 
     def graph_passes(self) -> list[Callable[[fx.GraphModule, Any], Any]]:
-        """Rewrites tied to this backend's attention op, run after cache insertion only when it is the chosen
-        attention backend (e.g. folding RoPE into its cache write)."""
+        """Rewrites tied to this backend's attention op, run after cache insertion when it runs some layer (e.g.
+        folding RoPE into its cache write); each must touch only its own layers' cached ops."""
         return []
 
     def model_passes(self) -> list[Callable[[fx.GraphModule, Any], Any]]:
@@ -276,7 +327,8 @@ class AttentionBackend:
             "params": sorted(getattr(self, "capabilities", ())),
             "kv_cache_dtypes": list(getattr(self, "kv_cache_dtypes", ("auto",))),
             "metadata_fields": list(self.metadata_fields), "cuda_graphs": self.cuda_graph_support().name.lower(),
-            "cache_layout": self.cache_layout, "default_page_size": self.default_page_size,
+            "cache_layout": self.cache_layout, "cache_layout_key": self.effective_cache_layout_key(),
+            "default_page_size": self.default_page_size,
             "priority": self.priority, "host_planner": self.has_plan_step(), "module": type(self).__module__,
             "graph_passes": [getattr(f, "pass_name", f.__name__) for f in self.graph_passes()],
             "model_passes": [getattr(f, "pass_name", f.__name__) for f in self.model_passes()],

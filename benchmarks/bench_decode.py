@@ -332,7 +332,7 @@ def main() -> None:
     p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int8-weight"],
                    help="quantize the linears (compile(quantization=...))")
     p.add_argument("--quant-skinny", action="store_true",
-                   help="with --quantization: add the quant_skinny_gemm pass (decode rows on the skinny quantized GEMM)")
+                   help="with --quantization: also name quant_skinny_gemm in the pipeline (the triton backend runs it by default)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="KV-cache storage (fp8: E4M3 pages with per-row scales)")
     add_tuning_args(p)

@@ -4,6 +4,7 @@ compile, and export it with torch.export (dynamic batch and sequence) into an AT
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -142,12 +143,17 @@ def check_device(device: Optional[torch.device | str]) -> Optional[torch.device]
 
 
 def load_model(model_or_path: Any, dtype: Optional[torch.dtype] = None, device: Optional[torch.device] = None,
-               attn_implementation: Optional[str] = None) -> tuple[torch.nn.Module, Any]:
+               attn_implementation: Optional[str] = None,
+               deferred_weights: bool = False) -> tuple[torch.nn.Module, Any]:
     """Return ``(model, tokenizer_or_None)``.
 
     ``model_or_path``: an HF model instance, a local checkpoint directory, or a named model (``smollm2``, the
     default; ``builtin:NAME`` for random-weight configs). What was chosen (attention implementation, dtype and
     why) is kept for ``model_info(...).load_notes`` and the compile report.
+    ``deferred_weights`` (a checkpoint directory only): build the model with its real config but without reading
+    any weight: parameters are fake tensors (shape, dtype, device; no storage), buffers are real (computed, or
+    read from the checkpoint). A tensor-parallel rank exports and shards that, then reads only its slices
+    (``models.shard_loading``).
     """
     device = check_device(device)
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
@@ -159,9 +165,18 @@ def load_model(model_or_path: Any, dtype: Optional[torch.dtype] = None, device: 
         if os.path.isdir(spec) and os.path.exists(os.path.join(spec, "config.json")):
             from autodeploy.models import quantized  # pre-quantized: stored weights and scales kept as they are
 
-            load_dir = quantized.load if quantized.is_quantized_checkpoint(spec) else _load_checkpoint
-            model, tokenizer, notes = load_dir(spec, dtype, attn_implementation)
+            if deferred_weights:
+                if quantized.is_quantized_checkpoint(spec):
+                    raise UnsupportedModelError(f"{spec}: a pre-quantized checkpoint cannot be loaded with deferred "
+                                                "weights (its stored scales are read with the weights)")
+                model, tokenizer, notes = _load_checkpoint(spec, dtype, attn_implementation, deferred_to=device)
+            else:
+                load_dir = quantized.load if quantized.is_quantized_checkpoint(spec) else _load_checkpoint
+                model, tokenizer, notes = load_dir(spec, dtype, attn_implementation)
             dtype_why = "requested" if dtype is not None else "from the checkpoint config"
+        elif deferred_weights:
+            raise UnsupportedModelError(f"deferred weights need a local checkpoint directory with a config.json, "
+                                        f"got {spec!r}")
         elif name in MODEL_SOURCES and not os.path.isdir(spec):
             with quiet_transformers():
                 model, tokenizer, notes = MODEL_SOURCES[name](arg or None, dtype, device)
@@ -170,6 +185,9 @@ def load_model(model_or_path: Any, dtype: Optional[torch.dtype] = None, device: 
             raise UnsupportedModelError(
                 f"{spec!r} is not a local checkpoint directory with a config.json, nor a named model "
                 f"({', '.join(model_names())})")
+    elif deferred_weights:
+        raise UnsupportedModelError("deferred weights need a local checkpoint directory (an in-memory model or a "
+                                    f"named model already holds its weights), got {type(model_or_path).__name__}")
     elif isinstance(model_or_path, torch.nn.Module):
         model = model_or_path
         notes, tokenizer = _LOADED.get(model, (["a model instance"], None))
@@ -180,10 +198,11 @@ def load_model(model_or_path: Any, dtype: Optional[torch.dtype] = None, device: 
             "expected an HF model instance, a checkpoint directory or a model name, got "
             f"{type(model_or_path).__name__}")
     check_supported(model)
-    _check_materialized(model)
     model = model.eval()
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
+    if not deferred_weights:  # a deferred model was built in its dtype, on its device
+        _check_materialized(model)
+        if dtype is not None or device is not None:
+            model = model.to(device=device, dtype=dtype)
     model_dtype = next(model.parameters()).dtype
     if model_dtype not in SUPPORTED_DTYPES:
         raise UnsupportedModelError(f"model dtype {model_dtype} is not supported; use one of {SUPPORTED_DTYPES}")
@@ -208,10 +227,14 @@ def _attn_refused(exc: Exception) -> bool:
     return "does not support an attention implementation" in text or "attn_implementation" in text
 
 
-def _load_checkpoint(path: str, dtype: Optional[torch.dtype],
-                     attn_implementation: Optional[str]) -> tuple[torch.nn.Module, Any, list[str]]:
+_NOT_DEFERRED = object()
+
+
+def _load_checkpoint(path: str, dtype: Optional[torch.dtype], attn_implementation: Optional[str],
+                     deferred_to: Any = _NOT_DEFERRED) -> tuple[torch.nn.Module, Any, list[str]]:
     """Load a local HF checkpoint: the dtype from its config unless given, its attention implementation (or
-    ``sdpa``), falling back to ``eager`` where HF refuses the requested one for this architecture."""
+    ``sdpa``), falling back to ``eager`` where HF refuses the requested one for this architecture.
+    ``deferred_to``: a device (or None for CPU): build with deferred weights there instead of reading them."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -221,15 +244,18 @@ def _load_checkpoint(path: str, dtype: Optional[torch.dtype],
     _check_config(config, type(config).__name__)
     wanted = attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
     why = "requested" if attn_implementation else "the checkpoint's" if wanted != "sdpa" else "default"
+    build = _from_pretrained
+    if deferred_to is not _NOT_DEFERRED:
+        build = functools.partial(_deferred_model, config=config, device=deferred_to)
     with quiet_transformers():
         try:
-            model = _from_pretrained(path, dtype, wanted)
+            model = build(path, dtype, wanted)
         except ValueError as exc:
             if wanted == "eager" or not _attn_refused(exc):
                 raise UnsupportedModelError(f"{path}: not loadable as a causal LM ({exc})") from None
             first = str(exc).split(". ")[0]
             log.warning("%s: %s; loading with attn_implementation='eager' instead", path, first)
-            model = _from_pretrained(path, dtype, "eager")
+            model = build(path, dtype, "eager")
             why = f"HF refuses {wanted} here: {first}"
             wanted = "eager"
         try:
@@ -237,7 +263,69 @@ def _load_checkpoint(path: str, dtype: Optional[torch.dtype],
         except Exception as exc:  # no tokenizer files: token-id prompts still work
             log.info("%s: no tokenizer loaded (%s: %s); prompts must be token ids", path, type(exc).__name__, exc)
             tokenizer = None
-    return model, tokenizer, [f"checkpoint {path}", f"attention implementation {wanted} ({why})"]
+    notes = [f"checkpoint {path}", f"attention implementation {wanted} ({why})"]
+    if deferred_to is not _NOT_DEFERRED:
+        notes.insert(1, "weights deferred: built without reading them (each rank reads only its shard)")
+    return model, tokenizer, notes
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered in the block moves to the meta device at once (buffers stay real: RoPE's
+    ``inv_freq`` and other computed buffers are not in the checkpoint). With HF's ``no_init_weights`` nothing is
+    initialised either, so building even a very large model costs no weight memory. (It patches
+    ``nn.Module.register_parameter`` for the duration: build nothing else on another thread meanwhile.)"""
+    original = torch.nn.Module.register_parameter
+
+    def register(module: torch.nn.Module, name: str, param: Optional[torch.nn.Parameter]) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+def _deferred_model(path: str, dtype: Optional[torch.dtype], attn_implementation: str, *, config: Any,
+                    device: Optional[torch.device]) -> torch.nn.Module:
+    """The model of ``config`` with deferred weights: each parameter a fake tensor on ``device`` (tied
+    parameters stay one tensor), each buffer real; persistent buffers are read from the checkpoint."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoModelForCausalLM
+
+    from autodeploy.models import shard_loading
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers 5.x
+        from transformers.modeling_utils import no_init_weights
+    dtype = dtype or shard_loading.config_dtype(config)
+    with no_init_weights(), _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if getattr(model.config, "tie_word_embeddings", False) or getattr(
+            getattr(model.config, "get_text_config", lambda: None)(), "tie_word_embeddings", False):
+        model.tie_weights()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    target = device if device is not None else torch.device("cpu")
+    fakes: dict[int, torch.nn.Parameter] = {}
+    for sub in model.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in fakes:
+                with mode:
+                    fake = torch.empty(p.shape, dtype=p.dtype, device=target)
+                fakes[id(p)] = torch.nn.Parameter(fake, requires_grad=False)
+            sub._parameters[name] = fakes[id(p)]
+    for sub in model.modules():  # the buffers (the fake parameters are already there)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.device != target:
+                sub._buffers[name] = b.to(target)
+    shard_loading.load_buffers(model, path)
+    return model
 
 
 def _from_pretrained(path: str, dtype: Optional[torch.dtype], attn_implementation: str) -> torch.nn.Module:
@@ -351,4 +439,23 @@ def export_model(model: torch.nn.Module, max_batch_size: int, max_seq_len: int, 
     graph._codegen = fx.graph.CodeGen()
     gm = fx.GraphModule(unlifted, graph)
     gm.meta.update(getattr(unlifted, "meta", {}))
+    _rebind_deferred(gm)
     return gm
+
+
+def _rebind_deferred(gm: fx.GraphModule) -> None:
+    """Deferred weights (fake tensors of the loader's mode) become the fake values export recorded for their
+    get_attr nodes: one fake mode for the whole graph, so passes that cut or concatenate weights and re-derive
+    shapes (``mode.from_tensor``) work on them as on real ones."""
+    from autodeploy.graph.probe_weights import is_deferred
+
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, name = node.target.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        store = mod._parameters if name in mod._parameters else mod._buffers if name in mod._buffers else None
+        fake = node.meta.get("val")
+        if store is None or not is_deferred(store[name]) or not isinstance(fake, torch.Tensor):
+            continue
+        store[name] = torch.nn.Parameter(fake, requires_grad=False) if store is mod._parameters else fake

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.graph.passes import PassResult, register_pass
+from autodeploy.graph.probe_weights import probe_weights
 from autodeploy.graph.utils import getattr_path, remove_dead_code
 from autodeploy.metadata import SequenceChunk, nest_sequences
 from autodeploy.ops.cached import cached_inputs, is_cached_attention
@@ -167,6 +168,11 @@ def describe(node: fx.Node) -> str:
 
 @register_pass("check_sequence_mixers")
 def check_sequence_mixers(gm: fx.GraphModule, ctx) -> PassResult:
+    with probe_weights(gm):  # deferred weights (a tensor-parallel rank before it reads its shard): random stand-ins
+        return _check(gm, ctx)
+
+
+def _check(gm: fx.GraphModule, ctx) -> PassResult:
     probe = _probe_module(gm)
     length = _probe_length(gm, ctx.max_seq_len)
     backend = getattr(ctx, "attention_backend", None)
@@ -183,7 +189,7 @@ def check_sequence_mixers(gm: fx.GraphModule, ctx) -> PassResult:
     except Exception as exc:
         raise SequenceMixerError(
             f"the cached graph could not be checked for token mixing outside the cached attention "
-            f"({type(exc).__name__}: {exc}); refusing rather than risking wrong answers") from exc
+            f"({type(exc).__name__}: {exc}); refusing rather than risking wrong answers{_unverified(ctx)}") from exc
     outs = [(a, b) for a, b in zip(tree_flatten(base)[0], tree_flatten(moved)[0])]
     if not any(_moved_elsewhere(a, b, length) for a, b in outs):
         stateful = any(cached_mixer_kind(n) is not None for n in gm.graph.nodes)
@@ -195,7 +201,15 @@ def check_sequence_mixers(gm: fx.GraphModule, ctx) -> PassResult:
         f"{describe(culprit) if culprit is not None else 'some op'} mixes information across tokens outside the "
         "cached attention: an attention form the matcher did not convert, or a recurrent/SSM/conv layer whose "
         "state is not carried across steps. It would answer wrong, so the model is refused"
-        + (f" (attention matcher notes: {notes})" if notes else ""))
+        + (f" (attention matcher notes: {notes})" if notes else "") + _unverified(ctx))
+
+
+def _unverified(ctx) -> str:
+    """The stateful mixers left as HF wrote them (models/stateful: a form not verified against HF), by name:
+    the likely reason a check fails on a hybrid model."""
+    report = getattr(ctx, "report", None)
+    kept = [line for line in getattr(report, "loading", []) if "kept (unverified form" in line]
+    return f"; stateful mixers not rewritten: {'; '.join(kept)}" if kept else ""
 
 
 def _locate(probe, ids, other, page_size, device, length) -> Optional[fx.Node]:
@@ -211,11 +225,13 @@ def _locate(probe, ids, other, page_size, device, length) -> Optional[fx.Node]:
 
 
 def _vocab_size(gm: fx.GraphModule) -> int:
-    """The embedding table's row count (the probe's token ids must be valid)."""
+    """A token-id bound valid for every embedding lookup of the graph (the probe's token ids must be valid):
+    the smallest table, since lookups by position (a tabulated RoPE) can have fewer rows than the vocabulary."""
+    rows = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and "embedding" in str(node.target) and node.args:
             w = node.args[0]
             t = getattr_path(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
             if isinstance(t, torch.Tensor) and t.dim() == 2:
-                return int(t.shape[0])
-    return 2
+                rows.append(int(t.shape[0]))
+    return min(rows) if rows else 2

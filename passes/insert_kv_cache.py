@@ -1,11 +1,14 @@
-"""Turn canonical attention into the selected backend's paged cached attention.
+"""Turn canonical attention into the selected backends' paged cached attention.
 
-* picks ONE backend for the model (``select_backend``) and records why;
+* picks the model's backend (``select_backend``): a primary, and for layers it cannot run a fallback that
+  shares its cache layout (per-layer fallback, listed in ``explain()``); records why;
 * adds the step inputs (docs/contracts.md) and, per layer, one input per cache tensor the backend declares
   (``cache_names``: K and V, plus their scales with ``kv_cache_dtype="fp8"``), named ``<name>_<layer>``, each
   handed to the cached op's input of that name;
 * inserts exactly ONE ``autodeploy::prepare_metadata`` node right after the inputs, deriving the union of
-  the fields the backend's layers declare; every cached-attention node reads the ones it needs;
+  the fields every layer's own backend declares; each cached-attention node reads its own, by name;
+* builds each layer's cached op from that layer's backend (``layer_backend(spec).cached_attention_op()``) and
+  tags the node with its layer (``node.meta["attention_layer"]``) so backend passes touch only their own layers;
 * reshapes q/k/v into the flattened ``[T, H, D]`` layout around each cached op.
 The mask-building subgraphs die with the canonical attention nodes and are removed.
 """
@@ -15,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from autodeploy.backends import AttentionSpec, select_backend
+from autodeploy.backends import AttentionSpec
+from autodeploy.backends.registry import select_backend
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.graph.utils import (
     add_placeholder, aten, flatten_heads, getitem, is_op, last_placeholder, placeholders, static_int, val,
@@ -61,8 +65,11 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
         detail = "; ".join(f"{n}: {why}" for n, why in ctx.unmatched_attention) or "no attention pattern found"
         raise UnsupportedModelError(f"no attention layer could be converted to a cached form ({detail})")
     specs = [s for _, s, _ in layers]
-    backend, reason, rejected = select_backend(specs, ctx.device, ctx.backend)
-    ctx.report.backend, ctx.report.backend_reason, ctx.report.rejected_backends = backend.name, reason, rejected
+    choice = select_backend(specs, ctx.device, ctx.backend, fallback=getattr(ctx, "backend_fallback", True),
+                            page_size=ctx.page_size or None)
+    backend = choice.backend
+    ctx.report.backend, ctx.report.backend_reason = choice.primary.name, choice.reason
+    ctx.report.rejected_backends, ctx.report.backend_fallbacks = choice.rejected, choice.notes()
     ctx.attention_backend, ctx.attention_specs = backend, specs
 
     graph = gm.graph
@@ -85,24 +92,25 @@ def insert_kv_cache(gm: fx.GraphModule, ctx) -> PassResult:
             )
         with graph.inserting_after(prep):
             meta = [getitem(graph, prep, i) for i in range(len(fields))]
-    op = backend.cached_attention_op()
     step = {n: inputs[n] for n in STEP_TENSORS}
     for (node, spec, a), layer_caches in zip(layers, caches):
+        runs = backend.layer_backend(spec)
         with graph.inserting_before(node):
             call = {
                 "q": flatten_heads(graph, a["q"], spec.num_heads, spec.head_dim),
                 "k": flatten_heads(graph, a["k"], spec.num_kv_heads, spec.head_dim),
                 "v": flatten_heads(graph, a["v"], spec.num_kv_heads, spec.v_head_dim),
                 **layer_caches, **step,
-                "meta": [meta[fields.index(f)] for f in backend.layer_metadata_fields(spec)],
+                "meta": [meta[fields.index(f)] for f in runs.layer_metadata_fields(spec)],
                 "scale": a["scale"], **{n: a[n] for n in param_names()},
             }
-            out = cached_call(graph, op, call)
+            out = cached_call(graph, runs.cached_attention_op(), call)
+            out.meta["attention_layer"] = spec.layer
             out = graph.call_function(aten.unsqueeze.default, (out, 0))
             out = graph.call_function(aten.transpose.int, (out, 1, 2))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
-    notes = [f"backend {backend.name}: {reason}", f"metadata fields: {fields}"]
+    notes = [f"backend {choice.primary.name}: {choice.reason}", *choice.notes(), f"metadata fields: {fields}"]
     if specs[0].kv_cache_dtype != "auto":
         notes.append(f"kv cache {specs[0].kv_cache_dtype}: {kv_quant.SCHEME}")
     return PassResult(len(layers), notes)

@@ -6,7 +6,9 @@ grouped_mm, batched_mm or per-expert forms, whichever export traced). The pass f
 exported graph by its ``nn_module_stack`` (a class named ``*Experts``), cuts out its nodes, and tries the op's
 layouts on the module's own weights (gate/up concatenated or interleaved, transposed or not, biases, every
 registered activation whose ATen ops appear in the region). A candidate is taken only if it reproduces the cut-out
-region on probe inputs: ordinary ones, and inputs scaled so activations saturate and clamps engage. The fit with
+region on probe inputs: ordinary ones, and inputs scaled so activations saturate and clamps engage. With deferred
+weights (a tensor-parallel rank that reads its shard later) the probes run on seeded random weights
+(``graph.probe_weights``): the identity checked holds for any weights. The fit with
 the smallest error wins. Anything else is left as is, with the reason in ``explain()``: what cannot be shown equal
 is never rewritten. Routing (softmax/sigmoid, top-k, renormalisation, group limits, scaling) and shared experts
 stay ordinary graph ops.
@@ -28,6 +30,7 @@ import torch
 from torch import fx
 
 from autodeploy.graph.passes import PassResult, register_pass
+from autodeploy.graph.probe_weights import probe_weights
 from autodeploy.graph.utils import DERIVED_META, aten, getattr_path, is_op, static_int, val
 from autodeploy.numerics import rel_rms
 from autodeploy.ops.moe import ACTIVATIONS, MoEError, moe_inputs, moe_reference_grouped
@@ -497,7 +500,8 @@ def match_moe(gm: fx.GraphModule, ctx) -> PassResult:
         region, why = _region(gm, path, cls, nodes)
         cand = None
         if region is not None:
-            cand, why = _try_region(gm, region)
+            with probe_weights(gm, region.attrs.values()):  # deferred weights: seeded random stand-ins
+                cand, why = _try_region(gm, region)
         if cand is None:
             refused.append(f"{name} ({cls}): {why}")
             continue

@@ -16,6 +16,10 @@ ops' head counts, and with them every ``AttentionSpec`` and KV cache, come out l
 * **Vocab-parallel** embedding (each rank looks up its vocab rows, zeros elsewhere, all-reduce) and LM head
   (each rank projects its vocab rows, all-gather of the logits).
 
+Deferred weights (a rank compiling from a checkpoint directory, ``models.shard_loading``) are cut as fake
+tensors; the cuts stay in the plan (``ShardPlan.weights``, by get_attr target) and the loader reads exactly those
+ranges from the checkpoint afterwards. Tensors the pass creates carry a recipe (``meta[DERIVED_META]``).
+
 Everything is then *proven* by a forward walk: every node that reads a sharded value must be an op whose rule
 says the local computation is the rank's block of the full one (``_RULES``, by op), and its re-propagated
 shape must be the old one with exactly the sharded dim scaled. Anything else (a norm over a sharded dim, a
@@ -36,7 +40,7 @@ from torch import fx
 
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.graph.passes import PassResult, register_pass
-from autodeploy.graph.utils import aten, getattr_path, is_op, val
+from autodeploy.graph.utils import DERIVED_META, aten, getattr_path, is_op, val
 
 log = logging.getLogger(__name__)
 
@@ -737,6 +741,7 @@ def _shard_moe(gm: fx.GraphModule, node: fx.Node, world: int, rank: int, group: 
         with gm.graph.inserting_before(node):
             zero = gm.graph.get_attr(name)
         zero.meta["val"] = val(b_down)
+        zero.meta[DERIVED_META] = ("zeros", [], list(t.shape), str(t.dtype).replace("torch.", ""))
         node.replace_input_with(b_down, zero)
     for other, v in bound.items():
         if other not in known and other != "b_down" and isinstance(v, fx.Node) and v.op == "get_attr":

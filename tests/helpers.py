@@ -82,3 +82,21 @@ def assert_mixed_batch_matches_hf(cm, model, seqs, label: str, tol: float = 1e-4
             assert got[i].shape == ref.shape
             err = rel_rms(got[i], ref)
             assert err < tol, f"{label} seq {i}: rel RMS {err:.2e}"
+
+
+class WithSlots:
+    """``cm.pack`` with a state slot per sequence, for stateful models driven without an engine (sequences are
+    told apart by their first page, as the mixed-batch helpers give each its own page list)."""
+
+    def __init__(self, cm):
+        self.cm, self.slots = cm, {}
+
+    def pack(self, chunks, all_logits=False):
+        from autodeploy.metadata import SequenceChunk
+
+        chunks = [SequenceChunk(c.token_ids, c.num_cached, c.pages, c.want_logits,
+                                state_slot=self.slots.setdefault(c.pages[0], len(self.slots))) for c in chunks]
+        return self.cm.pack(chunks, all_logits=all_logits)
+
+    def forward(self, batch):
+        return self.cm.forward(batch)

@@ -153,7 +153,8 @@ HYBRIDS = {
 
 
 # Hybrids that compile and match HF (tests/test_recurrent_state.py); every other HYBRIDS entry is refused.
-STATEFUL_FAMILIES = ("lfm2", "lfm2_moe", "bamba", "granitemoehybrid", "zamba2", "falcon_h1")
+STATEFUL_FAMILIES = ("lfm2", "lfm2_moe", "bamba", "granitemoehybrid", "zamba2", "falcon_h1", "jamba", "minimax",
+                     "qwen3_next")
 REFUSED_HYBRIDS = tuple(f for f in HYBRIDS if f not in STATEFUL_FAMILIES)
 
 

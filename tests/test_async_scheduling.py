@@ -64,7 +64,8 @@ def test_async_equals_sync_mixed_stream(cm):
 
 
 def test_async_with_sync_only_requests_and_n_samples(cm):
-    """Penalties, beams and n>1 samples share the batch: those steps run synchronously, the rest async."""
+    """Penalties (on the device), beams and n>1 samples share the batch: beam steps run synchronously, the rest
+    async; every output equals the synchronous engine's."""
     rng = random.Random(4)
     prompts = [[rng.randrange(128) for _ in range(rng.randint(3, 12))] for _ in range(6)]
     cfgs = [SamplingConfig(max_new_tokens=12, ignore_eos=True),

@@ -1,7 +1,8 @@
 """The backend contract beyond the cached op: the backend owns the cache layout (allocation, bytes per token
-for sizing, page copies for copy-on-write, swap out/in), an optional host planner run once per step, and a
-graded CUDA-graph support that lowering reads. Kernel fusions that do not touch attention run whichever
-backend runs attention; ``fuse_rope_cache_write`` stays with triton attention."""
+for sizing, page copies for copy-on-write, swap out/in) and declares it by key (which backends may share one
+model's caches, per layer), an optional host planner run once per step, and a graded CUDA-graph support that
+lowering reads. Kernel fusions that do not touch attention run whichever backend runs attention;
+``fuse_rope_cache_write`` stays with triton attention."""
 
 import os
 
@@ -118,6 +119,17 @@ def test_bytes_per_token_follows_the_layout():
     assert RECORDING.bytes_per_token(spec, torch.float32) == 2 * (16 + 8) * 8  # fp64 caches
 
 
+def test_an_overridden_layout_is_private_unless_declared():
+    """A backend that overrides a cache-layout method without declaring ``cache_layout_key`` is never mixed with
+    another backend per layer (test_backend_fallback.py); the built-ins share the contract's layout."""
+    assert get_backend("torch").effective_cache_layout_key() == "paged_kv"
+    assert get_backend("triton").effective_cache_layout_key() == "paged_kv"
+    assert RECORDING.effective_cache_layout_key() is None
+    ok, why = get_backend("torch").can_share_cache(RECORDING)
+    assert not ok and "torch-contract keeps its own cache layout" in why
+    assert not get_backend("torch").can_share_cache(get_backend("onnxruntime"))[0]  # an engine: never mixed
+
+
 def test_backend_owned_layout_sizes_and_runs_the_model():
     model = make_model("llama")
     plain = autodeploy.compile(model, backend="torch", num_pages=16, **KW)
@@ -177,7 +189,8 @@ def test_kernel_passes_do_not_depend_on_the_attention_backend():
     torch_backend = get_backend("torch")
     passes, _notes = kernel_passes(torch.device("cuda"), torch_backend)
     names = [p.pass_name for p in passes]
-    assert names == ["fuse_add_rmsnorm", "fuse_gated_act", "skinny_gemm", "fuse_gemv_gated_act", "moe_kernel"]
+    assert names == ["fuse_add_rmsnorm", "fuse_gated_act", "skinny_gemm", "fuse_gemv_gated_act", "moe_kernel",
+                     "quant_skinny_gemm"]
     assert "fuse_rope_cache_write" not in names  # tied to triton attention
     passes, notes = kernel_passes(torch.device("cpu"), torch_backend)
     assert passes == [] and any("kernels from triton skipped" in n for n in notes)
@@ -196,7 +209,8 @@ def test_torch_attention_with_triton_kernels_matches_hf():
     assert any(is_op(n, torch.ops.autodeploy.torch_cached_attention) for n in graph.nodes)
     ran = [p.name for p in cm.report.passes]
     assert "fuse_add_rmsnorm" in ran and "fuse_rope_cache_write" not in ran
-    assert "kernels from triton: fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel" in cm.explain()
+    assert ("kernels from triton: fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel, "
+            "quant_skinny_gemm") in cm.explain()
     prompt = [4, 8, 15, 16, 23, 42, 7]
     assert rel_rms(_prefill_logits(cm, prompt, [1, 2]), _hf_logits(model, prompt)) < 1e-4
 

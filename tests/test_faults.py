@@ -223,8 +223,9 @@ POINTS = [
 # search (restarts exactly; its forks make copy-on-write page copies), seeded n=2 sampling, penalties
 MIXED = [(PROMPTS[0], _greedy(9)), (PROMPTS[1], _greedy(8)), (PROMPTS[2], _greedy(3, beam_width=2)),
          (PROMPTS[3], SamplingConfig(max_new_tokens=4, temperature=1.0, n=2, seed=5, ignore_eos=True)),
-         (PROMPTS[1], _greedy(3, repetition_penalty=1.2))]
-EXACT = [0, 1, 2, 4]  # requests whose output must equal the uninterrupted run's
+         (PROMPTS[1], _greedy(3, repetition_penalty=1.2)),
+         (PROMPTS[0], _greedy(3, min_tokens=1))]  # min_tokens: a host-sampler request (penalties run on the device)
+EXACT = [0, 1, 2, 4, 5]  # requests whose output must equal the uninterrupted run's
 
 
 @pytest.fixture(scope="module")

@@ -296,6 +296,22 @@ def test_triton_model_matches_torch_fp8_reference(llama, page_size):
         assert torch.equal(_bytes(cache), _bytes(ref.caches[name])), name
 
 
+@interp_only
+def test_triton_bf16_fp8_decode_matches_torch_fp8_reference(llama):
+    """A bf16 model: the split-K decode kernel feeds the fp8 cache to its dots as fp16, with q scaled by a power
+    of two (F16_DOT); against the torch reference dequantizing to bf16, at bf16 tolerance."""
+    import copy
+
+    model = copy.deepcopy(llama).to(torch.bfloat16)
+    kw = {**KW, "page_size": 16, "num_pages": 34, "dtype": torch.bfloat16}
+    tri = autodeploy.compile(model, backend="triton", kv_cache_dtype="fp8", **kw)
+    ref = autodeploy.compile(model, backend="torch", kv_cache_dtype="fp8", **kw)
+    seqs = _seqs(lens=(9, 21, 17))
+    a, b = mixed_batch_logits(tri, seqs), mixed_batch_logits(ref, seqs)
+    for i in range(3):
+        assert rel_rms(a[i].float(), b[i].float()) < 2e-2, (i, rel_rms(a[i].float(), b[i].float()))
+
+
 # ---------------------------------------------------------------------------------------------- SmolLM2
 PPL_BOUND = 0.02
 

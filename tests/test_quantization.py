@@ -293,11 +293,16 @@ needs_triton = pytest.mark.skipif(
 
 
 @needs_triton
+@pytest.mark.parametrize("form", ["cuda-cores", "tensor-cores"])
 @pytest.mark.parametrize("m,k,n,per_channel,bias", [(1, 64, 48, True, False), (3, 100, 24, False, True),
                                                     (4, 320, 40, True, True)])
-def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias):
+def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias, form, monkeypatch):
+    from autodeploy.backends.triton.kernels import quant_gemm
     from autodeploy.backends.triton.kernels.quant_gemm import quant_gemv
 
+    if form == "tensor-cores" and k % 32:
+        pytest.skip("the tensor-core form needs K a multiple of its K tile")
+    cfg = (False, 8, 64, 4, 1) if form == "cuda-cores" else (True, 16, 32, 4, 1)
     torch.manual_seed(0)
     dev = TRITON_DEVICE
     x, w = torch.randn(m, k, device=dev), torch.randn(n, k, device=dev)
@@ -306,12 +311,50 @@ def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias):
     if not per_channel:
         ws = ws.max()
         wq = torch.round(w / ws).clamp(-127, 127).to(torch.int8)
-    got = quant_gemv(x, wq, ws, None, b)
+    got = quant_gemv(x, wq, ws, None, b, config=cfg)
     assert rel_rms(got, quant.int8_weight_linear_reference(x, wq, ws, b)) < 1e-6
+    # bf16 activations: each int8 conversion of the tensor-core form (the activation goes to fp16 scaled by a
+    # power of two; magnitudes far apart so a range or scale slip shows)
+    xb = (x * torch.logspace(-6, 6, k, device=dev)).to(torch.bfloat16)
+    want = quant.int8_weight_linear_reference(xb.float(), wq, ws, b)  # fp32 out: the products are exact
+    for cvt in (0, 1, 2):
+        monkeypatch.setattr(quant_gemm, "INT8_CVT", cvt)
+        assert rel_rms(quant_gemv(xb, wq, ws, None, b, config=cfg, out_dtype=torch.float32), want) < 1e-6, cvt
     fq, fs = quant.quantize_fp8_weight(w, per_channel=per_channel)
     xq, xs = quant.quantize_fp8_activation(x)
-    got = quant_gemv(xq, fq, fs, xs, b, out_dtype=x.dtype)
+    got = quant_gemv(xq, fq, fs, xs, b, out_dtype=x.dtype, config=cfg)
     assert got.dtype == x.dtype and rel_rms(got, quant.fp8_linear_reference(x, fq, fs, None, b)) < 1e-6
+    # activations quantized inside the kernel, per token and with a static scale; varied magnitudes, so that a
+    # rounding difference in the quantized activation shows
+    x = x * torch.logspace(-3, 3, k, device=dev)
+    for static in (None, torch.tensor(0.01, device=dev)):
+        got = quant_gemv(x.to(torch.bfloat16), fq, fs, static, b, quantize_a=True, config=cfg)
+        want = quant.fp8_linear_reference(x.to(torch.bfloat16), fq, fs, static, b)
+        assert rel_rms(got.float(), want.float()) < 1e-2  # bf16 outputs
+        got = quant_gemv(x, fq, fs, static, b, quantize_a=True, config=cfg)
+        assert rel_rms(got, quant.fp8_linear_reference(x, fq, fs, static, b)) < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("rows,k", [(1, 64), (5, 300), (9, 4100)])
+def test_quantize_fp8_rows_is_the_reference_quantizer(rows, k):
+    """Up to float rounding: the kernel multiplies by reciprocals where the reference divides, so a scale may
+    differ in its last bit and a value by one E4M3 step, where it lies within an fp32 ulp of a rounding boundary."""
+    from autodeploy.backends.triton.kernels.quant_gemm import quantize_fp8_rows
+
+    torch.manual_seed(1)
+    x = torch.randn(rows, k, device=TRITON_DEVICE) * torch.logspace(-4, 4, k, device=TRITON_DEVICE)
+    x[0] = 0.0  # an all-zero row: the scale's floor, zeros out
+    for static in (None, torch.tensor(0.5, device=TRITON_DEVICE)):
+        q, s = quantize_fp8_rows(x.to(torch.bfloat16).view(1, rows, k), static)
+        rq, rs = quant.quantize_fp8_activation(x.to(torch.bfloat16).view(1, rows, k), static)
+        assert q.shape == rq.shape and s.shape == rs.shape
+        assert ((s - rs).abs() <= rs.abs() * 2.0**-23).all()
+        same = q.view(torch.uint8) == rq.view(torch.uint8)
+        assert same.float().mean() > 0.999
+        assert torch.equal(q.float().view(rows, k)[0], torch.zeros(k, device=TRITON_DEVICE))
+        steps = (q.float() - rq.float()).abs()[~same.view(q.shape)]
+        assert (steps <= rq.float().abs()[~same.view(q.shape)] * 0.125 + 2.0**-9).all()  # one E4M3 step
 
 
 @needs_triton

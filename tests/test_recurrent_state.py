@@ -14,6 +14,7 @@ from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.sampling import SamplingConfig
 from autodeploy.runtime.state_slots import StateSlotAllocator
 from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy, rel_rms
+from helpers import WithSlots as _WithSlots
 from model_zoo import STATEFUL_FAMILIES, make_model
 
 # 32 pages: the mixed-batch helper's page ids stay below it, and 4 requests of 32-38 tokens outgrow it (preemption).
@@ -170,19 +171,6 @@ def test_ssm_scan_reference_and_cached_op_across_chunks(chunk, monkeypatch):
 
 
 # -- families end to end ---------------------------------------------------------------------------------------------
-class _WithSlots:
-    """``cm.pack`` with a state slot per sequence (the mixed-batch helper's sequences own distinct page lists)."""
-
-    def __init__(self, cm):
-        self.cm, self.slots = cm, {}
-
-    def pack(self, chunks, all_logits=False):
-        chunks = [SequenceChunk(c.token_ids, c.num_cached, c.pages, c.want_logits,
-                                state_slot=self.slots.setdefault(c.pages[0], len(self.slots))) for c in chunks]
-        return self.cm.pack(chunks, all_logits=all_logits)
-
-    def forward(self, batch):
-        return self.cm.forward(batch)
 
 
 def _prompts(n, lengths=(9, 11, 6)):

@@ -7,25 +7,33 @@ import torch
 import autodeploy
 from autodeploy.errors import UnsupportedModelError
 from autodeploy.passes.check_sequence_mixers import SequenceMixerError
-from model_zoo import REFUSED_HYBRIDS, make_model
+from model_zoo import HYBRIDS, REFUSED_HYBRIDS, make_model
 
 KW = dict(max_batch_size=2, max_seq_len=32, page_size=4, num_pages=16)
 
-# Where each refused hybrid's unconverted mixer lives (its first Mamba / linear-attention layer); None: the model
-# is refused before the check (export fails) or the probe cannot run it, which is refused as well. The hybrids with
-# a cached stateful form (LFM2, Bamba, GraniteMoeHybrid, Zamba2, Falcon-H1) run: tests/test_recurrent_state.py.
-HYBRID_LAYER = {"jamba": None, "qwen3_next": "layers.0.linear_attn", "minimax": None}
+# Where each hybrid's first Mamba / conv / linear-attention layer lives. Every hybrid of the zoo has a cached
+# stateful form now (tests/test_recurrent_state.py and tests/test_<family>_state.py); the test below takes the
+# rewrite away, as for a form the rewrite does not verify, and the model must then be refused, never compiled.
+HYBRID_LAYER = {"jamba": "layers.0.mamba", "bamba": "layers.0.mamba", "zamba2": "layers.0.mamba",
+                "granitemoehybrid": "layers.0.mamba", "falcon_h1": "layers.0.mamba", "lfm2": "layers.0.conv",
+                "lfm2_moe": "layers.0.conv", "qwen3_next": "layers.0.linear_attn", "minimax": "layers.0.self_attn"}
 
 
-@pytest.mark.parametrize("family", REFUSED_HYBRIDS)
-def test_hybrid_models_are_refused(family):
+@pytest.mark.parametrize("family", sorted(HYBRIDS))
+def test_hybrid_with_an_unverified_mixer_form_is_refused(family, monkeypatch):
+    from autodeploy.models import stateful
+
+    for name, rw in list(stateful.MIXER_REWRITES.items()):
+        monkeypatch.setitem(stateful.MIXER_REWRITES, name,
+                            stateful.MixerRewrite(rw.module_class, lambda m: "a form the test calls unverified",
+                                                  rw.forward))
     model = make_model(family, "eager")
     with pytest.raises(UnsupportedModelError) as info:
         autodeploy.compile(model, **KW)
-    layer = HYBRID_LAYER[family]
-    if layer is not None:
-        assert isinstance(info.value, SequenceMixerError)
-        assert layer in str(info.value), str(info.value)
+    if family in REFUSED_HYBRIDS:  # no rewrite registered for it at all
+        return
+    msg = str(info.value)  # refused by the mixer check, or at export (HF's own Jamba forward does not export)
+    assert "a form the test calls unverified" in msg and HYBRID_LAYER[family] in msg, msg
 
 
 def _register(name, fn):
@@ -95,3 +103,15 @@ def test_check_catches_a_token_mixer_the_matcher_never_sees(monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", mixing_mlp)
     with pytest.raises(SequenceMixerError, match=r"layers\.0\.mlp"):
         autodeploy.compile(make_model("llama"), **KW)
+
+
+def test_check_probes_with_ids_valid_for_every_embedding_table():
+    """A vocabulary smaller than the tabulated RoPE's rows (an embedding lookup by position): the probe's token
+    ids must fit both tables, or the check cannot run and the model would be refused for no reason."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=96)
+    cm = autodeploy.compile(LlamaForCausalLM(cfg).eval(), max_batch_size=2, max_seq_len=256, warmup=False)
+    assert any(p.name == "check_sequence_mixers" for p in cm.report.passes)

@@ -450,6 +450,16 @@ def test_valid_configs_pass():
     SamplingConfig(beam_width=4, n=4, length_penalty=-1.0).validate()
 
 
+def test_penalties_alone_stay_off_the_host():
+    """Penalties run in the fused kernel (device-resident counts); processors, logprobs and min_tokens need
+    the host sampler."""
+    for kw in ({"repetition_penalty": 1.2}, {"presence_penalty": 0.5}, {"frequency_penalty": -0.5}):
+        cfg = SamplingConfig(**kw)
+        assert cfg.needs_penalties and not cfg.needs_host_sampling
+    for kw in ({"logprobs": 0}, {"min_tokens": 1}, {"logits_processors": [lambda ids, x: x]}):
+        assert SamplingConfig(repetition_penalty=1.2, **kw).needs_host_sampling
+
+
 def test_from_generation_config_honours_do_sample():
     # HF fills temperature=1.0 / top_k=50 even for greedy; those must not turn sampling on.
     greedy = SamplingConfig.from_generation_config(GenerationConfig(max_new_tokens=7, repetition_penalty=1.2))

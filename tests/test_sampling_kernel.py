@@ -282,6 +282,166 @@ def test_sampler_streams_match_the_fused_sampler():
     assert bool(torch.isfinite(out.logprobs).all()) and bool((out.logprobs <= 0).all())
 
 
+# ------------------------------------------------------------------------------------------ penalties
+
+# (repetition, frequency, presence) per row, or None: no penalty state row
+PENS = [(1.3, 0.5, 0.2), None, (0.7, 0.0, 1.0), (1.0, -1.0, 0.3), (2.0, 0.0, 0.0), None, (1.2, 0.1, -0.5),
+        (1.0, 0.0, 0.7)]
+
+
+def _pen_case(b, v=V, seed=0):
+    """Per row a prompt and outputs with repeated tokens, prompt-only tokens, tokens in both, and an empty
+    output (a fresh request); the host reference's token lists."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, outs = [], []
+    for i in range(b):
+        prompt = torch.randint(0, v, (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        out = [] if i == 2 else torch.randint(0, 40, (int(torch.randint(1, 30, (1,), generator=g)),),
+                                              generator=g).tolist() + prompt[:2] + [v - 1] * 3
+        prompts.append(prompt)
+        outs.append(out)
+    return prompts, outs
+
+
+def _pen_setup(rows, pens, steps, prompts, outs, v=V, seeds=None, dtype=torch.int32, dev=DEV):
+    """Parameters with state rows assigned in reverse (rows of the state need not follow the batch), the
+    state, and the host path's penalized logits function."""
+    from autodeploy.runtime.sampling import apply_penalties
+
+    b = len(rows)
+    seeds = seeds if seeds is not None else [1000 + i for i in range(b)]
+    pen_rows = [-1 if p is None else b + 1 - i for i, p in enumerate(pens)]
+    kw = [{} if p is None else dict(repetition_penalty=p[0], frequency_penalty=p[1], presence_penalty=p[2])
+          for p in pens]
+    prm = S.pack_params([S.param_row(*r, seed=sd, **k) for r, sd, k in zip(rows, seeds, kw)], steps,
+                        pen_rows=pen_rows)
+    plain = S.pack_params([S.param_row(*r, seed=sd) for r, sd in zip(rows, seeds)], steps)
+    state = torch.full((b + 2, v), 12345, dtype=dtype)  # garbage: rows are rewritten whole
+    sel = [i for i in range(b) if pen_rows[i] >= 0]
+    S.write_penalty_rows(state, [pen_rows[i] for i in sel], [prompts[i] for i in sel], [outs[i] for i in sel])
+
+    def host(x):
+        return apply_penalties(x.float().clone(), [p + o for p, o in zip(prompts, outs)], [len(p) for p in prompts],
+                               [p[0] if p else 1.0 for p in pens], [p[2] if p else 0.0 for p in pens],
+                               [p[1] if p else 0.0 for p in pens])
+    return prm, plain, state.to(dev), pen_rows, host
+
+
+@triton.jit
+def _penalty_probe(x_ptr, pen_ptr, out_ptr, v, p_row, rep, freq, pres, BLOCK: tl.constexpr):
+    """The kernel's penalized logits of one row, as its programs see them."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < v
+    pen_row = pen_ptr + tl.maximum(p_row, 0).to(tl.int64) * v
+    lim = tl.where(p_row >= 0, v, 0)
+    x = S._load_row(x_ptr, offs, ok, pen_row, rep, freq, pres, lim, True)
+    tl.store(out_ptr + offs, x, mask=ok)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
+def test_kernel_penalized_logits_equal_host_path_bit_for_bit(dtype):
+    b = len(PENS)
+    x = _logits(b, seed=31)
+    x[:, 5] = 0.0
+    x[1, 7] = -0.0
+    x[:, 9] = float("-inf")  # a banned token, also seen
+    prompts, outs = _pen_case(b, seed=31)
+    for r in range(b):
+        prompts[r] += [5, 9]
+    prm, _, state, pen_rows, host = _pen_setup([ROWS[0]] * b, PENS, [0] * b, prompts, outs, dtype=dtype)
+    want = host(x)
+    assert not torch.equal(want, x), "the case penalizes nothing"
+    assert torch.equal(S.reference_penalize(x, prm, state.cpu()), want)
+    for r, p in enumerate(PENS):
+        out = torch.empty(V, device=DEV)
+        rp, fr, pr = p if p is not None else (1.0, 0.0, 0.0)
+        _penalty_probe[(1,)](x[r].to(DEV).contiguous(), state, out, V, pen_rows[r], rp, fr, pr, BLOCK=1024,
+                             enable_fp_fusion=False)
+        assert torch.equal(out.cpu(), want[r]), f"row {r}: penalized logits differ from the host path"
+
+
+@pytest.mark.parametrize("case,tiling,step", [("random", None, 0), ("ties", (256, 16), 1), ("flat", (256, 16), 2)])
+def test_kernel_with_penalties_equals_host_path(case, tiling, step):
+    """Tokens of the penalized launch equal the host path's (torch penalties, then the same kernel without a
+    state), greedy rows are the argmax of the penalized logits, and exactly the penalized rows count their
+    token. Every path of the kernel runs (``path_out``)."""
+    b = len(ROWS)
+    x = _logits(b, seed=5, ties=case == "ties", scale=0.05 if case == "flat" else 3.0)
+    prompts, outs = _pen_case(b, seed=6)
+    for r in range(b):  # the likeliest tokens seen: in the prompt (even rows, row 2 has no output) or generated
+        (prompts if r % 2 == 0 else outs)[r] += x[r].topk(4).indices.tolist()
+    rows = list(ROWS)
+    rows[4] = (0.0, 0, 1.0, 0.0)  # a second greedy row, penalized
+    rows[5] = (1.1, 0, 1.0, 0.0)  # an unfiltered sampled row (tile winners), not penalized
+    rows[7] = (0.9, 0, 1.0, 0.0)  # ... and a penalized one
+    tile, cand = tiling or (None, None)
+    prm, plain, state, pen_rows, host = _pen_setup(rows, PENS, [step] * b, prompts, outs)
+    before = state.clone().cpu()
+    path = torch.empty(b, dtype=torch.int32, device=DEV)
+    got = S.fused_sample(x.to(DEV), prm, path_out=path, tile=tile, candidates=cand, penalties=state).cpu()
+    px = host(x)
+    assert torch.equal(got, S.fused_sample(px.to(DEV), plain, tile=tile, candidates=cand).cpu())
+    assert torch.equal(got, S.reference_sample(px, plain))
+    assert not torch.equal(got, S.reference_sample(x, plain)), "the penalties changed no token"
+    for r in (0, 4):
+        assert int(got[r]) == int(px[r].argmax())
+    after = before.clone()
+    for r, pr in enumerate(pen_rows):
+        if pr >= 0:
+            after[pr, got[r]] += 2
+    assert torch.equal(state.cpu(), after), "the state did not count exactly the penalized rows' tokens"
+    assert set(path.cpu().tolist()) == {0, 1, 2, 3}  # greedy, tile winners, candidates, whole row
+
+
+def test_kernel_counts_drive_a_multi_step_generation():
+    """Ten steps where only the kernel updates the state equal ten host-path steps from token lists, for
+    greedy and seeded sampled rows (the logits depend on the tokens so far, as a model's would)."""
+    b, v = 4, 300
+    rows = [(0.0, 0, 1.0, 0.0), (0.9, 20, 1.0, 0.0), (1.0, 0, 0.9, 0.05), (0.0, 0, 1.0, 0.0)]
+    pens = [(1.5, 0.3, 0.1), (1.2, 0.2, 0.4), (1.0, 0.8, 0.0), None]
+    prompts = [[1, 2, 2, 3], [4, 5], [6], [7, 8]]
+    base = _logits(b, v=v, seed=8)
+    toks = [[] for _ in range(b)]
+    prm0, _, state, _, _ = _pen_setup(rows, pens, [0] * b, prompts, toks, v=v)
+    changed = 0
+    for step in range(8):
+        # a sharp, slowly moving peak: unpenalized, the greedy rows would repeat their tokens
+        x = base + 8.0 * torch.tensor([[math.cos(c * 0.05 + step * 0.02)for c in range(v)]] * b)
+        got = S.fused_sample(x.to(DEV), S.pack_params(prm0.tolist(), [step] * b), penalties=state).cpu().tolist()
+        _, plain, _, _, host = _pen_setup(rows, pens, [step] * b, prompts, toks, v=v)
+        px = host(x)
+        want = S.reference_sample(px, plain).tolist()
+        assert got == want, f"step {step}"
+        changed += int(not torch.equal(S.reference_sample(x, plain), S.reference_sample(px, plain)))
+        for r in range(b):
+            toks[r].append(want[r])
+    assert changed >= 4 and len(set(toks[0])) > 1 and len(set(toks[3])) == 1
+
+
+def test_penalty_state_encoding_and_dtype():
+    assert S.penalty_state_dtype(16383) == torch.int16 and S.penalty_state_dtype(16384) == torch.int32
+    st = torch.full((3, 10), 7, dtype=torch.int16)
+    S.write_penalty_rows(st, [2, 0], [[1, 1, 4], []], [[4, 4, 9], [3]])
+    assert st[2].tolist() == [0, 1, 0, 0, 5, 0, 0, 0, 0, 2] and st[0].tolist() == [0, 0, 0, 2] + [0] * 6
+    assert st[1].tolist() == [7] * 10  # untouched
+    with pytest.raises(ValueError, match="token ids"):
+        S.write_penalty_rows(st, [0], [[10]], [[]])
+
+
+def test_penalty_arguments_are_checked():
+    x = _logits(2)
+    prm = S.pack_params([S.param_row(*ROWS[0], seed=1, repetition_penalty=1.2)] * 2, [0, 0], pen_rows=[0, 0])
+    with pytest.raises(ValueError, match="distinct"):
+        S.sample_rows(x, prm, penalties=torch.zeros(2, V, dtype=torch.int32))
+    prm = S.pack_params([S.param_row(*ROWS[0], seed=1)] * 2, [0, 0], pen_rows=[0, 3])
+    with pytest.raises(ValueError, match="pen_row"):
+        S.sample_rows(x, prm, penalties=torch.zeros(2, V, dtype=torch.int32))
+    with pytest.raises(ValueError, match="penalties must be"):
+        S.sample_rows(x, prm, penalties=torch.zeros(2, V + 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="penalties must be"):
+        S.sample_rows(x, prm, penalties=torch.zeros(4, V, dtype=torch.float32))
+
+
 # ------------------------------------------------------------------------------------ engine level
 
 
@@ -331,8 +491,9 @@ def test_engine_seeded_requests_reproduce_across_batches_and_paths(cm):
     # the same request on the host-assisted path (a processor that changes nothing) draws the same tokens
     hosted = Engine(cm).generate([[3, 4, 5]], _sampled(1234, n_new=12, logits_processors=[_Noop()]))[0]
     assert hosted.output_ids == alone
-    # ... and so does it when a penalised request forces that path on the whole batch
-    pen = SamplingConfig(max_new_tokens=6, temperature=1.0, repetition_penalty=1.3, seed=3, ignore_eos=True)
+    # ... and so does it when a request asking for logprobs forces that path on the whole batch
+    pen = SamplingConfig(max_new_tokens=6, temperature=1.0, repetition_penalty=1.3, seed=3, ignore_eos=True,
+                         logprobs=0)
     assert Engine(cm).generate([[3, 4, 5], [8, 8]], [cfg, pen])[0].output_ids == alone
     other_seed = Engine(cm).generate([[3, 4, 5]], _sampled(1235, n_new=12))[0].output_ids
     assert other_seed != alone
@@ -349,8 +510,8 @@ def test_engine_fused_path_through_the_kernel(cm, monkeypatch):
     want = Engine(cm, async_scheduling=True).generate(prompts, cfgs)
     launches = []
     monkeypatch.setattr(engine_mod, "sample_rows",
-                        lambda lg, prm, host_out=None, row_sums=None: launches.append(1) or S.fused_sample(
-                            lg, prm, host_out, row_sums=row_sums))
+                        lambda lg, prm, host_out=None, **kw: launches.append(1) or S.fused_sample(
+                            lg, prm, host_out, **kw))
     got = Engine(cm, async_scheduling=True).generate(prompts, cfgs)
     assert launches and [o.samples for o in got] == [o.samples for o in want]
 
@@ -428,4 +589,54 @@ def test_gpu_kernel_matches_reference_at_llama_vocab():
     alone = S.sample_rows(x[3:4].cuda(), _params([ROWS[3]], [3], seeds=[1003]).pin_memory())
     assert int(alone[0]) == int(got[3])
     ref = S.reference_sample(xf, prm)
+    assert int((ref != got.cpu()).sum()) <= 1  # fast exp/log may flip a near-tie
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("state_dtype", [torch.int32, torch.int16])
+def test_gpu_kernel_penalties_at_llama_vocab(state_dtype):
+    """128k vocabulary, bf16 logits, pinned parameters: the compiled kernel's penalized logits equal torch's
+    on the GPU bit for bit, so its tokens equal the host path's (torch penalties, then the kernel without a
+    state) exactly, greedy rows are the penalized argmax, and the state counts exactly the penalized rows."""
+    from autodeploy.runtime.sampling import apply_penalties
+
+    v, b = 128256, len(ROWS)
+    x = _logits(b, v=v, seed=29, scale=3.0).to(torch.bfloat16)
+    prompts, outs = _pen_case(b, v=v, seed=29)
+    for r in range(b):
+        (prompts if r % 2 == 0 else outs)[r] += x[r].float().topk(8).indices.tolist()
+    rows = list(ROWS)
+    rows[4] = (0.0, 0, 1.0, 0.0)
+    rows[5] = (1.1, 0, 1.0, 0.0)
+    prm, plain, state, pen_rows, _ = _pen_setup(rows, PENS, list(range(b)), prompts, outs, v=v, dtype=state_dtype,
+                                                dev="cuda")
+    sel = [i for i in range(b) if pen_rows[i] >= 0]
+    written = torch.full_like(state, 777)  # the engine writes rows on the device: pinned upload, index_put
+    S.write_penalty_rows(written, [pen_rows[i] for i in sel], [prompts[i] for i in sel], [outs[i] for i in sel])
+    assert torch.equal(written[[pen_rows[i] for i in sel]], state[[pen_rows[i] for i in sel]])
+    xc = x.cuda()
+    want = apply_penalties(xc.float(), [p + o for p, o in zip(prompts, outs)], [len(p) for p in prompts],
+                           [p[0] if p else 1.0 for p in PENS], [p[2] if p else 0.0 for p in PENS],
+                           [p[1] if p else 0.0 for p in PENS])
+    for r, p in enumerate(PENS):
+        out = torch.empty(v, device="cuda")
+        rp, fr, pr = p if p is not None else (1.0, 0.0, 0.0)
+        _penalty_probe[(triton.cdiv(v, 1024),)](xc[r].contiguous(), state, out, v, pen_rows[r], rp, fr, pr,
+                                                 BLOCK=1024, enable_fp_fusion=False)
+        assert torch.equal(out, want[r]), f"row {r}: penalized logits differ from torch's"
+    before = state.clone()
+    host = torch.empty(b, dtype=torch.int64).pin_memory()
+    got = S.sample_rows(xc, prm.pin_memory(), host_out=host, penalties=state)
+    torch.cuda.synchronize()
+    assert torch.equal(host, got.cpu())
+    assert torch.equal(got, S.sample_rows(want, plain.pin_memory()))
+    assert not torch.equal(got, S.sample_rows(xc, plain.pin_memory())), "the penalties changed no token"
+    for r in (0, 4):
+        assert int(got[r]) == int(want[r].argmax())
+    after = before.clone()
+    for r, pr in enumerate(pen_rows):
+        if pr >= 0:
+            after[pr, got[r]] += 2
+    assert torch.equal(state, after)
+    ref = S.reference_sample(want.cpu(), plain)
     assert int((ref != got.cpu()).sum()) <= 1  # fast exp/log may flip a near-tie

@@ -255,8 +255,10 @@ def llama_tp(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
     model.save_pretrained(path)
     # page size 4 and 40 pages: what helpers.mixed_batch_logits writes
-    cm = ad_compile(str(path), max_batch_size=4, max_seq_len=64, backend="torch", page_size=4, num_pages=40,
-                    tensor_parallel_size=2)
+    options = dict(max_batch_size=4, max_seq_len=64, backend="torch", page_size=4, num_pages=40)
+    alone = ad_compile(str(path), **options).generate(PROMPTS, max_new_tokens=6)  # one process, before the group
+    cm = ad_compile(str(path), tensor_parallel_size=2, **options)
+    cm.single_process_tokens = alone
     yield model, cm
     cm.shutdown()
 
@@ -269,20 +271,35 @@ def test_tp2_greedy_matches_hf(tmp_path_factory, family):
     model = _model(family, num_hidden_layers=1)  # one layer: the group's start-up dominates this test
     path = tmp_path_factory.mktemp(family)
     model.save_pretrained(path)
+    greedy = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    one = LLM(str(path), max_batch_size=4, max_seq_len=64, backend="torch", page_size=16)  # one process
+    alone = [o.output_ids for o in one.generate(PROMPTS, greedy)]
     llm = LLM(str(path), max_batch_size=4, max_seq_len=64, backend="torch", page_size=16, tensor_parallel_size=2)
     cm = llm.compiled
     try:
-        outs = llm.generate(PROMPTS, SamplingConfig(max_new_tokens=6, ignore_eos=True))
-        assert [o.output_ids for o in outs] == [hf_greedy(model, p, 6) for p in PROMPTS]
+        outs = llm.generate(PROMPTS, greedy)
+        assert [o.output_ids for o in outs] == alone == [hf_greedy(model, p, 6) for p in PROMPTS]
+        _assert_each_rank_read_its_shard(cm)
     finally:
         cm.shutdown()
     assert all(not p.is_alive() for p in cm.tensor_parallel.processes)  # no worker left behind
 
 
+def _assert_each_rank_read_its_shard(cm) -> None:
+    """Every rank read its slices from the checkpoint (measured by the loader's slice reads): about half of the
+    bytes, no sharded tensor whole. A rank that loaded the whole model has no such record and fails this."""
+    loads = [cm.graph_module.meta.get("shard_loading"), *cm.tensor_parallel.worker_loads]
+    assert len(loads) == 2 and all(load is not None for load in loads), "a rank loaded the whole checkpoint"
+    for load in loads:
+        assert load["sharded"] and load["full_reads_of_sharded"] == []
+        assert 0.45 < load["total_read"] / load["checkpoint_bytes"] < 0.6, load["total_read"]
+    assert "shard loading read" in cm.explain() and "checkpoint MiB read per rank" in cm.explain()
+
+
 def test_tp2_llama_tokens_logits_and_weight_bytes(llama_tp):
     model, cm = llama_tp
     out = cm.generate(PROMPTS, max_new_tokens=6)
-    assert out == [hf_greedy(model, p, 6) for p in PROMPTS]
+    assert out == cm.single_process_tokens == [hf_greedy(model, p, 6) for p in PROMPTS]
     seqs = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [5, 3, 5, 8, 9, 7, 9], [3, 2, 3]]
     assert_mixed_batch_matches_hf(cm, model, seqs, "llama tp=2")  # prefill + decode + extend in one step
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -293,6 +310,7 @@ def test_tp2_llama_tokens_logits_and_weight_bytes(llama_tp):
     for b in per_rank:
         assert 0.45 < b / full < 0.6, (b, full)
     assert "tensor parallel over 2 ranks" in cm.explain()
+    _assert_each_rank_read_its_shard(cm)
     # a batch run twice would pair this rank's collectives with another step's on the workers: refused
     from autodeploy.distributed import DistributedError
     from autodeploy.metadata import SequenceChunk
@@ -342,7 +360,8 @@ def test_cli_flag_reaches_compile():
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_tp2_cuda_nccl_cudagraph(tmp_path):
-    """2 GPUs over NCCL, CUDA graphs captured with the collectives inside: greedy tokens equal HF's (fp32)."""
+    """2 GPUs over NCCL, CUDA graphs captured with the collectives inside: greedy tokens equal HF's (fp32); each
+    rank read only its shard of the checkpoint onto its GPU."""
     from autodeploy.compiler.driver import compile as ad_compile
 
     model = make_model("llama")
@@ -351,5 +370,6 @@ def test_tp2_cuda_nccl_cudagraph(tmp_path):
                     lowering="cudagraph", tensor_parallel_size=2)
     try:
         assert cm.generate(PROMPTS, max_new_tokens=6) == [hf_greedy(model, p, 6) for p in PROMPTS]
+        _assert_each_rank_read_its_shard(cm)
     finally:
         cm.shutdown()

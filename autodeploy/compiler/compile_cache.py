@@ -146,6 +146,12 @@ def _derived_recipe(node: fx.Node, model: torch.nn.Module) -> Optional[tuple]:
 _DERIVE_OPS = {"cat": concat_shared}
 
 
+def derive_ops() -> dict[str, Callable[..., torch.Tensor]]:
+    """The registered recipe ops (name -> fn(source tensors, *params)); the tensor-parallel shard loader
+    (``models.shard_loading``) replays the same recipes on the slices a rank reads."""
+    return dict(_DERIVE_OPS)
+
+
 def register_derive_ops(ops: dict[str, Callable[..., torch.Tensor]]) -> None:
     """Recipes (``meta["derived_from"] = (name, [source tensors], *params)``) that rebuild a pass's derived weights
     from the caller's model tensors on a cache hit, so an entry never stores them."""

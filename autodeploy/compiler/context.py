@@ -22,6 +22,7 @@ class CompileContext:
     dtype: torch.dtype
     backend: str
     report: CompileReport
+    backend_fallback: bool = True  # compile(backend_fallback=...): layers the backend cannot run may fall back
     unmatched_attention: list[tuple[str, str]] = field(default_factory=list)
     attention_backend: Any = None
     attention_specs: list = field(default_factory=list)

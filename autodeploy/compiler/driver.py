@@ -18,9 +18,10 @@ from autodeploy.compiler.context import CompileContext
 from autodeploy.compiler.pass_manager import PassManager
 from autodeploy.compiler.pipeline import Pipeline, PassSpec, as_pipeline
 from autodeploy.compiler.report import CompileReport
-from autodeploy.errors import ConfigError
+from autodeploy.errors import ConfigError, UnsupportedModelError
 from autodeploy.graph.passes import PASSES
 from autodeploy.ops.kv_quant import resolve_kv_cache_dtype
+from autodeploy.models import shard_loading
 from autodeploy.models.stateful import is_stateful, rewrite_mixers
 from autodeploy.passes.match_moe import DERIVE_OPS as _MOE_RECIPES
 from autodeploy.passes.quantize_linears import DERIVE_OPS as _QUANT_RECIPES, resolve_quantization
@@ -38,15 +39,38 @@ def _restore(ctx: CompileContext, state: dict, page_size: Optional[int]):
     from autodeploy.backends import AttentionSpec
     from autodeploy.compiler.report import PassRecord
 
-    ctx.attention_backend = state["backend_obj"]
     ctx.attention_specs = [AttentionSpec(**{**s, "dtype": ctx.dtype}) for s in state["specs"]]
+    ctx.attention_backend = _restore_layers(state["backend_obj"], state.get("layer_backends"))
     ctx.cache_input_names = [tuple(x) for x in state["cache_input_names"]]
     ctx.page_size = page_size or state["page_size"]
     ctx.report.backend, ctx.report.backend_reason = state["backend"], state["backend_reason"]
     ctx.report.rejected_backends = state["rejected"]
+    ctx.report.backend_fallbacks = list(state.get("backend_fallbacks", []))
     ctx.report.passes = [PassRecord(**p) for p in state["passes"]]
     ctx.report.kernels = list(state.get("kernels", []))
     return state["graph"]
+
+
+def _restore_layers(primary, names: Optional[Sequence[str]]):
+    """The model's backend from a cache entry: the primary, or its per-layer combination (``layer_backends``:
+    each attention layer's backend name). A backend no longer registered makes the entry unusable (KeyError)."""
+    if not names:
+        return primary
+    from autodeploy.backends import get_backend, list_backends
+    from autodeploy.backends.layered import LayeredBackend
+
+    known = set(list_backends())
+    if not set(names) <= known:
+        raise KeyError(f"the entry's layers run on unregistered backends {sorted(set(names) - known)}")
+    return LayeredBackend(primary, [get_backend(n) for n in names])
+
+
+def _layer_backend_names(ctx: CompileContext) -> Optional[list[str]]:
+    """Each attention layer's backend name when they differ (stored in a compile-cache entry), else None."""
+    backend = ctx.attention_backend
+    if len(backend.involved()) == 1:
+        return None
+    return [backend.layer_backend(spec).name for spec in ctx.attention_specs]
 
 
 def _plugin_hashes(pipeline: Pipeline, backend: str, kernels: Union[str, Sequence[str]]) -> Optional[dict[str, str]]:
@@ -106,10 +130,15 @@ def compile(
     quantization: Optional[Union[str, Any]] = None,
     kv_cache_dtype: Optional[str] = None,
     tensor_parallel_size: int = 1,
+    backend_fallback: bool = True,
 ) -> "CompiledModel":
     """Compile an HF causal LM (instance or local checkpoint directory) into a paged-KV inference graph.
 
     ``backend``: attention backend name or ``"auto"`` (chosen per model, see ``explain()``).
+    ``backend_fallback``: layers the backend cannot run (e.g. chunked attention on triton) run on the
+    highest-priority backend that can and shares its cache layout; ``explain()`` lists them and the CUDA-graph
+    grade becomes the weakest involved. ``False`` refuses such a model instead (with ``backend="auto"``: picks a
+    backend that runs every layer).
     ``lowering``: ``"auto"`` (``cudagraph`` on a GPU, else ``eager``), ``"eager"``, ``"torch-compile"``,
     ``"cudagraph"`` (decode graphs per batch bucket, piecewise graphs for prefill/mixed steps),
     ``"cudagraph-decode"`` (decode graphs only) or ``"torch-compile+cudagraph"``.
@@ -129,7 +158,8 @@ def compile(
     it refuses the model.
     ``tensor_parallel_size``: shard the model over N ranks (``shard_tensor_parallel``; gloo on CPU, NCCL on
     CUDA). The library spawns ranks 1..N-1 and this process becomes rank 0, or, under torchrun, every rank
-    calls compile itself (rank 0 gets the model, the others serve it and exit). See docs/user-guide.md.
+    calls compile itself (rank 0 gets the model, the others serve it and exit). From a safetensors checkpoint
+    directory each rank reads only its shard (``models/shard_loading.py``). See docs/user-guide.md.
     """
     rank_options = {k: v for k, v in locals().items() if k not in ("model", "tensor_parallel_size")}
     from autodeploy.runtime.compiled_model import CompiledModel
@@ -139,6 +169,7 @@ def compile(
         raise ValueError(f"max_batch_size must be >= 1 and max_seq_len >= 2, got {max_batch_size}, {max_seq_len}")
     pipeline = as_pipeline(passes)
     tp = _distributed.resolve(tensor_parallel_size, device)
+    shard_from, whole_why = None, ""  # tensor parallelism: the checkpoint each rank reads its shard from
     if tensor_parallel_size > 1 and tp is None:  # the caller: start the ranks, become rank 0
         build = functools.partial(compile, model, tensor_parallel_size=tensor_parallel_size, **rank_options)
         return _distributed.launch(build, tensor_parallel_size, torch.device(device) if device is not None else None)
@@ -146,6 +177,11 @@ def compile(
         pipeline.insert_before("insert_kv_cache", ("shard_tensor_parallel", {
             "world_size": tp.world_size, "rank": tp.rank, "group_name": tp.group_name}))
         cache_dir = ""  # no compile cache: entries do not record the shard (falsy, so $AUTODEPLOY_CACHE_DIR stays off)
+        # A checkpoint directory: this rank builds the model on deferred weights and reads only its slices after
+        # the passes (models/shard_loading.py). Otherwise every rank loads the whole model, and explain() says why.
+        whole_why = shard_loading.unsupported_reason(model) or (
+            "int8 calibration runs the whole HF model" if getattr(quantization, "calibration", None) else "")
+        shard_from = None if whole_why else os.fspath(model)
     kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
     if kernels != "auto" and (isinstance(kernels, str) or not all(isinstance(k, str) for k in kernels)):
         raise ConfigError(f"kernels must be 'auto' or a list of backend names, got {kernels!r}")
@@ -155,10 +191,12 @@ def compile(
     manager = PassManager(pipeline, report, dump_dir)
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else None
-    hf_model, tokenizer = load_model(model, dtype=dtype, device=device)
+    hf_model, tokenizer = load_model(model, dtype=dtype, device=device, deferred_weights=shard_from is not None)
     info = model_info(hf_model, tokenizer)
     report.model = f"{info.name} ({info.family}, {info.num_layers} layers, {info.dtype})"
     report.loading = list(info.load_notes)
+    if whole_why:
+        report.loading.append(f"weights: the whole model loaded on every rank, then sliced ({whole_why})")
     backend = backend if backend != "auto" else info.defaults.get("backend", "auto")
     max_num_tokens = max_num_tokens or max(max_seq_len, 2048)
     quant = resolve_quantization(quantization, hf_model, info.device)
@@ -169,6 +207,7 @@ def compile(
     ctx = CompileContext(
         max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_num_tokens=max_num_tokens,
         page_size=page_size or 0, device=info.device, dtype=info.dtype, backend=backend, report=report,
+        backend_fallback=bool(backend_fallback),
         quantization=quant, kv_cache_dtype=kv_cache_dtype,
     )
     cache_dir = cache_dir if cache_dir is not None else os.environ.get("AUTODEPLOY_CACHE_DIR")
@@ -184,6 +223,8 @@ def compile(
                        quantization=quant.describe() if quant is not None else None)
         if kv_cache_dtype != "auto":  # (keys of default compiles stay as they were)
             options["kv_cache_dtype"] = kv_cache_dtype
+        if not backend_fallback:
+            options["backend_fallback"] = False
         entry_path = compile_cache.entry_path(cache_dir, compile_cache.cache_key(hf_model, options, plugins))
     t0 = time.perf_counter()
     state = compile_cache.load(entry_path, hf_model) if entry_path is not None else None
@@ -201,17 +242,31 @@ def compile(
         report.stage_seconds["cache load"] = time.perf_counter() - t0
     else:
         with rewrite_mixers(hf_model, report.loading):  # stateful mixers -> canonical ops, for the export only
-            gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
+            try:
+                gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
+            except UnsupportedModelError as exc:  # name the mixers left as HF wrote them: the likely cause
+                kept = [line for line in report.loading if "kept (unverified form" in line]
+                if not kept:
+                    raise
+                raise UnsupportedModelError(f"{exc}; stateful mixers not rewritten: {'; '.join(kept)}") from exc
         report.stage_seconds["export"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         manager.run(gm, ctx)
         if ctx.attention_backend is None:
             raise ConfigError(f"the pipeline {pipeline.names} never inserted the KV cache (insert_kv_cache)")
         ctx.page_size = page_size or ctx.attention_backend.default_page_size
+        if shard_from is not None:  # this rank reads its slices of the checkpoint now; backend passes see real weights
+            stats = shard_loading.materialize(gm, hf_model, shard_from, compile_cache.derive_ops(), info.device)
+            gm.meta["shard_loading"] = stats.as_dict()
+            report.loading.append(stats.note())
         _run_backend_passes(gm, ctx, kernels, report, dump_dir)
         report.stage_seconds["passes"] = time.perf_counter() - t0
         if entry_path is not None:
-            compile_cache.save(entry_path, gm, hf_model, ctx, extra={"quantization": report.quantization})
+            extra = {"quantization": report.quantization}
+            layer_names = _layer_backend_names(ctx)
+            if layer_names:
+                extra.update(layer_backends=layer_names, backend_fallbacks=list(report.backend_fallbacks))
+            compile_cache.save(entry_path, gm, hf_model, ctx, extra=extra)
 
     cm = CompiledModel(gm, ctx, info, num_pages=num_pages, memory_fraction=memory_fraction,
                        enable_prefix_caching=enable_prefix_caching)

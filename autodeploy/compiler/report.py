@@ -22,6 +22,8 @@ class CompileReport:
     backend: str = ""
     backend_reason: str = ""
     rejected_backends: dict[str, str] = field(default_factory=dict)
+    # per-layer fallbacks ("layers 0,2 -> torch: <why the primary refused them>") and the grade they leave
+    backend_fallbacks: list[str] = field(default_factory=list)
     lowering: str = ""
     lowering_reason: str = ""
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -35,7 +37,8 @@ class CompileReport:
             "model": self.model,
             "loading": self.loading,
             "passes": [vars(p) for p in self.passes],
-            "backend": {"name": self.backend, "reason": self.backend_reason, "rejected": self.rejected_backends},
+            "backend": {"name": self.backend, "reason": self.backend_reason, "rejected": self.rejected_backends,
+                        "fallbacks": self.backend_fallbacks},
             "lowering": {"name": self.lowering, "reason": self.lowering_reason},
             "stage_seconds": self.stage_seconds,
             "cache": self.cache,
@@ -59,6 +62,8 @@ class CompileReport:
             for note in p.notes:
                 lines.append(f"    {'':<{width}}    - {note}")
         lines.append(f"  backend: {self.backend} ({self.backend_reason})")
+        for note in self.backend_fallbacks:
+            lines.append(f"    {note}")
         for name, why in self.rejected_backends.items():
             lines.append(f"    not {name}: {why}")
         for note in self.kernels:

@@ -99,7 +99,7 @@ def _worker_main(rank: int, world: int, backend: str, init_method: str, timeout_
         name = _rank.init_group(rank, world, backend, init_method, timeout_s)
         _rank.set_current(RankInfo(rank, world, backend, name))
         cm = build(**({"device": device} if device is not None else {}))
-        conn.send(("ready", _weight_bytes(cm)))
+        conn.send(("ready", _weight_bytes(cm), _shard_loading(cm)))
     except BaseException as exc:  # reported to rank 0, which raises it naming this rank
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
@@ -124,6 +124,12 @@ def cpu_threads(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
+def _shard_loading(cm: Any) -> Optional[dict]:
+    """What this rank read from the checkpoint (``models.shard_loading.LoadStats.as_dict``), or None when it
+    loaded the whole model."""
+    return getattr(cm.graph_module, "meta", {}).get("shard_loading")
+
+
 def _weight_bytes(cm: Any) -> int:
     """Bytes of the parameters and buffers this rank's graph holds (its shard plus replicated parts)."""
     seen, total = set(), 0
@@ -144,12 +150,14 @@ class TensorParallelGroup:
     """Rank 0's handle on the group: sends each step to the workers, watches them, shuts them down."""
 
     def __init__(self, cm: Any, info: RankInfo, channel: Any, processes: Sequence[Any] = (),
-                 conns: Sequence[Any] = (), worker_bytes: Sequence[int] = ()):
+                 conns: Sequence[Any] = (), worker_bytes: Sequence[int] = (),
+                 worker_loads: Sequence[Optional[dict]] = ()):
         self.info = info
         self.channel = channel
         self.processes = list(processes)
         self.conns = list(conns)
         self.worker_bytes = list(worker_bytes)
+        self.worker_loads = list(worker_loads)  # per worker rank: what it read from the checkpoint (or None)
         self.closed = False
         self.failure: Optional[DistributedError] = None
         self._cm = weakref.ref(cm)
@@ -328,6 +336,10 @@ def _attach(cm: Any, group: TensorParallelGroup) -> Any:
     cm.report.loading.append(f"tensor parallel over {group.info.world_size} ranks ({group.info.backend}, "
                              f"{group.info.launched}); weight MiB per rank: "
                              + ", ".join(f"{b / 2**20:.2f}" for b in per_rank))
+    loads = [_shard_loading(cm), *group.worker_loads]
+    if group.worker_loads and all(load is not None for load in loads):
+        cm.report.loading.append("checkpoint MiB read per rank (each its own shard): "
+                                 + ", ".join(f"{load['total_read'] / 2**20:.2f}" for load in loads))
     atexit.register(group.shutdown)
     return cm
 
@@ -374,8 +386,9 @@ def launch(build: Callable[..., Any], world_size: int, device: Optional[torch.de
         if backend == "nccl":
             torch.cuda.set_device(0)
         cm = build(**({"device": devices(0)} if device is not None else {}))
-        worker_bytes = _wait_ready(processes, conns)
-        group = TensorParallelGroup(cm, info, _PipeChannel(conns), processes, conns, worker_bytes)
+        ready = _wait_ready(processes, conns)
+        group = TensorParallelGroup(cm, info, _PipeChannel(conns), processes, conns, [r[0] for r in ready],
+                                    [r[1] for r in ready])
         group.restore_threads = threads
         return _attach(cm, group)
     except BaseException as exc:
@@ -412,7 +425,8 @@ def _startup_failure(processes: Sequence[Any], conns: Sequence[Any]) -> Optional
     return None
 
 
-def _wait_ready(processes: Sequence[Any], conns: Sequence[Any]) -> list[int]:
+def _wait_ready(processes: Sequence[Any], conns: Sequence[Any]) -> list[tuple[int, Optional[dict]]]:
+    """Per worker: (weight bytes, what it read from the checkpoint), once it has compiled."""
     out = []
     for r, (p, conn) in enumerate(zip(processes, conns), start=1):
         if not conn.poll(STARTUP_TIMEOUT_S):
@@ -427,7 +441,7 @@ def _wait_ready(processes: Sequence[Any], conns: Sequence[Any]) -> list[int]:
         if msg[0] == "error":
             log.debug("rank %d traceback:\n%s", r, msg[2])
             raise WorkerDiedError(f"tensor-parallel worker rank {r} failed to compile: {msg[1]}", r)
-        out.append(int(msg[1]))
+        out.append((int(msg[1]), msg[2] if len(msg) > 2 else None))
     return out
 
 

@@ -40,6 +40,9 @@ def add_compile_arguments(p: argparse.ArgumentParser, max_seq_len: int = 512, ma
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weights/compute dtype (default: bfloat16 on a GPU, the checkpoint's own on the CPU)")
     p.add_argument("--backend", default="auto", help="attention backend, or auto (chosen per model; see explain)")
+    p.add_argument("--no-backend-fallback", dest="backend_fallback", action="store_false",
+                   help="refuse a model whose layers the backend cannot all run, instead of running those layers "
+                        "on another backend that shares its cache layout")
     p.add_argument("--lowering", default="auto", help=lowering_help())
     p.add_argument("--max-batch-size", type=int, default=max_batch_size, help="sequences per step")
     p.add_argument("--max-seq-len", type=int, default=max_seq_len, help="prompt + generated tokens per sequence")
@@ -85,7 +88,8 @@ def compile_options(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
     return dict(max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len, backend=args.backend,
                 lowering=args.lowering, dtype=resolve_dtype(args), device=args.device, page_size=args.page_size,
                 cache_dir=resolve_cache_dir(args), kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1), **extra)
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                backend_fallback=getattr(args, "backend_fallback", True), **extra)
 
 
 def compile_from_args(args: argparse.Namespace, **extra: Any) -> tuple[torch.nn.Module, Any]:

@@ -176,7 +176,12 @@ def unflatten_source(x: Any) -> Optional[fx.Node]:
 
 def _tiles(sources: list[torch.Tensor]) -> Optional[torch.Tensor]:
     """The tensor the sources already tile (consecutive, contiguous views of one storage covering all of it),
-    e.g. after an earlier compile of the same model: reusing it avoids a second copy."""
+    e.g. after an earlier compile of the same model: reusing it avoids a second copy. Deferred (fake) weights
+    have no storage to share: never."""
+    from autodeploy.graph.probe_weights import is_deferred
+
+    if any(is_deferred(s) for s in sources):
+        return None
     first = sources[0]
     storage, offset = first.untyped_storage(), first.storage_offset()
     if offset != 0:

@@ -68,17 +68,19 @@ def _with_cuda_graphs(cm: Any, make_fn: Callable[[], Callable], mode: str, rest:
     from autodeploy.backends.base import CudaGraphSupport
     from autodeploy.lowering.cudagraph import CudaGraphRunner, MixedGraphRunner
 
+    # the weakest grade of the backends that run the model's layers (backends/layered.py), named by all of them
     grade = cm.backend.cuda_graph_support()
+    label = getattr(cm.backend, "label", cm.backend.name)
     if grade == CudaGraphSupport.NONE:
-        log.warning("backend %s supports no CUDA graphs; %s runs the eager graph", cm.backend.name, mode)
-        return None, f"backend {cm.backend.name} supports no CUDA graphs; {mode} fell back to eager"
+        log.warning("backend %s supports no CUDA graphs; %s runs the eager graph", label, mode)
+        return None, f"backend {label} supports no CUDA graphs; {mode} fell back to eager"
     if mixed is not None and grade == CudaGraphSupport.DECODE:
-        log.info("backend %s supports decode-only CUDA graphs: prefill/mixed steps run uncaptured", cm.backend.name)
+        log.info("backend %s supports decode-only CUDA graphs: prefill/mixed steps run uncaptured", label)
         mixed = None
     fn = make_fn()
     cm.graph_runner = CudaGraphRunner(cm, fn, cm.max_batch_size)
     if mixed == "full" and grade < CudaGraphSupport.WHOLE_STEP:
-        log.info("backend %s does not run device-composed steps: mixed steps use piecewise graphs", cm.backend.name)
+        log.info("backend %s does not run device-composed steps: mixed steps use piecewise graphs", label)
         mixed = "piecewise"
     if mixed == "full":
         runner = MixedGraphRunner(cm, fn)

@@ -93,7 +93,10 @@ def smoothing_factors(act_absmax: Tensor, w: Tensor, alpha: float) -> Tensor:
 def quantize_fp8_activation(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``x [..., K]`` -> (float8 values, fp32 scale ``[..., 1]`` per token, or the static ``[]`` scale)."""
     x32 = x.float()
-    scale = (x32.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / FP8_MAX if input_scale is None
+    # true divisions on every device: the divisor is a tensor filled on x's device (capture-safe), since torch on
+    # CUDA multiplies by the reciprocal of a Python-number divisor. The fused Triton kernels multiply by
+    # reciprocals, so they agree with this up to float rounding (quant_gemm.py).
+    scale = (x32.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / x32.new_full((), FP8_MAX) if input_scale is None
              else input_scale.float())
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
@@ -193,10 +196,13 @@ def _scaled_mm_accepts(x, weight, weight_scale, input_scale=None, bias=None) -> 
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32))
 
 
-def _scaled_mm_fp8(x, weight, weight_scale, input_scale=None, bias=None) -> Tensor:
-    """cuBLASLt FP8 GEMM with row-wise scales (per-token activations x per-channel weights)."""
+def scaled_mm_fp8(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor] = None,
+                  bias: Optional[Tensor] = None,
+                  quantize: Callable[..., tuple[Tensor, Tensor]] = quantize_fp8_activation) -> Tensor:
+    """cuBLASLt FP8 GEMM with row-wise scales (per-token activations x per-channel weights). ``quantize``: the
+    activation quantizer (a backend may pass a fused kernel computing ``quantize_fp8_activation``'s math)."""
     x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_fp8_activation(x2, input_scale)
+    xq, xs = quantize(x2, input_scale)
     n = weight.shape[0]
     scale_a = xs.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
     scale_b = weight_scale.float().reshape(-1).expand(n).reshape(1, n).contiguous()
@@ -206,7 +212,7 @@ def _scaled_mm_fp8(x, weight, weight_scale, input_scale=None, bias=None) -> Tens
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-register_fast_path("fp8_linear", FastPath("torch._scaled_mm", _scaled_mm_accepts, _scaled_mm_fp8))
+register_fast_path("fp8_linear", FastPath("torch._scaled_mm", _scaled_mm_accepts, scaled_mm_fp8))
 
 
 def _dequant_gemm(x, weight, weight_scale, bias=None) -> Tensor:

@@ -5,8 +5,10 @@ Asynchronous scheduling (on by default on a GPU): in steady decode the next step
 sampler's output on the device. Host work (scheduling, packing, stop checks) then overlaps the GPU
 instead of adding to every step. Stops are applied one step late: a sequence that sampled EOS has already been
 given one more forward, whose token is discarded (its KV write lands in pages it no longer owns, ordered on the
-stream before any new owner writes). Requests that need the host between steps (beam search, penalties, logits
-processors, logprobs, min_tokens) and steps that admit or preempt requests run synchronously.
+stream before any new owner writes). Requests that need the host between steps (beam search, logits
+processors, logprobs, min_tokens) and steps that admit or preempt requests run synchronously. Penalties do not:
+their per-sequence token counts live on the device (runtime/penalty_state.py) and the sampling kernel both
+reads and updates them.
 
 It owns no model-specific logic and talks to the compiled model only through ``pack``/``forward`` (the
 metadata contract) and ``copy_pages`` (copy-on-write). A bad request fails alone with a clear error; the
@@ -53,6 +55,7 @@ from autodeploy.runtime.beam_search import BeamSearchState
 from autodeploy.runtime.detokenizer import fill_text
 from autodeploy.runtime.hooks import StopOnTokens
 from autodeploy.runtime.kv_cache import KVCacheManager
+from autodeploy.runtime.penalty_state import PenaltyState
 from autodeploy.runtime.request import CompletionOutput, Request, RequestOutput, Sequence as Seq, SeqState
 from autodeploy.runtime.sampling import SampleOutput, Sampler, SamplingConfig, build_stopping_criteria, draw_seed
 from autodeploy.runtime.scheduler import AdmissionPolicy, Scheduler
@@ -173,6 +176,7 @@ class Engine:
         self._step_items: list[list] = []  # item lists launched or completed by the step being run
         self._stalled = 0
         self.service: Any = None  # the EngineService that owns this engine, if any
+        self._penalties: Optional[PenaltyState] = None  # allocated with the first penalized device-sampled step
 
     # -- ownership -----------------------------------------------------------------------------------------
     def _enter(self) -> None:
@@ -231,7 +235,7 @@ class Engine:
             if self.global_processors:
                 sampling = _with(sampling, logits_processors=list(sampling.logits_processors) + self.global_processors)
             req = Request(request_id, ids, sampling)
-            req.plain_greedy = sampling.is_greedy and not sampling.needs_host_sampling
+            req.plain_greedy = sampling.is_greedy and not sampling.needs_host_sampling and not sampling.needs_penalties
             req.device_sampling = not sampling.needs_host_sampling and not sampling.is_beam_search
             req.metrics.num_prompt_tokens = len(ids)
             detok = self.tokenizer.decode if self.tokenizer is not None else None
@@ -257,11 +261,16 @@ class Engine:
             # one Philox stream per sample, drawn once here (a preempted request keeps its sequences, so its seed)
             seed = (cfg.seed + i) % 2**64 if cfg.seed is not None else draw_seed() if cfg.temperature > 0 else 0
             req.seqs.append(Seq(req, list(req.prompt_ids), len(req.prompt_ids), seed=seed,
-                                sample_params=param_row(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, seed),
+                                sample_params=param_row(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, seed,
+                                                        repetition_penalty=cfg.repetition_penalty,
+                                                        frequency_penalty=cfg.frequency_penalty,
+                                                        presence_penalty=cfg.presence_penalty),
                                 logprobs=[] if cfg.logprobs is not None else None))
 
     def _on_preempt(self, req: Request) -> None:
         self.stats.num_preemptions += 1
+        if self._penalties is not None:  # recomputed from its tokens, its penalty row is rebuilt from them too
+            self._penalties.release(req.seqs)
         if req.beam is not None:  # beams restart from the prompt: recomputation reproduces them exactly
             self._init_seqs(req)
 
@@ -442,6 +451,10 @@ class Engine:
             starts.append(after[i])
         if not seqs:
             return None
+        pen = self._penalties
+        if any(s.request.sampling.needs_penalties and (pen is None or not pen.in_sync(s, start + 1))
+               for s, start in zip(seqs, starts)):
+            return None  # a penalty row to rebuild needs the context on the host: a synchronous step
         kv = self.kv
         try:
             if not all(kv.ensure_slots(s.seq_id, start + 1) for s, start in zip(seqs, starts)):
@@ -551,9 +564,10 @@ class Engine:
         ``after[i]``: tokens computed after this step, so the token drawn is generated token
         ``after[i] - prompt_len`` (the Philox counter of its draws).
 
-        Batches whose requests need no host work (no processors, penalties, logprobs, min_tokens) sample in one
-        fused launch, greedy rows included; any other batch goes through :class:`Sampler` (host-built tensors, a
-        host sync only where a Python processor reads its row), whose sampled rows draw the same Philox stream."""
+        Batches whose requests need no host work (no processors, logprobs, min_tokens) sample in one fused
+        launch, greedy and penalized rows included (penalties from the device state, ``self._penalties``); any
+        other batch goes through :class:`Sampler` (host-built tensors, a host sync only where a Python processor
+        reads its row), whose sampled rows draw the same Philox stream and penalize the same way."""
         rows = [r for _, r in plain]
         picked = logits[:len(rows)] if rows == list(range(len(rows))) else \
             logits.index_select(0, torch.tensor(rows, device=logits.device))
@@ -572,10 +586,20 @@ class Engine:
             return tokens, (host if host is not None else tokens), samples, sums
         seqs = [s for s, _ in plain]
         steps = [a - s.prompt_len for s, a in zip(seqs, after)]
+        penalized = [s.request.sampling.needs_penalties for s in seqs]
         if all(s.request.device_sampling for s in seqs):  # one fused launch, parameters read from pinned memory
-            prm = pack_params([s.sample_params for s in seqs], steps, out=prm_buf)
-            tokens = sample_rows(picked, prm, host_out=host, row_sums=sums)
+            pen_rows = state = None
+            if any(penalized):  # the counts live on the device; the kernel reads and updates them
+                pen = self._penalty_state(picked)
+                pen_rows = pen.assign(seqs, after, penalized)
+                state = pen.tensor
+            elif self._penalties is not None:
+                self._penalties.release_if_idle()
+            prm = pack_params([s.sample_params for s in seqs], steps, out=prm_buf, pen_rows=pen_rows)
+            tokens = sample_rows(picked, prm, host_out=host, row_sums=sums, penalties=state)
             return tokens, (host if host is not None else tokens), samples, sums
+        if self._penalties is not None and any(penalized):
+            self._penalties.invalidate(seqs)  # the host path penalizes from token_ids; their rows miss this token
         sums.copy_(torch.sum(picked, dim=-1, dtype=torch.float32), non_blocking=True)  # before processors run
         try:
             out = self._sample_rows(picked, seqs, steps)
@@ -597,6 +621,13 @@ class Engine:
             return tokens, tokens, samples, sums
         host.copy_(tokens, non_blocking=True)
         return tokens, host, samples, sums
+
+    def _penalty_state(self, logits: torch.Tensor) -> PenaltyState:
+        """The device penalty state, created on first use (a sequence's counts never exceed max_seq_len)."""
+        pen = self._penalties
+        if pen is None or pen.vocab_size != logits.shape[1] or pen.device != logits.device:
+            pen = self._penalties = PenaltyState(logits.shape[1], logits.device, max_count=self.cm.max_seq_len)
+        return pen
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Seq], steps: list[int]) -> SampleOutput:
         cfgs = [s.request.sampling for s in seqs]
@@ -735,6 +766,8 @@ class Engine:
         """After a failed or interrupted step: drop the step in flight and make every structure agree."""
         self.stats.num_recoveries += 1
         self._inflight = None
+        if self._penalties is not None:  # rolled-back tokens may be counted: rebuild every row from its tokens
+            self._penalties.invalidate()
         log.warning("engine step %s (%s: %s); reconciling", "interrupted" if not isinstance(exc, Exception)
                     else "failed", type(exc).__name__, exc)
         self._reconcile()

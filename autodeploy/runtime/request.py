@@ -95,7 +95,7 @@ class Request:
     stop_checkers: list = field(default_factory=list)  # generic StoppingCriteria (called per token)
     stop_ids: frozenset = frozenset()
     plain_greedy: bool = False  # greedy with no processors/penalties/logprobs/min_tokens: one batched argmax
-    device_sampling: bool = False  # no processors/penalties/logprobs/min_tokens/beams: the fused sampling kernel
+    device_sampling: bool = False  # no processors/logprobs/min_tokens/beams: the fused sampling kernel (penalties too)
     new_tokens: list = field(default_factory=list)  # (sample index, token) produced since last read
 
     @property

@@ -20,9 +20,11 @@ request's seed (``seed + i`` for the i-th of ``n`` samples; a seed is drawn once
 global RNG, when the request has none) and counted by its generated-token index. A seeded request's tokens
 therefore depend only on its seed, its prompt and the model, not on the batch it shares, on asynchronous
 scheduling, on preemption, or on whether its batch took the fused kernel
-(``backends/triton/kernels/sampling.py``) or this module's host-assisted path (processors, penalties,
-logprobs). The kept set there is the kernel's (ties at the top-k / top-p boundary are all kept), which can
-differ from HF's warpers exactly at ties. Called without ``streams`` (the standalone API), sampled rows use
+(``backends/triton/kernels/sampling.py``, which also applies the penalties from device-resident counts) or
+this module's host-assisted path (processors, logprobs, min_tokens). Both paths penalize with the same fp32
+operations (:func:`apply_penalties`), so a penalized row's logits, and its greedy tokens, are identical. The
+kept set there is the kernel's (ties at the top-k / top-p boundary are all kept), which can differ from HF's
+warpers exactly at ties. Called without ``streams`` (the standalone API), sampled rows use
 :func:`apply_sampling_masks` (HF's warpers) and the exponential race with per-row ``torch.Generator`` s.
 
 User code never takes the batch down: with ``isolate_errors=True`` (the engine's mode) a processor that
@@ -115,10 +117,10 @@ class SamplingConfig:
 
     @property
     def needs_host_sampling(self) -> bool:
-        """Whether the sampler must see this request's row (processors, penalties, logprobs, min_tokens): it is
-        then neither on the one-argmax greedy path nor launched ahead by asynchronous scheduling."""
-        return bool(self.logits_processors) or self.needs_penalties or self.logprobs is not None \
-            or self.min_tokens > 0
+        """Whether the host sampler must see this request's row (processors, logprobs, min_tokens): it is then
+        neither on the fused device path nor launched ahead by asynchronous scheduling. Penalties alone stay on
+        the device (the fused kernel keeps their counts there); they only leave the one-argmax greedy path."""
+        return bool(self.logits_processors) or self.logprobs is not None or self.min_tokens > 0
 
     @property
     def needs_penalties(self) -> bool:
@@ -408,6 +410,8 @@ def apply_penalties(
     multiplied by the penalty when negative, divided when positive). Presence/frequency
     use OpenAI/vLLM semantics over output tokens only:
     ``logit -= frequency * count + presence * (count > 0)``.
+    The fused kernel's device path repeats these fp32 operations in this order (its tests hold it to
+    bit-equality), so change both together.
     """
     dev = logits.device
     v = logits.shape[1]

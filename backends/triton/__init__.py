@@ -81,9 +81,10 @@ class TritonBackend(AttentionBackend):
         from autodeploy.backends.triton.passes.fuse_gated_act import fuse_gated_act
         from autodeploy.backends.triton.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
         from autodeploy.backends.triton.passes.moe_kernel import moe_kernel
+        from autodeploy.backends.triton.passes.quant_skinny_gemm import quant_skinny_gemm
         from autodeploy.backends.triton.passes.skinny_gemm import skinny_gemm
 
-        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel]
+        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel, quant_skinny_gemm]
 
 
 register_backend(TritonBackend())

@@ -70,14 +70,16 @@ def rewrite_mixers(model: torch.nn.Module, notes: Optional[list[str]] = None) ->
             patched.append(module)
             summary.setdefault(f"{rewrite.module_class} -> canonical mixer ops", []).append(path)
         if notes is not None:
-            notes.extend(f"{what}: {len(paths)} module(s)" for what, paths in summary.items())
+            notes.extend(f"{what}: {len(paths)} module(s), first {paths[0]}" for what, paths in summary.items())
         yield len(patched)
     finally:
         for module in patched:
             del module.forward  # the instance attribute; the class's forward shows through again
 
 
-from autodeploy.models.stateful import lfm2, mamba2  # noqa: E402,F401  (register the rewrites)
+from autodeploy.models.stateful import lfm2, mamba2, minimax  # noqa: E402,F401  (register the rewrites)
+from autodeploy.models.stateful import jamba  # noqa: E402,F401  (registers the Jamba rewrite)
+from autodeploy.models.stateful import qwen3_next  # noqa: E402,F401  (registers the Qwen3-Next rewrite)
 
 __all__ = ["MIXER_REWRITES", "MixerRewrite", "find_mixers", "is_stateful", "register_mixer_rewrite",
            "rewrite_mixers"]

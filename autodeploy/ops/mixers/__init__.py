@@ -8,5 +8,7 @@ model rewrite (autodeploy/models/stateful/)."""
 
 from autodeploy.ops.mixers.base import MIXER_KINDS, MixerKind, cached_mixer_kind, canonical_mixer_kind, register_mixer
 from autodeploy.ops.mixers import causal_conv, ssm  # noqa: F401  (registers the kinds)
+from autodeploy.ops.mixers import selective_scan  # noqa: F401  (Mamba-1 scan: Jamba)
+from autodeploy.ops.mixers import gated_delta  # noqa: F401  (gated delta rule: Qwen3-Next)
 
 __all__ = ["MIXER_KINDS", "MixerKind", "cached_mixer_kind", "canonical_mixer_kind", "register_mixer"]

@@ -89,3 +89,19 @@ def step_rows(cu_seqlens_q: torch.Tensor, seq_lens_kv: torch.Tensor, state_slots
             continue
         rows.append((cu[s], n, kv[s] - n > 0, int(slots[s])))
     return rows
+
+
+def scan_sequences(scan, x: torch.Tensor, state: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                   seq_lens_kv: torch.Tensor, state_slots: torch.Tensor, rows_of) -> torch.Tensor:
+    """The cached form of a recurrent scan, in the flattened layout ``[1, T, ...]``: per packed sequence,
+    ``scan(h0, *rows_of(rows))`` -> ``(y, h)`` from its slot's state (zeros at position 0), ``y`` into the
+    sequence's output rows (fp32) and ``h`` back into the slot."""
+    out = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
+    for first, n, continues, slot in step_rows(cu_seqlens_q, seq_lens_kv, state_slots):
+        rows = slice(first, first + n)
+        h0 = state[slot] if continues and slot >= 0 else state.new_zeros(state.shape[1:])
+        y, h = scan(h0, *rows_of(rows))
+        out[rows] = y
+        if slot >= 0:
+            state[slot] = h.to(state.dtype)
+    return out.unsqueeze(0)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from autodeploy.ops.mixers.base import STATE_STEP_TENSORS, MixerKind, register_mixer, step_rows
+from autodeploy.ops.mixers.base import STATE_STEP_TENSORS, MixerKind, register_mixer, scan_sequences
 
 
 CHUNK = 64  # tokens per block of the chunked form (bounds the [H, Q, Q] intra-chunk matrices)
@@ -77,15 +77,8 @@ def cached_ssm_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Te
                               cu_seqlens_q: Tensor, seq_lens_kv: Tensor, state_slots: Tensor) -> Tensor:
     if x.shape[0] != 1:
         raise ValueError(f"cached_ssm_scan takes the flattened layout [1, T, H, P], got {tuple(x.shape)}")
-    out = torch.zeros(x.shape[1:], dtype=torch.float32, device=x.device)
-    for first, n, continues, slot in step_rows(cu_seqlens_q, seq_lens_kv, state_slots):
-        rows = slice(first, first + n)
-        h0 = state[slot] if continues and slot >= 0 else state.new_zeros(state.shape[1:])
-        y, h = scan_with_state(h0, x[0, rows], dt[0, rows], A, B[0, rows], C[0, rows])
-        out[rows] = y
-        if slot >= 0:
-            state[slot] = h.to(state.dtype)
-    return out.unsqueeze(0)
+    return scan_sequences(scan_with_state, x, state, cu_seqlens_q, seq_lens_kv, state_slots,
+                          lambda rows: (x[0, rows], dt[0, rows], A, B[0, rows], C[0, rows]))
 
 
 @torch.library.custom_op("autodeploy::cached_ssm_scan", mutates_args=("state",))

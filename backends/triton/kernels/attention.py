@@ -72,6 +72,17 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _fp16_rows(q):
+    """(``q / s`` in fp16, ``s``): ``s`` the power of two that puts ``max |q|`` at or below 2^14, so the scaled
+    values are exact in fp16 down to 2^-28 of the largest (bits as in rope_cache.fp8_quantize_rows)."""
+    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) * (1.0 / 16384.0)
+    bits = tl.maximum(amax.to(tl.int32, bitcast=True), 0x00800000)
+    s_bits = (bits + 0x7FFFFF) & 0x7F800000
+    inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)
+    return (q.to(tl.float32) * inv).to(tl.float16), s_bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tanh(x):
     """tanh via exp; saturates to +-1 correctly and needs no libdevice (portable across Triton versions)."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
@@ -459,7 +470,7 @@ def _decode_kernel(
     NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
     EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr,
 ):
     """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
     table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
@@ -470,7 +481,11 @@ def _decode_kernel(
     launch, and RoPE, cache write and attention are one launch.
     PAGE_TILES: a KV tile is one whole page (BLOCK_N == PAGE_SIZE); else keys are gathered one by one.
     KV_FP8: the cache is E4M3 with per-(key, head) scales; the new token is quantized on write and attended
-    as the cache holds it (dequantized).
+    as the cache holds it (dequantized). F16_DOT (fp8 cache, 16-bit model): the cached keys and values enter the
+    dots as fp16 (E4M3 converts to
+    fp16 exactly, in one instruction per two values; to bf16 it takes several), with q scaled by a power of two
+    into fp16's range first (exact for every bf16 value within 28 octaves of the largest) and the scale folded
+    back into the scores.
     A sequence with one item writes its output directly; otherwise the item stores its normalised partial and
     base-2 LSE for :func:`_decode_reduce_kernel`.
     """
@@ -500,6 +515,11 @@ def _decode_kernel(
         q = cast_rn(q, q_ptr.dtype.element_ty, EMULATE_RNE)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+    q_mm, qk_mm, softcap_mm = q, qk_scale, softcap_scale
+    if F16_DOT:
+        q_mm, q_s = _fp16_rows(q)
+        qk_mm = qk_scale * q_s
+        softcap_mm = softcap_scale * q_s
 
     owns_new = False
     if NEW_KV:
@@ -524,19 +544,19 @@ def _decode_kernel(
 
     if PAGE_TILES:
         acc, m_i, l_i = _attn_pages(
-            acc, m_i, l_i, q, s_lo, hi_cache, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
-            qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr, PAGE_SIZE,
+            acc, m_i, l_i, q_mm, s_lo, hi_cache, k_base, v_base, pt_row, stride_kp, stride_kr, stride_vp, stride_vr,
+            qk_mm, softcap_mm, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr, PAGE_SIZE,
             HEAD_D, BLOCK_D, NEED_DMASK, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
     else:
         acc, m_i, l_i = _attn_tiles(
-            acc, m_i, l_i, q, pos, s_lo, s_full, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            acc, m_i, l_i, q_mm, pos, s_lo, s_full, k_base, v_base, pt_row,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_mm, softcap_mm, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
             PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, False, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
         acc, m_i, l_i = _attn_tiles(
-            acc, m_i, l_i, q, pos, s_full, hi_cache, k_base, v_base, pt_row,
-            stride_kp, stride_kr, stride_vp, stride_vr, qk_scale, softcap_scale, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            acc, m_i, l_i, q_mm, pos, s_full, hi_cache, k_base, v_base, pt_row,
+            stride_kp, stride_kr, stride_vp, stride_vr, qk_mm, softcap_mm, softcap_log2, 0, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
             PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
 
@@ -902,7 +922,8 @@ def decode_attention(
         HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
-        PDL=pdl, KV_FP8=k_scale is not None, num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        PDL=pdl, KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)

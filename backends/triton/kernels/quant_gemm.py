@@ -2,13 +2,17 @@
 
 ``y[m, n] = (sum_k a[m, k] * w[n, k]) * w_scale[n] * a_scale[m] (+ b[n])`` with W ``[N, K]`` stored int8 or
 float8 E4M3 (one byte per weight: half the bf16 bytes a decode step streams). ``a`` is the activation as it is
-(weight-only int8) or already quantized to float8 per token (W8A8 FP8, ``a_scale`` its per-row scale). Products
-of the 8-bit values are exact in fp32, so this computes the canonical ops' reference math up to the order of
-the fp32 sums. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once.
+(weight-only int8), or quantized to float8 per token inside the kernel (W8A8 FP8: every program computes the
+few rows' absmax itself, so the step has no separate quantization launches). Products of the 8-bit values are
+exact in fp32, so this computes the canonical ops' reference math up to float rounding: the order of the fp32
+sums, and reciprocal multiplications where the reference quantizer divides. Each program owns ``BLOCK_N`` whole
+output columns and streams their weight rows once.
 
 The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_linear`` take the canonical
-quantized ops' arguments; rows beyond ``QGEMV_MAX_M`` go to the canonical op (its reference or device fast
-paths). ``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
+quantized ops' arguments. Rows beyond ``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8
+tensor cores: there one launch quantizes the activation rows (``quantize_fp8_rows``) and ``torch._scaled_mm``
+multiplies, instead of the reference quantizer's chain of elementwise kernels.
+``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
 """
 
 from __future__ import annotations
@@ -21,61 +25,242 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_wait
+from autodeploy.backends.triton.kernels.rope_cache import round_e4m3
 from autodeploy.ops import quant
 
-__all__ = ["quant_gemv", "QGEMV_MAX_M"]
+__all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "QGEMV_MAX_M", "QConfig"]
 
 QGEMV_MAX_M = 4
+
+
+# How ``a`` reaches the products: as it is (weight-only int8), already float8 with a per-row scale at ``as_ptr``,
+# or quantized to float8 inside the kernel (W8A8 FP8: dynamic per-token scales, or the static scale at as_ptr).
+# The kernels write quant.FP8_MAX (448) and quant._EPS (1e-12, the floor of a per-token scale) as literals.
+A_PLAIN, A_PREQUANTIZED, A_DYNAMIC, A_STATIC = 0, 1, 2, 3
+
+
+@triton.jit
+def _tile(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's output columns (and which exist), the activation rows (and which exist), the K offsets."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    return offs_n, offs_n < N, offs_m, offs_m < M, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def _load_qw(w_rows, k, n_ok, K, EVEN_K: tl.constexpr):
+    """One ``[BLOCK_N, BLOCK_K]`` weight tile in fp32 (masked lanes zeroed after the upcast: an ``other`` fill
+    cannot be cast to float8)."""
+    if EVEN_K:
+        mask = n_ok[:, None]
+    else:
+        mask = n_ok[:, None] & (k < K)[None, :]
+    return tl.where(mask, tl.load(w_rows + k[None, :], mask=mask).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _load_a(a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K: tl.constexpr):
+    if EVEN_K:
+        mask = m_ok[:, None]
+    else:
+        mask = m_ok[:, None] & (k < K)[None, :]
+    return tl.where(mask, tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=mask).to(tl.float32), 0.0)
+
+
+@triton.jit
+def _qtile(acc, w, a_ptr, offs_m, m_ok, k, K, stride_am, a_inv, A_MODE: tl.constexpr, EVEN_K: tl.constexpr,
+           EMULATE_RNE: tl.constexpr):
+    """acc += a[:, k] @ w.T for one loaded weight tile; A_DYNAMIC/A_STATIC quantize ``a`` to float8 on the way as
+    ``quant.quantize_fp8_activation`` does, up to float rounding (times the scale's reciprocal instead of a
+    division: an element differs only where it lies within an fp32 ulp of an E4M3 rounding boundary)."""
+    a = _load_a(a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K)
+    if A_MODE == 2 or A_MODE == 3:
+        q = tl.minimum(tl.maximum(a * a_inv[:, None], -448.0), 448.0)
+        if EMULATE_RNE:
+            q = round_e4m3(q)
+        a = q.to(tl.float8e4nv).to(tl.float32)
+    return acc + tl.sum(a[:, None, :] * w[None, :, :], 2)
 
 
 @triton.jit
 def _quant_gemv_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-    HAS_A_SCALE: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr,
+    A_MODE: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    offs_m = tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
+    """PDL: the first weight tile is loaded before waiting for the kernel that produces ``a`` (weights are
+    constants), as the bf16 GEMV does (kernels/pdl.py)."""
+    offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w0 = _load_qw(w_rows, offs_k, n_ok, K, EVEN_K)
+    pdl_wait(PDL)
+    if A_MODE == 2:  # per-token absmax over the whole row: x is a few KB, read from L2 by every program
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = _load_a(a_ptr, offs_m, m_ok, k0 + offs_k, K, stride_am, EVEN_K)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), 1))
+        a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+    elif A_MODE == 3:
+        a_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(as_ptr).to(tl.float32)
+    else:
+        a_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    a_inv = tl.math.div_rn(tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0, a_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        # masked lanes are zeroed after the fp32 upcast: an ``other`` fill cannot be cast to float8
+    acc = _qtile(acc, w0, a_ptr, offs_m, m_ok, offs_k, K, stride_am, a_inv, A_MODE, EVEN_K, EMULATE_RNE)
+    for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
-        if EVEN_K:
-            w_mask = n_ok[:, None]
-            a_mask = m_ok[:, None]
-        else:
-            k_ok = k < K
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            a_mask = m_ok[:, None] & k_ok[None, :]
-        w = tl.where(w_mask, tl.load(w_rows + k[None, :], mask=w_mask).to(tl.float32), 0.0)
-        a = tl.where(a_mask, tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=a_mask).to(tl.float32), 0.0)
-        acc += tl.sum(a[:, None, :] * w[None, :, :], 2)
+        acc = _qtile(acc, _load_qw(w_rows, k, n_ok, K, EVEN_K), a_ptr, offs_m, m_ok, k, K, stride_am, a_inv,
+                     A_MODE, EVEN_K, EMULATE_RNE)
+    # the reference's order: (acc * a_scale) * w_scale
+    if A_MODE == 1:
+        acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    elif A_MODE != 0:
+        acc *= a_scale[:, None]
     if PER_CHANNEL:
         acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     else:
         acc *= tl.load(ws_ptr)
-    if HAS_A_SCALE:
-        acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _config(k: int, m: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): 1-byte weights, so twice the K of the bf16 GEMV tile for the same bytes."""
+@triton.jit
+def _pow2_fp16_scale(amax):
+    """Per row, the power of two ``s`` that puts ``amax`` at or below 2^14: ``x / s`` is exact in fp16 for every
+    bf16 value within 28 octaves of the row's largest (bits as in rope_cache.fp8_quantize_rows)."""
+    bits = tl.maximum((amax * (1.0 / 16384.0)).to(tl.int32, bitcast=True), 0x00800000)
+    s_bits = (bits + 0x7FFFFF) & 0x7F800000
+    return s_bits.to(tl.float32, bitcast=True), ((254 << 23) - s_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _int8_to_fp16(w, INT8_CVT: tl.constexpr):
+    """int8 -> fp16, exact. 1: the conversion instruction; 2: integer ops only: the byte, offset by 128, becomes
+    the low mantissa bits of 1024.0 (``0x6400 | (b ^ 0x80)`` is ``1152 + b``), then one fp16 subtraction."""
+    if INT8_CVT == 2:
+        u = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    return w.to(tl.float16)
+
+
+@triton.jit
+def _quant_gemv_dot_kernel(
+    a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, EMULATE_RNE: tl.constexpr,
+    INT8_CVT: tl.constexpr, IEEE: tl.constexpr,
+):
+    """The same GEMM on the tensor cores, operands swapped (``W x^T``: the weight rows are the MMA's M side, the
+    few activation rows padded to 16 its N side), so float8 weights enter the MMA as they are stored (W8A8 FP8,
+    the activation quantized per K tile on the way). int8 weights (weight-only): INT8_CVT 0 converts them to
+    the activation dtype; 1 and 2 to fp16 (``_int8_to_fp16``), with the activation scaled into fp16's range by a
+    power of two per row (exact for bf16; the host picks 0 for fp32). K must be a multiple of BLOCK_K. UPCAST:
+    fp32 operands (the Triton interpreter's low-precision dot is wrong); EMULATE_RNE: round to E4M3 with integer
+    ops (the interpreter's float8 cast rounds ties away from zero); IEEE: fp32 activations multiply in true fp32.
+    """
+    BLOCK_M: tl.constexpr = 16
+    offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
+    a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, 16]
+    pdl_wait(PDL)
+    ones = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    a_scale = ones
+    a_inv = ones
+    if A_MODE == 2 or (A_MODE == 0 and INT8_CVT != 0):
+        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = tl.load(a_cols + k0, mask=m_ok[None, :], other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(a), 0))
+        if A_MODE == 2:
+            a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+            a_inv = tl.math.div_rn(ones, a_scale)
+        else:
+            a_scale, a_inv = _pow2_fp16_scale(amax)
+    elif A_MODE == 3:
+        a_scale = ones * tl.load(as_ptr).to(tl.float32)
+        a_inv = tl.math.div_rn(ones, a_scale)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w = tl.load(w_rows + k0, mask=n_ok[:, None])  # rows past N: never stored
+        a = tl.load(a_cols + k0, mask=m_ok[None, :], other=0.0)
+        if A_MODE == 2 or A_MODE == 3:  # quant.quantize_fp8_activation's math
+            q = tl.minimum(tl.maximum(a.to(tl.float32) * a_inv[None, :], -448.0), 448.0)
+            if EMULATE_RNE:
+                q = round_e4m3(q)
+            a = q.to(tl.float8e4nv)
+        elif A_MODE == 0:
+            if INT8_CVT == 0:  # int8 -> the activation dtype: exact (the interpreter mis-converts int8 to bf16)
+                w = w.to(tl.float32) if UPCAST else w.to(a.dtype)
+            else:
+                w = _int8_to_fp16(w, INT8_CVT)
+                a = (a.to(tl.float32) * a_inv[None, :]).to(tl.float16)
+        if UPCAST:
+            acc += tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        elif IEEE:  # fp32 activations: true fp32 products, not TF32
+            acc += tl.dot(w, a, input_precision="ieee")
+        else:
+            acc += tl.dot(w, a)
+    if A_MODE == 1:
+        acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
+    else:
+        acc *= a_scale[None, :]
+    if PER_CHANNEL:
+        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+    else:
+        acc *= tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+# How the tensor-core form converts int8 weights of a 16-bit model: 0, to the activation dtype, was the fastest on
+# an H200 (bench_quant_gemv.py); 1 and 2 (_int8_to_fp16) are kept for other GPUs and benchmarks may pick them.
+INT8_CVT = int(os.environ.get("AUTODEPLOY_QGEMV_INT8_CVT", "0"))
+# (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages)
+QConfig = tuple[bool, int, int, int, int]
+
+
+def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: int = 0) -> QConfig:
+    """The launch for a ``[m, k]`` activation and ``n`` outputs, picked on an H200 over Llama-8B's shapes
+    (benchmarks/bench_quant_gemv.py, docs/performance.md): the tensor-core form wherever K is a multiple of its
+    K tile. FP8 takes wide weight tiles (warpgroup MMAs, whose FP8 accumulation is coarser than fp32: about 1e-3
+    relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs; int8 takes 32-row tiles.
+    Otherwise the CUDA-core form: 1-byte weights, twice the K of the bf16 GEMV tile for the same bytes in flight,
+    fewer K with more rows so the ``[M, N, K]`` product stays in registers."""
+    env = os.environ.get("AUTODEPLOY_QGEMV_CONFIG")  # tuning (benchmarks): "tc|cc/BLOCK_N/BLOCK_K/warps/stages"
+    if env:
+        kind, *nums = env.split("/")
+        cfg = (kind == "tc", *map(int, nums))
+        if not cfg[0] or k % cfg[2] == 0:
+            return cfg  # type: ignore[return-value]
+    if dtype == quant.FP8_DTYPE:
+        if n >= 16384 and k % 256 == 0:
+            return True, 256, 256, 8, 3
+        if k % 512 == 0:
+            return True, 64, 512, 4, 3
+    elif k % 512 == 0:
+        return True, 32, 512, 4, 4
     block_k = min(4096 // triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(k))
-    return 8, max(32, block_k), 8 if block_k >= 2048 else 4
+    return False, 8, max(32, block_k), 8 if block_k >= 2048 else 4, 2
 
 
 def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
-    """``(a [..., K] @ weight[N, K].T) * weight_scale * a_scale (+ bias)`` for at most QGEMV_MAX_M rows."""
+               bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None, quantize_a: bool = False,
+               config: Optional[QConfig] = None, pdl: Optional[bool] = None) -> Tensor:
+    """``(a [..., K] @ weight[N, K].T) * weight_scale * a_scale (+ bias)`` for at most QGEMV_MAX_M rows.
+
+    ``quantize_a``: ``a`` is in the model dtype and is quantized to float8 inside the kernel (W8A8 FP8), per
+    token when ``a_scale`` is None, else with the static ``[]`` scale ``a_scale``; otherwise ``a`` is used as it
+    is, scaled by its per-row ``a_scale`` if given (an already-quantized activation)."""
     k, n = a.shape[-1], weight.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
@@ -85,6 +270,8 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         raise ValueError(f"weight must be [N, {k}] with a unit last stride, got {tuple(weight.shape)}")
     if weight.dtype not in (torch.int8, quant.FP8_DTYPE):
         raise ValueError(f"quant_gemv takes int8 or float8_e4m3fn weights, got {weight.dtype}")
+    if quantize_a and weight.dtype != quant.FP8_DTYPE:
+        raise ValueError("quantize_a quantizes activations to float8: it needs float8_e4m3fn weights")
     a2 = a2.contiguous()
     y = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
     if m == 0:
@@ -93,15 +280,75 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     per_channel = ws.numel() != 1
     if per_channel and ws.numel() != n:
         raise ValueError(f"weight_scale must have 1 or {n} elements, got {ws.numel()}")
-    a_s = a_scale.float().reshape(-1).expand(m).contiguous() if a_scale is not None else None
-    block_n, block_k, warps = _config(k, m)
-    _quant_gemv_kernel[(triton.cdiv(n, block_n),)](
-        a2, weight, ws, a_s if a_s is not None else ws, bias if bias is not None else ws, y, m, n, k,
-        a2.stride(0), weight.stride(0), y.stride(0),
-        BLOCK_M=max(1, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-        HAS_A_SCALE=a_s is not None, PER_CHANNEL=per_channel, EVEN_K=k % block_k == 0, num_warps=warps,
-    )
+    if quantize_a:
+        mode = A_DYNAMIC if a_scale is None else A_STATIC
+        a_s = a_scale.float().reshape(1).contiguous() if a_scale is not None else None
+    elif a_scale is not None:
+        mode, a_s = A_PREQUANTIZED, a_scale.float().reshape(-1).expand(m).contiguous()
+    else:
+        mode, a_s = A_PLAIN, None
+    dot, block_n, block_k, warps, stages = config or quant_gemv_config(k, m, weight.dtype, n)
+    pdl = pdl_enabled(a.device, "gemv") if pdl is None else pdl
+    args = (a2, weight, ws, a_s if a_s is not None else ws, bias if bias is not None else ws, y, m, n, k,
+            a2.stride(0), weight.stride(0), y.stride(0))
+    common = dict(BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, A_MODE=mode, PER_CHANNEL=per_channel,
+                  PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
+    grid = (triton.cdiv(n, block_n),)
+    if dot:
+        if k % block_k:
+            raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
+        interp = _interpreted(_quant_gemv_dot_kernel)
+        cvt = INT8_CVT if a.dtype in (torch.bfloat16, torch.float16) else 0
+        _quant_gemv_dot_kernel[grid](*args, UPCAST=interp, EMULATE_RNE=interp, INT8_CVT=cvt,
+                                     IEEE=a.dtype == torch.float32 and not quantize_a and a_scale is None, **common)
+    else:
+        _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,
+                                 EMULATE_RNE=_interpreted(_quant_gemv_kernel), **common)
     return y.reshape(*a.shape[:-1], n)
+
+
+@triton.jit
+def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, sin_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                     STATIC: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """One row per program: absmax, scale, then the float8 values (``quant.quantize_fp8_activation``)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    if STATIC:
+        scale = tl.load(sin_ptr).to(tl.float32)
+    else:
+        amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs
+            amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
+        scale = tl.maximum(tl.max(amax, 0), 1e-12) * (1.0 / 448.0)
+        tl.store(s_ptr + row, scale)
+    inv = tl.math.div_rn(1.0, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+        if EMULATE_RNE:
+            q = round_e4m3(q)
+        tl.store(q_ptr + row * stride_qm + k, q.to(tl.float8e4nv), mask=k < K)
+
+
+def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``quant.quantize_fp8_activation`` in one launch, up to float rounding (multiplications by reciprocals
+    where the reference divides): ``x [..., K]`` -> (float8 values, fp32 scale ``[..., 1]`` per token, or the
+    static ``[]`` scale)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=quant.FP8_DTYPE, device=x.device)
+    static = input_scale is not None
+    scale = input_scale.float() if static else torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        _fp8_rows_kernel[(m,)](x2, q, scale, scale, k, x2.stride(0), q.stride(0), BLOCK_K=block, STATIC=static,
+                               EMULATE_RNE=_interpreted(_fp8_rows_kernel), num_warps=4 if block >= 1024 else 1)
+    return q.reshape(*x.shape), (scale if static else scale.reshape(*x.shape[:-1], 1))
 
 
 def _skinny(x: Tensor) -> bool:
@@ -125,8 +372,9 @@ def triton_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sca
     """``autodeploy::fp8_linear`` with its decode rows on the skinny quantized GEMM (activations quantized to
     float8 per token first, exactly as the canonical op does)."""
     if _skinny(x) and weight.stride(-1) == 1:
-        xq, xs = quant.quantize_fp8_activation(x, input_scale)
-        return quant_gemv(xq, weight, weight_scale, xs, bias, out_dtype=x.dtype)
+        return quant_gemv(x, weight, weight_scale, input_scale, bias, quantize_a=True)
+    if x.is_cuda and quant._scaled_mm_accepts(x, weight, weight_scale, input_scale, bias):
+        return quant.scaled_mm_fp8(x, weight, weight_scale, input_scale, bias, quantize=quantize_fp8_rows)
     return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias)
 
 

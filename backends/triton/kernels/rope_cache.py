@@ -62,7 +62,7 @@ def rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
 
 
 @triton.jit
-def _round_e4m3(x):
+def round_e4m3(x):
     """fp32 ``|x| <= 448`` rounded to the nearest E4M3 value (ties to even), still in fp32. Done with integer
     ops, so the conversion that follows is exact: the Triton interpreter's own fp32 -> fp8 cast mis-rounds
     values that carry into the next binade and E4M3 subnormals."""
@@ -88,9 +88,9 @@ def fp8_quantize_rows(x, AXIS: tl.constexpr):
     inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)  # 1/s, also a power of two
     s = s_bits.to(tl.float32, bitcast=True)
     if AXIS == 1:
-        xq = _round_e4m3(x.to(tl.float32) * inv[:, None])
+        xq = round_e4m3(x.to(tl.float32) * inv[:, None])
     else:
-        xq = _round_e4m3(x.to(tl.float32) * inv)
+        xq = round_e4m3(x.to(tl.float32) * inv)
     return xq, s
 
 

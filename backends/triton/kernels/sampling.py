@@ -41,10 +41,24 @@ candidate, and the thresholds found lie at or above it). When that cannot be pro
 distribution keeping more than the candidates, say) the same program runs the searches over the whole row.
 The kept set is the same either way; ``path_out`` says which way a row went.
 
-**Layout.** The per-row parameters are one int32 ``[B, 8]`` tensor (:func:`pack_params`): fp32 fields as
-their bit patterns, so one buffer (pinned host memory on a GPU, read by the kernel through its mapped address:
-no copy) carries every row's settings. ``host_out``: a pinned int64 tensor the tokens are also written to by
-the kernel, as :func:`~autodeploy.backends.triton.kernels.argmax.argmax_rows` does.
+**Penalties** (repetition, frequency, presence; each row its own values), applied to the logits as the kernel
+reads them, before anything above: ``penalties`` is a device int ``[P, V]`` tensor, one row per penalized
+sequence (its parameter field ``pen_row``; -1: none), holding ``(count << 1) | in_prompt`` per token, where
+``count`` is how often the sequence generated the token and ``in_prompt`` whether its prompt holds it
+(:func:`write_penalty_rows` writes it). A token with a nonzero entry gets the repetition penalty ``r`` (HF's
+``RepetitionPenaltyLogitsProcessor``: ``x * r`` when ``x < 0``, else ``x / r``), then every token
+``x - frequency * count`` and ``x - presence * (count > 0)`` (vLLM/OpenAI, output tokens only): the same fp32
+operations in the same order as ``autodeploy.runtime.sampling.apply_penalties``, correctly rounded (``div_rn``,
+no fused multiply-add: launches compile with ``enable_fp_fusion=False``), so the penalized logits equal the
+host path's bit for bit. Greedy rows take the argmax of the penalized logits. The program that picks a row's
+token also adds it to the row's count (``+2``), so the state stays current on the device with no host round
+trip; rows must be distinct within a launch.
+
+**Layout.** The per-row parameters are one int32 ``[B, NUM_FIELDS]`` tensor (:func:`pack_params`; columns by
+name in :data:`PARAM_FIELDS`): fp32 fields as their bit patterns, so one buffer (pinned host memory on a GPU,
+read by the kernel through its mapped address: no copy) carries every row's settings. ``host_out``: a pinned
+int64 tensor the tokens are also written to by the kernel, as
+:func:`~autodeploy.backends.triton.kernels.argmax.argmax_rows` does.
 
 Non-finite rows (NaN or +inf logits) get an unspecified token; callers check finiteness (the engine does).
 """
@@ -66,13 +80,19 @@ try:
 except ImportError:  # pragma: no cover - Triton is an optional extra
     _HAS_TRITON = False
 
-__all__ = ["PARAM_FIELDS", "pack_params", "param_row", "sample_rows", "fused_sample", "reference_sample",
-           "reference_kept", "reference_probs", "philox_uniform", "philox_at", "philox4x32"]
+__all__ = ["PARAM_FIELDS", "NUM_FIELDS", "pack_params", "param_row", "sample_rows", "fused_sample",
+           "reference_sample", "reference_penalize", "reference_kept", "reference_probs", "philox_uniform",
+           "philox_at", "philox4x32", "penalty_state_dtype", "write_penalty_rows", "count_sampled"]
 
-# Columns of the int32 parameter tensor (fp32 fields stored as their bits).
-PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed_lo", "seed_hi", "step", "unused")
+# Columns of the int32 parameter tensor (fp32 fields stored as their bits); everything indexes them by name.
+PARAM_FIELDS = ("temperature", "top_k", "top_p", "min_p", "seed_lo", "seed_hi", "step", "pen_row",
+                "repetition_penalty", "frequency_penalty", "presence_penalty", "unused")
 NUM_FIELDS = len(PARAM_FIELDS)
-_STEP = PARAM_FIELDS.index("step")
+_COL = {name: i for i, name in enumerate(PARAM_FIELDS)}
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty")
+_STEP = _COL["step"]
+_PEN_ROW = _COL["pen_row"]
+_STATE_DTYPES = (torch.int16, torch.int32)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BLOCK = 256  # logits per chunk of a loop over a row or the candidates
 _TILE = 2048  # logits per first-phase program
@@ -98,20 +118,30 @@ def _i32(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def param_row(temperature: float, top_k: int, top_p: float, min_p: float, seed: int) -> list[int]:
-    """One row of the parameter tensor without its step (a request's constant part; ``step`` is 0)."""
+def param_row(temperature: float, top_k: int, top_p: float, min_p: float, seed: int, *,
+              repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0
+              ) -> list[int]:
+    """One row of the parameter tensor without its per-step part (a request's constant part: ``step`` 0 and
+    ``pen_row`` -1 until :func:`pack_params` sets them)."""
     seed = int(seed) & ((1 << 64) - 1)
-    return [_f32_bits(temperature), _i32(min(int(top_k), 2**31 - 1)), _f32_bits(top_p), _f32_bits(min_p),
-            _i32(seed), _i32(seed >> 32), 0, 0]
+    vals = {"temperature": _f32_bits(temperature), "top_k": _i32(min(int(top_k), 2**31 - 1)),
+            "top_p": _f32_bits(top_p), "min_p": _f32_bits(min_p), "seed_lo": _i32(seed), "seed_hi": _i32(seed >> 32),
+            "step": 0, "pen_row": -1, "repetition_penalty": _f32_bits(repetition_penalty),
+            "frequency_penalty": _f32_bits(frequency_penalty), "presence_penalty": _f32_bits(presence_penalty),
+            "unused": 0}
+    return [vals[name] for name in PARAM_FIELDS]
 
 
-def pack_params(rows: Sequence[Sequence[int]], steps: Sequence[int], out: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-    """The int32 ``[B, 8]`` parameter tensor from :func:`param_row` rows and each row's generated-token index.
+def pack_params(rows: Sequence[Sequence[int]], steps: Sequence[int], out: Optional[torch.Tensor] = None,
+                pen_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """The int32 ``[B, NUM_FIELDS]`` parameter tensor from :func:`param_row` rows and each row's
+    generated-token index; ``pen_rows``: each row's row of the ``penalties`` state (-1: no penalties).
 
     ``out``: a CPU (e.g. pinned) int32 tensor of that shape to fill in place; otherwise a new CPU tensor."""
     arr = np.asarray(rows, dtype=np.int32).reshape(len(rows), NUM_FIELDS)
     arr[:, _STEP] = np.asarray(steps, dtype=np.int64) & 0x7FFFFFFF
+    if pen_rows is not None:
+        arr[:, _PEN_ROW] = np.asarray(pen_rows, dtype=np.int64).reshape(len(rows))
     if out is None:
         return torch.from_numpy(arr)
     if out.shape != (len(rows), NUM_FIELDS) or out.dtype != torch.int32 or out.device.type != "cpu":
@@ -123,12 +153,16 @@ def pack_params(rows: Sequence[Sequence[int]], steps: Sequence[int], out: Option
 def _unpack(params: torch.Tensor) -> dict[str, torch.Tensor]:
     p = params.to("cpu", torch.int32)
     f = p.view(torch.float32)
-    return {"temperature": f[:, 0].clone(), "top_k": p[:, 1].to(torch.int64), "top_p": f[:, 2].clone(),
-            "min_p": f[:, 3].clone(), "seed_lo": p[:, 4].to(torch.int64) & _MASK32,
-            "seed_hi": p[:, 5].to(torch.int64) & _MASK32, "step": p[:, 6].to(torch.int64) & _MASK32}
+    out = {name: (f if name in _FLOAT_FIELDS else p)[:, i].clone() for i, name in enumerate(PARAM_FIELDS)}
+    out["top_k"] = out["top_k"].to(torch.int64)
+    out["pen_row"] = out["pen_row"].to(torch.int64)
+    for name in ("seed_lo", "seed_hi", "step"):
+        out[name] = out[name].to(torch.int64) & _MASK32
+    return out
 
 
-def _check(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[torch.Tensor]) -> None:
+def _check(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[torch.Tensor],
+           penalties: Optional[torch.Tensor] = None) -> None:
     if logits.dim() != 2:
         raise ValueError(f"sampling takes logits [B, V], got shape {tuple(logits.shape)}")
     b = logits.shape[0]
@@ -137,19 +171,35 @@ def _check(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[torch.
                          f"{params.dtype} {tuple(params.shape)}")
     if host_out is not None and (host_out.shape != (b,) or host_out.dtype != torch.int64):
         raise ValueError(f"host_out must be an int64 tensor of shape ({b},)")
+    if penalties is None:
+        return
+    if penalties.dim() != 2 or penalties.shape[1] != logits.shape[1] or penalties.dtype not in _STATE_DTYPES \
+            or penalties.device != logits.device or not penalties.is_contiguous():
+        raise ValueError(f"penalties must be a contiguous int16/int32 tensor [P, {logits.shape[1]}] on "
+                         f"{logits.device}, got {penalties.dtype} {tuple(penalties.shape)} on {penalties.device}")
+    if params.device.type == "cpu":  # host memory: checking the rows costs no synchronisation
+        rows = params[:, _PEN_ROW].numpy()
+        used = rows[rows >= 0]
+        if (rows < -1).any() or (used >= penalties.shape[0]).any() or len(np.unique(used)) != len(used):
+            raise ValueError(f"pen_row must be -1 or distinct rows of penalties [0, {penalties.shape[0]}), "
+                             f"got {rows.tolist()}")
 
 
 def sample_rows(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[torch.Tensor] = None,
-                row_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+                row_sums: Optional[torch.Tensor] = None, penalties: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of ``logits`` [B, V] under ``params`` (:func:`pack_params`), int64 on logits' device.
 
     The Triton kernel on CUDA tensors; the torch implementation of the same maths elsewhere. ``host_out``
     (pinned on a GPU) also receives the tokens, asynchronously; ``row_sums`` (fp32 ``[B]``, pinned on a GPU)
-    each row's fp32 logit sum (a finiteness check from the same pass, as ``argmax_rows`` offers)."""
-    _check(logits, params, host_out)
+    each row's fp32 logit sum of the raw logits (a finiteness check from the same pass, as ``argmax_rows``
+    offers). ``penalties``: the penalty state of the rows with a ``pen_row`` (module docstring); the tokens
+    picked are added to it."""
+    _check(logits, params, host_out, penalties)
     if _HAS_TRITON and logits.is_cuda and logits.dtype in _DTYPES and logits.shape[0] and logits.shape[1]:
-        return fused_sample(logits, params, host_out, row_sums=row_sums)
-    out = reference_sample(logits, params)
+        return fused_sample(logits, params, host_out, row_sums=row_sums, penalties=penalties)
+    out = reference_sample(logits, params, penalties)
+    if penalties is not None:
+        count_sampled(penalties, params, out)
     if host_out is not None:
         host_out.copy_(out, non_blocking=True)
     if row_sums is not None:
@@ -160,15 +210,17 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[t
 def fused_sample(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[torch.Tensor] = None,
                  threshold_out: Optional[torch.Tensor] = None, path_out: Optional[torch.Tensor] = None,
                  tile: Optional[int] = None, candidates: Optional[int] = None,
-                 row_sums: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 row_sums: Optional[torch.Tensor] = None, penalties: Optional[torch.Tensor] = None
+                 ) -> torch.Tensor:
     """The Triton kernel behind :func:`sample_rows` (any device Triton runs on, the interpreter included).
 
     ``params`` may live in pinned host memory (read through its mapped address) or on the device.
     Diagnostics, for tests: ``threshold_out`` (fp32 ``[B]``) receives each row's top-k/top-p threshold ``lo``
     (the row keeps the logits ``> lo`` whose ``e_i >= min_p``; -inf when neither filter cut) and ``path_out``
     (int32 ``[B]``) the path the row took (see ``_sample_kernel``). ``tile``/``candidates``: logits per
-    first-phase program and candidates it keeps (powers of two, ``candidates < tile``)."""
-    _check(logits, params, host_out)
+    first-phase program and candidates it keeps (powers of two, ``candidates < tile``). ``penalties``: as in
+    :func:`sample_rows` (updated in place)."""
+    _check(logits, params, host_out, penalties)
     b, v = logits.shape
     if b == 0 or v == 0:
         return logits.argmax(dim=-1)  # torch's own result (or error) for an empty reduction
@@ -203,11 +255,17 @@ def fused_sample(logits: torch.Tensor, params: torch.Tensor, host_out: Optional[
     _sample_kernel[(b, n_tiles)](
         logits, logits.stride(0), v, params, out, host_out if host_out is not None else out,
         threshold_out if threshold_out is not None else fstat, path_out if path_out is not None else istat,
-        fstat, istat, cval, cidx, _counters(dev, b), row_sums if row_sums is not None else fstat, n_tiles,
-        TILE=tile, C=c,
+        fstat, istat, cval, cidx, _counters(dev, b), row_sums if row_sums is not None else fstat,
+        penalties if penalties is not None else istat, n_tiles, TILE=tile, C=c,
         NT=max(2, triton.next_power_of_2(n_tiles)), BLOCK=block, NP=_NP, NPT=_NP_TILE, MAX_PASSES=_MAX_PASSES,
-        TO_HOST=host_out is not None, DEBUG_OUT=debug, ROW_SUMS=row_sums is not None,
-        num_warps=8 if logits.is_cuda else 4)
+        TO_HOST=host_out is not None, DEBUG_OUT=debug, ROW_SUMS=row_sums is not None, PEN=penalties is not None,
+        NF=NUM_FIELDS, F_TEMP=_COL["temperature"], F_TOPK=_COL["top_k"], F_TOPP=_COL["top_p"],
+        F_MINP=_COL["min_p"], F_SEED_LO=_COL["seed_lo"], F_SEED_HI=_COL["seed_hi"], F_STEP=_STEP,
+        F_PEN_ROW=_PEN_ROW, F_REP=_COL["repetition_penalty"], F_FREQ=_COL["frequency_penalty"],
+        F_PRES=_COL["presence_penalty"],
+        # correctly rounded, uncontracted fp32 everywhere: the penalties (and so the tokens) then equal the host
+        # path's, which penalizes in torch and launches this same kernel without a state
+        enable_fp_fusion=False, num_warps=8 if logits.is_cuda else 4)
     return out
 
 
@@ -315,13 +373,15 @@ def reference_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torc
     return w / w.sum(dim=1, keepdim=True)
 
 
-def reference_sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """:func:`sample_rows` in torch: the same kept set and the same Philox draws, int64 on logits' device."""
+def reference_sample(logits: torch.Tensor, params: torch.Tensor, penalties: Optional[torch.Tensor] = None
+                     ) -> torch.Tensor:
+    """:func:`sample_rows` in torch: the same penalties, kept set and Philox draws, int64 on logits' device
+    (``penalties`` is only read: :func:`sample_rows` adds the tokens to it)."""
     b, v = logits.shape
     if b == 0 or v == 0:
         return logits.argmax(dim=-1)
     f = _unpack(params)
-    x = logits.to(torch.float32)
+    x = logits.to(torch.float32) if penalties is None else reference_penalize(logits, params, penalties)
     dev = x.device
     kept = reference_kept(x, f["temperature"], f["top_k"], f["top_p"], f["min_p"])
     t = f["temperature"].to(dev).reshape(b, 1)
@@ -335,6 +395,78 @@ def reference_sample(logits: torch.Tensor, params: torch.Tensor) -> torch.Tensor
     score = torch.full_like(z, float("-inf"))
     score[rows, cols] = z[rows, cols] - torch.log(-torch.log(u))
     return torch.where(greedy.to(dev), x.argmax(dim=1), score.argmax(dim=1))
+
+
+def reference_penalize(logits: torch.Tensor, params: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """The penalized fp32 logits (a new tensor) of the rows with a ``pen_row``, by the module docstring's
+    formula in the order ``runtime.sampling.apply_penalties`` uses; the other rows unchanged."""
+    x = logits.to(torch.float32, copy=True)
+    f = _unpack(params)
+    sel = (f["pen_row"] >= 0).nonzero().reshape(-1)
+    if not sel.numel():
+        return x
+    dev = x.device
+    idx = sel.to(dev)
+    s = penalties.index_select(0, f["pen_row"][sel].to(dev)).to(torch.int32)
+    cnt = (s >> 1).to(torch.float32)
+    col = lambda name: f[name][sel].to(dev).reshape(-1, 1)  # noqa: E731
+    r = col("repetition_penalty")
+    xs = x.index_select(0, idx)
+    xs = torch.where(s != 0, torch.where(xs < 0, xs * r, xs / r), xs)
+    xs = xs - col("frequency_penalty") * cnt
+    xs = xs - col("presence_penalty") * (cnt > 0).to(torch.float32)
+    x[idx] = xs
+    return x
+
+
+def count_sampled(penalties: torch.Tensor, params: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Add each penalized row's token to its count (what the kernel does as it picks the token)."""
+    rows = _unpack(params)["pen_row"]
+    sel = (rows >= 0).nonzero().reshape(-1)
+    if sel.numel():
+        dev = penalties.device
+        r, t = rows[sel].to(dev), tokens.to(dev).index_select(0, sel.to(dev))
+        penalties[r, t] += 2
+
+
+def penalty_state_dtype(max_count: int) -> torch.dtype:
+    """The narrowest state dtype holding ``(count << 1) | 1`` exactly for every count up to ``max_count``."""
+    return torch.int16 if 2 * int(max_count) + 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def write_penalty_rows(penalties: torch.Tensor, rows: Sequence[int], prompts: Sequence[Sequence[int]],
+                       outputs: Sequence[Sequence[int]]) -> None:
+    """(Re)write whole rows of the state: row ``rows[i]`` then holds ``prompts[i]`` as its prompt and counts
+    ``outputs[i]``. Encoded on the host with numpy; one host-to-device copy (pinned on a GPU), no wait."""
+    if not rows:
+        return
+    v = penalties.shape[1]
+    cap = 2 * torch.iinfo(penalties.dtype).max + 1
+    r_parts, t_parts, v_parts = [], [], []
+    for row, prompt, out in zip(rows, prompts, outputs):
+        pr = np.unique(np.asarray(prompt, dtype=np.int64))
+        ot, oc = np.unique(np.asarray(out, dtype=np.int64), return_counts=True)
+        toks = np.union1d(pr, ot)
+        if toks.size and (toks[0] < 0 or toks[-1] >= v):
+            raise ValueError(f"penalty state row {row}: token ids must lie in [0, {v})")
+        if oc.size and int(oc.max()) * 2 + 1 > cap:
+            raise ValueError(f"penalty state row {row}: a count of {int(oc.max())} overflows {penalties.dtype}")
+        val = np.zeros(toks.shape, dtype=np.int64)
+        val[np.searchsorted(toks, pr)] |= 1
+        val[np.searchsorted(toks, ot)] += 2 * oc
+        r_parts.append(np.full(toks.shape, row, dtype=np.int64))
+        t_parts.append(toks)
+        v_parts.append(val)
+    rows_np = np.asarray(rows, dtype=np.int64)
+    n = sum(len(t) for t in t_parts)
+    buf = torch.from_numpy(np.concatenate([rows_np, *r_parts, *t_parts, *v_parts]))
+    dev = penalties.device
+    if dev.type == "cuda":
+        buf = buf.pin_memory().to(dev, non_blocking=True)
+    k = len(rows_np)
+    penalties.index_fill_(0, buf[:k], 0)
+    if n:
+        penalties[buf[k:k + n], buf[k + n:k + 2 * n]] = buf[k + 2 * n:].to(penalties.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ kernel
@@ -359,6 +491,25 @@ if _HAS_TRITON:
         return ((c0 >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
     @triton.jit
+    def _penalize(x, s, rep, freq, pres):
+        """Penalized fp32 logits from the state entries ``s`` ((count << 1) | in_prompt): the host path's
+        operations in its order, ``div_rn`` for its correctly rounded division."""
+        cnt = (s >> 1).to(tl.float32)
+        # (div_rn does not broadcast: the penalty goes in at the logits' shape, exactly: rep + 0.0 == rep)
+        x = tl.where(s != 0, tl.where(x < 0, x * rep, tl.math.div_rn(x, rep + tl.zeros_like(x))), x)
+        x = x - freq * cnt
+        return x - pres * (cnt > 0).to(tl.float32)
+
+    @triton.jit
+    def _load_row(x_row, offs, ok, pen_row, rep, freq, pres, pen_lim, PEN: tl.constexpr):
+        """A chunk of a row's logits as fp32 (-inf where masked), penalized when the row has a state row."""
+        x = tl.load(x_row + offs, mask=ok, other=float("-inf")).to(tl.float32)
+        if PEN:
+            s = tl.load(pen_row + offs, mask=ok & (offs < pen_lim), other=0).to(tl.int32)
+            x = _penalize(x, s, rep, freq, pres)
+        return x
+
+    @triton.jit
     def _narrow(piv, acc, above, bound, j, lo, w, hi):
         """One pass of the threshold search: ``acc[p]`` counts (or weighs) the logits above pivot ``piv[p]``
         (``piv[0]`` is the current candidate ``w``) and ``above[p]`` is the smallest of them. Returns the narrowed
@@ -373,8 +524,9 @@ if _HAS_TRITON:
                 done)
 
     @triton.jit
-    def _search(x_row, v, m, mn, t, lo, w, bound, need, USE_MASS: tl.constexpr, BLOCK: tl.constexpr,
-                NP: tl.constexpr, MAX_PASSES: tl.constexpr):
+    def _search(x_row, v, m, mn, t, lo, w, bound, need, pen_row, rep, freq, pres, pen_lim,
+                USE_MASS: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr,
+                PEN: tl.constexpr):
         """Smallest logit ``w`` whose count (or mass) of logits strictly above it is below ``bound``, starting
         from the bracket ``(lo, m]`` with ``w`` the smallest logit above ``lo``. Returns (lo, w): the tokens
         meeting the bound are exactly those ``> lo`` (equivalently ``>= w``)."""
@@ -391,7 +543,7 @@ if _HAS_TRITON:
             above2 = tl.full((BLOCK, NP), float("inf"), dtype=tl.float32)
             for start in range(0, v, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                x = tl.load(x_row + offs, mask=offs < v, other=float("-inf")).to(tl.float32)
+                x = _load_row(x_row, offs, offs < v, pen_row, rep, freq, pres, pen_lim, PEN)
                 gt = x[:, None] > piv[None, :]
                 if USE_MASS:
                     e = tl.exp((x - m) / t)
@@ -427,8 +579,8 @@ if _HAS_TRITON:
         return lo, w
 
     @triton.jit
-    def _draw(val_ptr, idx_ptr, n, lo, m, t, min_p, k0, k1, step, best_idx, USE_IDX: tl.constexpr,
-              BLOCK: tl.constexpr):
+    def _draw(val_ptr, idx_ptr, n, lo, m, t, min_p, k0, k1, step, best_idx, pen_row, rep, freq, pres, pen_lim,
+              USE_IDX: tl.constexpr, BLOCK: tl.constexpr, PEN: tl.constexpr):
         """Gumbel-max over the kept values of ``val_ptr[:n]`` (``> lo`` and ``e >= min_p``); token ids from
         ``idx_ptr`` (candidates) or the positions themselves (a whole row). Ties: the lowest position."""
         big: tl.constexpr = 2147483647
@@ -437,7 +589,7 @@ if _HAS_TRITON:
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             ok = offs < n
-            x = tl.load(val_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
+            x = _load_row(val_ptr, offs, ok, pen_row, rep, freq, pres, pen_lim, PEN)
             if tl.max(x, 0) > lo:
                 if USE_IDX:
                     tok = tl.load(idx_ptr + offs, mask=ok, other=0)
@@ -459,23 +611,26 @@ if _HAS_TRITON:
         return tl.where(best_pos < big, found, best_idx)
 
     @triton.jit
-    def _full_row(x_row, v, m, mn, n_valid, t, top_k, top_p, min_p, k0, k1, step, m_idx, BLOCK: tl.constexpr,
-                  NP: tl.constexpr, MAX_PASSES: tl.constexpr):
+    def _full_row(x_row, v, m, mn, n_valid, t, top_k, top_p, min_p, k0, k1, step, m_idx, pen_row, rep, freq, pres,
+                  pen_lim, BLOCK: tl.constexpr, NP: tl.constexpr, MAX_PASSES: tl.constexpr, PEN: tl.constexpr):
         """The whole-row algorithm for one sampled row: thresholds by search over every logit, then the draw."""
         need_k = ((top_k > 0) & (top_k < n_valid)).to(tl.int32)
         lo = tl.full((), float("-inf"), tl.float32)
-        lo, w = _search(x_row, v, m, mn, t, lo, mn, top_k.to(tl.float32), need_k, False, BLOCK, NP, MAX_PASSES)
+        lo, w = _search(x_row, v, m, mn, t, lo, mn, top_k.to(tl.float32), need_k, pen_row, rep, freq, pres, pen_lim,
+                        False, BLOCK, NP, MAX_PASSES, PEN)
         need_p = (top_p < 1.0).to(tl.int32)
         mass = tl.full((), 0.0, tl.float32)
         if need_p != 0:
             acc = tl.zeros((BLOCK,), dtype=tl.float32)
             for start in range(0, v, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
-                x = tl.load(x_row + offs, mask=offs < v, other=float("-inf")).to(tl.float32)
+                x = _load_row(x_row, offs, offs < v, pen_row, rep, freq, pres, pen_lim, PEN)
                 acc += tl.where(x > lo, tl.exp((x - m) / t), 0.0)
             mass = tl.sum(acc, 0)
-        lo, w = _search(x_row, v, m, mn, t, lo, w, top_p * mass, need_p, True, BLOCK, NP, MAX_PASSES)
-        tok = _draw(x_row, x_row, v, lo, m, t, min_p, k0, k1, step, m_idx, False, BLOCK)
+        lo, w = _search(x_row, v, m, mn, t, lo, w, top_p * mass, need_p, pen_row, rep, freq, pres, pen_lim, True,
+                        BLOCK, NP, MAX_PASSES, PEN)
+        tok = _draw(x_row, x_row, v, lo, m, t, min_p, k0, k1, step, m_idx, pen_row, rep, freq, pres, pen_lim, False,
+                    BLOCK, PEN)
         return tok, lo
 
     @triton.jit
@@ -494,10 +649,13 @@ if _HAS_TRITON:
 
     @triton.jit(do_not_specialize=["stride_row", "v", "n_tiles"])
     def _sample_kernel(x_ptr, stride_row, v, params_ptr, out_ptr, host_ptr, thresh_ptr, path_ptr, fstat_ptr,
-                       istat_ptr, cval_ptr, cidx_ptr, counter_ptr, sums_ptr, n_tiles, TILE: tl.constexpr,
+                       istat_ptr, cval_ptr, cidx_ptr, counter_ptr, sums_ptr, pen_ptr, n_tiles, TILE: tl.constexpr,
                        C: tl.constexpr, NT: tl.constexpr, BLOCK: tl.constexpr, NP: tl.constexpr,
                        NPT: tl.constexpr, MAX_PASSES: tl.constexpr, TO_HOST: tl.constexpr,
-                       DEBUG_OUT: tl.constexpr, ROW_SUMS: tl.constexpr):
+                       DEBUG_OUT: tl.constexpr, ROW_SUMS: tl.constexpr, PEN: tl.constexpr, NF: tl.constexpr,
+                       F_TEMP: tl.constexpr, F_TOPK: tl.constexpr, F_TOPP: tl.constexpr, F_MINP: tl.constexpr,
+                       F_SEED_LO: tl.constexpr, F_SEED_HI: tl.constexpr, F_STEP: tl.constexpr,
+                       F_PEN_ROW: tl.constexpr, F_REP: tl.constexpr, F_FREQ: tl.constexpr, F_PRES: tl.constexpr):
         """Grid (rows, tiles). Every program summarises its tile (statistics; for a filtered row its top-C logits
         as candidates; for an unfiltered row its Gumbel winner); the last program of a row to finish (an
         atomic ticket) merges the tiles and picks the row's token. Paths (``path_out``): 0 greedy, 1 unfiltered
@@ -507,14 +665,22 @@ if _HAS_TRITON:
         tile = tl.program_id(1)
         big: tl.constexpr = 2147483647
         x_row = x_ptr + row * stride_row
-        prm = params_ptr + row * 8
-        t = tl.load(prm + 0).to(tl.float32, bitcast=True)
-        top_k = tl.load(prm + 1)
-        top_p = tl.load(prm + 2).to(tl.float32, bitcast=True)
-        min_p = tl.load(prm + 3).to(tl.float32, bitcast=True)
-        k0 = tl.load(prm + 4).to(tl.uint32, bitcast=True)
-        k1 = tl.load(prm + 5).to(tl.uint32, bitcast=True)
-        step = tl.load(prm + 6).to(tl.uint32, bitcast=True)
+        prm = params_ptr + row * NF
+        t = tl.load(prm + F_TEMP).to(tl.float32, bitcast=True)
+        top_k = tl.load(prm + F_TOPK)
+        top_p = tl.load(prm + F_TOPP).to(tl.float32, bitcast=True)
+        min_p = tl.load(prm + F_MINP).to(tl.float32, bitcast=True)
+        k0 = tl.load(prm + F_SEED_LO).to(tl.uint32, bitcast=True)
+        k1 = tl.load(prm + F_SEED_HI).to(tl.uint32, bitcast=True)
+        step = tl.load(prm + F_STEP).to(tl.uint32, bitcast=True)
+        # penalties: the row's state row (a dummy pointer and no loads without one)
+        p_row = tl.load(prm + F_PEN_ROW)
+        has_pen = p_row >= 0
+        pen_lim = tl.where(has_pen, v, 0)  # the state's columns a masked load may read (none without a row)
+        rep = tl.load(prm + F_REP).to(tl.float32, bitcast=True)
+        freq = tl.load(prm + F_FREQ).to(tl.float32, bitcast=True)
+        pres = tl.load(prm + F_PRES).to(tl.float32, bitcast=True)
+        pen_row = pen_ptr + tl.maximum(p_row, 0).to(tl.int64) * v
         filtered = ((top_k > 0) & (top_k < v)) | (top_p < 1.0) | (min_p > 0.0)
         ts = tl.where(t > 0, t, 1.0)
 
@@ -522,7 +688,11 @@ if _HAS_TRITON:
         offs = tile * TILE + tl.arange(0, TILE)
         ok = offs < v
         x = tl.load(x_row + offs, mask=ok, other=float("-inf")).to(tl.float32)
-        xf, m_t, idx_t, nan_t, mn_t, nv_t = _tile_stats(x, offs, ok)
+        xp = x
+        if PEN:
+            s_t = tl.load(pen_row + offs, mask=ok & (offs < pen_lim), other=0).to(tl.int32)
+            xp = _penalize(x, s_t, rep, freq, pres)
+        xf, m_t, idx_t, nan_t, mn_t, nv_t = _tile_stats(xp, offs, ok)
         mass_t = tl.full((), 0.0, tl.float32)
         cmin_t = tl.full((), float("-inf"), tl.float32)
         win_score = tl.full((), float("-inf"), tl.float32)
@@ -598,8 +768,8 @@ if _HAS_TRITON:
                     b_drop = tl.max(cmins, 0)  # every logit above this is a candidate
                     total = tl.sum(tl.where(tok_ok, masses * tl.exp((ms - m) / ts), 0.0), 0)
                     need_k = ((top_k > 0) & (top_k < n_valid)).to(tl.int32)
-                    lo, w = _search(cv, nc, m, mn, ts, lo, mn, top_k.to(tl.float32), need_k, False, BLOCK, NP,
-                                    MAX_PASSES)
+                    lo, w = _search(cv, nc, m, mn, ts, lo, mn, top_k.to(tl.float32), need_k, pen_row, rep, freq,
+                                    pres, pen_lim, False, BLOCK, NP, MAX_PASSES, False)
                     exact = (need_k == 0) | (lo >= b_drop)
                     need_p = (top_p < 1.0).to(tl.int32)
                     mass = total
@@ -611,21 +781,23 @@ if _HAS_TRITON:
                                 xc = tl.load(cv + o, mask=o < nc, other=float("-inf"), volatile=True)
                                 acc += tl.where(xc > lo, tl.exp((xc - m) / ts), 0.0)
                             mass = tl.sum(acc, 0)
-                    lo, w = _search(cv, nc, m, mn, ts, lo, w, top_p * mass, need_p, True, BLOCK, NP, MAX_PASSES)
+                    lo, w = _search(cv, nc, m, mn, ts, lo, w, top_p * mass, need_p, pen_row, rep, freq, pres,
+                                    pen_lim, True, BLOCK, NP, MAX_PASSES, False)
                     mp_cut = m + ts * tl.log(tl.maximum(min_p, 1e-30))
                     mp_cut = mp_cut - tl.abs(mp_cut) * 1e-5 - 1e-6  # margin for exp/log rounding
                     covered = (b_drop == float("-inf")) | (lo >= b_drop) | (
                         (need_p == 0) & (min_p > 0.0) & (mp_cut > b_drop))
                     if exact & covered:
-                        tok = _draw(cv, ci, nc, lo, m, ts, min_p, k0, k1, step, m_idx, True, BLOCK)
+                        tok = _draw(cv, ci, nc, lo, m, ts, min_p, k0, k1, step, m_idx, pen_row, rep, freq, pres,
+                                    pen_lim, True, BLOCK, False)
                         path = tl.full((), 2, tl.int32)
                     else:
                         tok, lo = _full_row(x_row, v, m, mn, n_valid, ts, top_k, top_p, min_p, k0, k1, step,
-                                            m_idx, BLOCK, NP, MAX_PASSES)
+                                            m_idx, pen_row, rep, freq, pres, pen_lim, BLOCK, NP, MAX_PASSES, PEN)
                         path = tl.full((), 3, tl.int32)
                 else:
                     # the tile winners, rescored on the row's scale (the same formula as the whole-row draw)
-                    wx = tl.load(x_row + wins, mask=tok_ok, other=float("-inf")).to(tl.float32)
+                    wx = _load_row(x_row, wins, tok_ok, pen_row, rep, freq, pres, pen_lim, PEN)
                     u = _philox_u(k0, k1, wins.to(tl.uint32), step)
                     score = tl.where(tok_ok & (wx > float("-inf")), (wx - m) / ts - tl.log(-tl.log(u)),
                                      float("-inf"))
@@ -633,6 +805,10 @@ if _HAS_TRITON:
                     tok = tl.min(tl.where(tok_ok & (score == best), wins, big), 0)
                     path = tl.full((), 1, tl.int32)
             tok = tok.to(tl.int64)
+            if PEN:
+                if has_pen:  # the token joins the row's counts (one program per row: a plain update)
+                    cnt_ptr = pen_row + tok
+                    tl.store(cnt_ptr, tl.load(cnt_ptr, mask=tok < v, other=0) + 2, mask=tok < v)
             tl.store(out_ptr + row, tok)
             if TO_HOST:
                 tl.store(host_ptr + row, tok)

@@ -20,6 +20,19 @@ def _rope_output(x, index: int):
     return None
 
 
+def _own_layer(node: fx.Node, ctx) -> bool:
+    """Whether the backend that runs this node's layer asked for this pass (a model whose layers run on
+    different backends: each backend's passes touch only its own layers, insert_kv_cache tags each cached op
+    with its layer). Untagged nodes (a graph built by hand) are judged by their op alone."""
+    layer = node.meta.get("attention_layer")
+    backend = getattr(ctx, "attention_backend", None)
+    specs = getattr(ctx, "attention_specs", None) or []
+    if layer is None or backend is None or not 0 <= layer < len(specs):
+        return True
+    passes = backend.layer_backend(specs[layer]).graph_passes()
+    return any(getattr(fn, "pass_name", None) == "fuse_rope_cache_write" for fn in passes)
+
+
 @register_pass("fuse_rope_cache_write")
 def fuse_rope_cache_write(gm: fx.GraphModule, ctx) -> PassResult:
     from autodeploy.backends.triton import ops  # noqa: F401
@@ -27,7 +40,7 @@ def fuse_rope_cache_write(gm: fx.GraphModule, ctx) -> PassResult:
     result = PassResult()
     graph = gm.graph
     for node in list(graph.nodes):
-        if not is_op(node, torch.ops.autodeploy.triton_cached_attention):
+        if not is_op(node, torch.ops.autodeploy.triton_cached_attention) or not _own_layer(node, ctx):
             continue
         inputs = cached_inputs(node)
         qf, kf = inputs["q"], inputs["k"]

@@ -1,0 +1,122 @@
+"""Batch-1 decode GEMMs on quantized weights: the bf16 skinny GEMM against the FP8 / int8 skinny GEMMs
+(``kernels/quant_gemm.py``) in their launch forms, on a model's real per-layer shapes.
+
+Each case is a CUDA graph replaying the GEMM of one shape over every layer's own weight (each weight comes from
+HBM, as in a decode step), timed with events; the floor is the weight bytes over the measured copy bandwidth.
+Every variant is checked against the canonical op's reference first. ``--rows`` also times the activation
+quantizer on prefill-sized inputs (the fused ``quantize_fp8_rows`` against the reference's chain of kernels).
+Usage: python benchmarks/bench_quant_gemv.py [--model llama-3.1-8b] [--m 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_gemv import graph_of, shapes  # noqa: E402
+from bench_triton_attention import copy_bandwidth, time_cuda  # noqa: E402
+
+# (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages); None: quant_gemv_config's choice
+CONFIGS = [(False, 8, 2048, 8, 2), (True, 32, 256, 4, 6), (True, 64, 256, 4, 4), (True, 32, 512, 4, 4),
+           (True, 64, 512, 4, 3), (True, 128, 256, 4, 4), (True, 128, 512, 8, 3), (True, 256, 256, 8, 3)]
+
+
+def main() -> int:
+    from autodeploy.backends.triton.kernels.gemv import gemv
+    from autodeploy.backends.triton.kernels.quant_gemm import quant_gemv, quantize_fp8_rows
+    from autodeploy.ops import quant
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--layers", type=int, default=0, help="weights per shape (default: the model's layer count)")
+    p.add_argument("--rows", default="", help="also time activation quantization for these row counts (4096,..)")
+    p.add_argument("--json", default=None)
+    p.add_argument("--best-out", default=None, help="write the fastest launch per kind (fp8, int8w) over all shapes")
+    args = p.parse_args()
+    from autodeploy.backends.triton.kernels import quant_gemm
+    bw = copy_bandwidth(1 << 30, 10) * 1e9  # bytes/s
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    torch.manual_seed(0)
+    rows = []
+    dt = torch.bfloat16
+    for name, (n, k, layers) in shapes(args.model).items():
+        if name == "lm_head":
+            continue
+        layers = args.layers or layers
+        w16 = [torch.randn(n, k, device="cuda", dtype=dt) / k**0.5 for _ in range(layers)]
+        fp8 = [quant.quantize_fp8_weight(w, search=1) for w in w16]
+        i8 = [quant.quantize_int8_weight(w) for w in w16]
+        x = torch.randn(args.m, k, device="cuda", dtype=dt)
+        cases = {"bf16 gemv": (lambda w: gemv(x, w), w16, 2)}
+
+        def old_fp8(wq, ws):  # the previous decode path: the reference quantizer, then the GEMV
+            xq, xs = quant.quantize_fp8_activation(x)
+            return quant_gemv(xq, wq, ws, xs, out_dtype=x.dtype)
+
+        cases["fp8 unfused act-quant"] = (lambda wt: old_fp8(*wt), fp8, 1)
+        def int8w(wt, c, cvt):
+            quant_gemm.INT8_CVT = cvt
+            return quant_gemv(x, wt[0], wt[1], config=c)
+
+        for cfg in CONFIGS:
+            if cfg[0] and k % cfg[2]:
+                continue
+            tag = ("tc" if cfg[0] else "cc") + "/" + "/".join(map(str, cfg[1:]))
+            cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], quantize_a=True, config=c), fp8, 1)
+            for cvt in ((0, 1, 2) if cfg[0] else (0,)):
+                cases[f"int8w {tag}/cvt{cvt}"] = (lambda wt, c=cfg, v=cvt: int8w(wt, c, v), i8, 1)
+        ref8 = quant.fp8_linear_reference(x, *fp8[0]).float()
+        refi = quant.int8_weight_linear_reference(x, *i8[0]).float()
+        for label, (fn, ws, nbytes) in cases.items():
+            try:
+                got = fn(ws[0]).float()
+            except Exception as exc:  # a config Triton cannot compile for this shape
+                print(f"{name:8s} {label:28s} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                continue
+            ref = ref8 if label.startswith("fp8") else refi if label.startswith("int8") else got
+            err = ((got - ref).norm() / ref.norm()).item()
+            g = graph_of([lambda w=w: fn(w) for w in ws])
+            us = time_cuda(g, args.reps, 3) * 1e3 / layers
+            floor = n * k * nbytes / bw * 1e6
+            rows.append(dict(shape=name, n=n, k=k, m=args.m, variant=label, us=us, floor_us=floor, rel_err=err))
+            print(f"{name:8s} {label:28s} {us:7.1f} us  floor {floor:6.1f} ({100 * floor / us:5.1f}%)  "
+                  f"rel err {err:.1e}", flush=True)
+        del w16, fp8, i8
+        torch.cuda.empty_cache()
+    for r in [int(v) for v in args.rows.split(",") if v]:
+        k = shapes(args.model)["qkv"][1]
+        x = torch.randn(r, k, device="cuda", dtype=dt)
+        q1, s1 = quantize_fp8_rows(x)
+        q2, s2 = quant.quantize_fp8_activation(x)
+        same = torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and torch.equal(s1, s2)
+        for label, fn in (("reference chain", lambda: quant.quantize_fp8_activation(x)),
+                          ("quantize_fp8_rows", lambda: quantize_fp8_rows(x))):
+            us = time_cuda(graph_of([fn]), args.reps, 3) * 1e3
+            rows.append(dict(shape="act-quant", m=r, k=k, variant=label, us=us, bit_exact=same))
+            print(f"act-quant rows {r:6d} {label:20s} {us:7.1f} us  bit-exact {same}", flush=True)
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+    if args.best_out:  # per kind, the launch with the least summed time over the shapes (count-weighted)
+        counts = {name: c for name, (_, _, c) in shapes(args.model).items()}
+        lines = []
+        for kind in ("fp8", "int8w"):
+            tot: dict[str, float] = {}
+            for r in rows:
+                if r["variant"].startswith(kind + " ") and "unfused" not in r["variant"]:
+                    tot[r["variant"]] = tot.get(r["variant"], 0.0) + r["us"] * counts[r["shape"]]
+            full = {v: t for v, t in tot.items() if sum(r["variant"] == v for r in rows) == len(counts) - 1}
+            best = min(full, key=full.get)
+            lines.append(f"{kind} {best.split(' ', 1)[1]}")
+            print(f"best {kind}: {best} ({full[best]:.0f} us per step)", flush=True)
+        open(args.best_out, "w").write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
