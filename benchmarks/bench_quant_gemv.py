@@ -39,7 +39,6 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--best-out", default=None, help="write the fastest launch per kind (fp8, int8w) over all shapes")
     args = p.parse_args()
-    from autodeploy.backends.triton.kernels import quant_gemm
     bw = copy_bandwidth(1 << 30, 10) * 1e9  # bytes/s
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     torch.manual_seed(0)
@@ -60,17 +59,12 @@ def main() -> int:
             return quant_gemv(xq, wq, ws, xs, out_dtype=x.dtype)
 
         cases["fp8 unfused act-quant"] = (lambda wt: old_fp8(*wt), fp8, 1)
-        def int8w(wt, c, cvt):
-            quant_gemm.INT8_CVT = cvt
-            return quant_gemv(x, wt[0], wt[1], config=c)
-
         for cfg in CONFIGS:
             if cfg[0] and k % cfg[2]:
                 continue
             tag = ("tc" if cfg[0] else "cc") + "/" + "/".join(map(str, cfg[1:]))
             cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], quantize_a=True, config=c), fp8, 1)
-            for cvt in ((0, 1, 2) if cfg[0] else (0,)):
-                cases[f"int8w {tag}/cvt{cvt}"] = (lambda wt, c=cfg, v=cvt: int8w(wt, c, v), i8, 1)
+            cases[f"int8w {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], config=c), i8, 1)
         ref8 = quant.fp8_linear_reference(x, *fp8[0]).float()
         refi = quant.int8_weight_linear_reference(x, *i8[0]).float()
         for label, (fn, ws, nbytes) in cases.items():

@@ -189,7 +189,7 @@ def _check(gm: fx.GraphModule, ctx) -> PassResult:
     except Exception as exc:
         raise SequenceMixerError(
             f"the cached graph could not be checked for token mixing outside the cached attention "
-            f"({type(exc).__name__}: {exc}); refusing rather than risking wrong answers{_unverified(ctx)}") from exc
+            f"({type(exc).__name__}: {exc}); refusing rather than risking wrong answers") from exc
     outs = [(a, b) for a, b in zip(tree_flatten(base)[0], tree_flatten(moved)[0])]
     if not any(_moved_elsewhere(a, b, length) for a, b in outs):
         stateful = any(cached_mixer_kind(n) is not None for n in gm.graph.nodes)
@@ -201,15 +201,7 @@ def _check(gm: fx.GraphModule, ctx) -> PassResult:
         f"{describe(culprit) if culprit is not None else 'some op'} mixes information across tokens outside the "
         "cached attention: an attention form the matcher did not convert, or a recurrent/SSM/conv layer whose "
         "state is not carried across steps. It would answer wrong, so the model is refused"
-        + (f" (attention matcher notes: {notes})" if notes else "") + _unverified(ctx))
-
-
-def _unverified(ctx) -> str:
-    """The stateful mixers left as HF wrote them (models/stateful: a form not verified against HF), by name:
-    the likely reason a check fails on a hybrid model."""
-    report = getattr(ctx, "report", None)
-    kept = [line for line in getattr(report, "loading", []) if "kept (unverified form" in line]
-    return f"; stateful mixers not rewritten: {'; '.join(kept)}" if kept else ""
+        + (f" (attention matcher notes: {notes})" if notes else ""))
 
 
 def _locate(probe, ids, other, page_size, device, length) -> Optional[fx.Node]:

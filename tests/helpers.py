@@ -100,3 +100,55 @@ class WithSlots:
 
     def forward(self, batch):
         return self.cm.forward(batch)
+
+
+def assert_no_cross_talk(cm, model, a, b) -> WithSlots:
+    """Two sequences of a stateful model prefill together, then continue together: each must continue from its
+    own state only (logits against HF on each sequence alone). Returns the packer, with both slots taken."""
+    from autodeploy.metadata import SequenceChunk
+
+    packer = WithSlots(cm)
+    cm.forward(packer.pack([SequenceChunk(a[:6], 0, [1, 2, 3]), SequenceChunk(b[:5], 0, [4, 5, 6])]))
+    second = cm.forward(packer.pack([SequenceChunk(a[6:], 6, [1, 2, 3]), SequenceChunk(b[5:], 5, [4, 5, 6])],
+                                    all_logits=True))
+    ref = torch.cat([hf_prompt_logits(model, a)[6:], hf_prompt_logits(model, b)[5:]])
+    assert rel_rms(second, ref) < 1e-4
+    return packer
+
+
+def assert_greedy_matches_hf(engine, model, prompts, new_tokens: int, preempts: bool = False) -> None:
+    """Every prompt's greedy tokens through ``engine`` equal HF generate's. ``preempts``: the prompts arrive at
+    once and the run must preempt (the recomputed requests still agree); else one arrives per step. No page is
+    left allocated."""
+    from autodeploy import SamplingConfig
+
+    cfg = SamplingConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    outs = drive(engine, [(0 if preempts else i, p, cfg) for i, p in enumerate(prompts)])
+    if preempts:
+        assert engine.stats.num_preemptions > 0
+    for p, out in zip(prompts, outs):
+        assert out.output_ids == hf_greedy(model, p, new_tokens)
+    engine.kv.check_all_free()
+
+
+def assert_stateful_matches_hf_on_gpu(cm, engine, ref, seqs, prompts, new_tokens: int = 10) -> None:
+    """A stateful model compiled on CUDA against HF eager on the CPU (same weights): the mixed batch of ``seqs``
+    (logits) and greedy decoding of ``prompts`` through ``engine``."""
+    got = mixed_batch_logits(WithSlots(cm), seqs)
+    for i, seq in enumerate(seqs):
+        assert rel_rms(got[i].cpu(), hf_prompt_logits(ref, seq)) < 1e-4, i
+    assert_greedy_matches_hf(engine, ref, prompts, new_tokens)
+
+
+def gpu_llama(dtype, seed=0, layers=2):
+    """A 1024-wide random Llama on CUDA (32k vocabulary), its LM head scaled for clear greedy margins."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        m = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8.0)  # clear greedy margins on random weights
+    return m.to(dtype).eval()

@@ -12,23 +12,13 @@ import autodeploy
 from autodeploy.metadata import SequenceChunk
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.sampling import SamplingConfig
+from helpers import gpu_llama
 
 pytestmark = pytest.mark.gpu
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytestmark = [pytest.mark.gpu, pytest.mark.skip(reason="compiled Triton kernels only")]
 
 
-def _llama(dtype, seed=0, layers=2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8.0)  # clear greedy margins on random weights
-    return m.to(dtype).eval()
 
 
 def _prompts(n, vocab=32000, seed=0):
@@ -45,7 +35,7 @@ def _first_diff(a, b):
 
 
 def test_triton_backend_matches_torch_backend_greedy_64():
-    model = _llama(torch.float32)
+    model = gpu_llama(torch.float32)
     cfg = SamplingConfig(max_new_tokens=64, ignore_eos=True)
     prompts = _prompts(6)
     outs = {}
@@ -57,7 +47,7 @@ def test_triton_backend_matches_torch_backend_greedy_64():
 
 
 def test_triton_backend_bf16_logits_match_hf():
-    model = _llama(torch.bfloat16, seed=4)
+    model = gpu_llama(torch.bfloat16, seed=4)
     cm = autodeploy.compile(model, max_batch_size=8, max_seq_len=512, backend="triton")
     prompts = _prompts(4, seed=4)
     ps = cm.page_size
@@ -81,7 +71,7 @@ def test_triton_backend_bf16_logits_match_hf():
 
 
 def test_auto_picks_triton_on_cuda():
-    cm = autodeploy.compile(_llama(torch.bfloat16, layers=1), max_batch_size=2, max_seq_len=128)
+    cm = autodeploy.compile(gpu_llama(torch.bfloat16, layers=1), max_batch_size=2, max_seq_len=128)
     assert cm.report.backend == "triton"
     assert "triton" in cm.explain()
 
@@ -89,7 +79,7 @@ def test_auto_picks_triton_on_cuda():
 @pytest.mark.parametrize("lowering", ["torch-compile", "cudagraph", "cudagraph-piecewise", "cudagraph-decode",
                                       "torch-compile+cudagraph"])
 def test_lowering_modes_match_eager_greedy_64(lowering):
-    model = _llama(torch.float32, seed=1)
+    model = gpu_llama(torch.float32, seed=1)
     cfg = SamplingConfig(max_new_tokens=64, ignore_eos=True)
     prompts = _prompts(5, seed=1)
     ref_cm = autodeploy.compile(model, max_batch_size=8, max_seq_len=512, lowering="eager")
@@ -115,7 +105,7 @@ def _mixed_runner(cm):
 def test_cudagraph_with_changing_batch_composition(lowering):
     """Sequences leave and join between steps (different buckets, prefill mixed in); every request's output
     equals its output run alone in eager mode."""
-    model = _llama(torch.float32, seed=2)
+    model = gpu_llama(torch.float32, seed=2)
     eager = autodeploy.compile(model, max_batch_size=16, max_seq_len=512, lowering="eager")
     graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=512, lowering=lowering)
     mixed = _mixed_runner(graph)
@@ -142,7 +132,7 @@ def test_cudagraph_with_changing_batch_composition(lowering):
 def test_async_scheduling_equals_sync_with_cuda_graphs():
     """The sampled tokens reach the next captured step through the upload into the bucket's input buffer; early
     stops land one step late. Outputs must equal the synchronous loop's exactly."""
-    model = _llama(torch.float32, seed=3)
+    model = gpu_llama(torch.float32, seed=3)
     cm = autodeploy.compile(model, max_batch_size=8, max_seq_len=512, lowering="cudagraph")
     prompts = _prompts(10, seed=4)
     plain = SamplingConfig(max_new_tokens=40, ignore_eos=True)
@@ -164,7 +154,7 @@ def test_captured_mixed_steps_match_eager(dtype, lowering):
     """Prefill and mixed steps of many token counts (inside, at and across token buckets, sequences crossing
     pages, decodes only behind a prefill) through whole-step graphs (device-composed) or piecewise graphs give
     the eager graph's logits; a small step after a large one in the same bucket is unaffected by stale rows."""
-    model = _llama(dtype, seed=5)
+    model = gpu_llama(dtype, seed=5)
     eager = autodeploy.compile(model, max_batch_size=16, max_seq_len=1024, lowering="eager")
     graph = autodeploy.compile(model, max_batch_size=16, max_seq_len=1024, lowering=lowering)
     mixed = _mixed_runner(graph)

@@ -12,7 +12,8 @@ from autodeploy.ops.mixers.selective_scan import cached_selective_scan_reference
 from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.hooks import LogitsProcessor
 from autodeploy.runtime.sampling import SamplingConfig
-from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy, rel_rms
+from helpers import (assert_mixed_batch_matches_hf, assert_no_cross_talk, assert_stateful_matches_hf_on_gpu,
+                     drive, hf_greedy, rel_rms)
 from helpers import WithSlots as _WithSlots
 from model_zoo import STATEFUL_FAMILIES, make_model
 
@@ -131,13 +132,7 @@ def test_prompt_prefilled_over_several_steps_then_decoded():
 def test_sequences_in_one_step_do_not_contaminate_each_other():
     """Two sequences prefill together, then continue together: each continues from its own state only."""
     model, cm = _compiled()
-    a, b = _prompts(3, (12, 10))
-    packer = _WithSlots(cm)
-    cm.forward(packer.pack([SequenceChunk(a[:6], 0, [1, 2, 3]), SequenceChunk(b[:5], 0, [4, 5, 6])]))
-    second = cm.forward(packer.pack([SequenceChunk(a[6:], 6, [1, 2, 3]), SequenceChunk(b[5:], 5, [4, 5, 6])],
-                                    all_logits=True))
-    ref = torch.cat([_hf_logits(model, a)[6:], _hf_logits(model, b)[5:]])
-    assert rel_rms(second, ref) < 1e-4
+    assert_no_cross_talk(cm, model, *_prompts(3, (12, 10)))
 
 
 class _Recorder(LogitsProcessor):
@@ -214,18 +209,8 @@ def test_jamba_on_gpu():
     falling back to eager, with the reason): a mixed batch and greedy decoding match HF eager on the CPU."""
     import copy
 
-    from helpers import mixed_batch_logits
-
     ref = _jamba()
     cm = autodeploy.compile(copy.deepcopy(ref).to("cuda"), **KW)
     assert cm.report.lowering == "eager" and "stateful mixer ops" in cm.report.lowering_reason
-    seqs = _prompts(1, (9, 11, 6))
-    got = mixed_batch_logits(_WithSlots(cm), seqs)
-    for i, seq in enumerate(seqs):
-        assert rel_rms(got[i].cpu(), _hf_logits(ref, seq)) < 1e-4, i
-    engine = Engine(cm, max_num_tokens=5)
-    prompts = _prompts(2, (11, 8, 13))
-    outs = drive(engine, [(i, p, SamplingConfig(max_new_tokens=10, ignore_eos=True)) for i, p in enumerate(prompts)])
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(ref, p, 10)
-    engine.kv.check_all_free()
+    assert_stateful_matches_hf_on_gpu(cm, Engine(cm, max_num_tokens=5), ref, _prompts(1, (9, 11, 6)),
+                                      _prompts(2, (11, 8, 13)))

@@ -19,7 +19,7 @@ from autodeploy.metadata import SequenceChunk
 from autodeploy.ops import kv_quant
 from autodeploy import SamplingConfig
 from autodeploy.runtime.engine import Engine
-from helpers import mixed_batch_logits, rel_rms
+from helpers import gpu_llama, mixed_batch_logits, rel_rms
 from model_zoo import make_model
 
 KW = dict(max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48)
@@ -297,12 +297,18 @@ def test_triton_model_matches_torch_fp8_reference(llama, page_size):
 
 
 @interp_only
-def test_triton_bf16_fp8_decode_matches_torch_fp8_reference(llama):
+@pytest.mark.parametrize("v_gain", [1.0, 2.0**-20])
+def test_triton_bf16_fp8_decode_matches_torch_fp8_reference(llama, v_gain):
     """A bf16 model: the split-K decode kernel feeds the fp8 cache to its dots as fp16, with q scaled by a power
-    of two (F16_DOT); against the torch reference dequantizing to bf16, at bf16 tolerance."""
+    of two (F16_DOT); against the torch reference dequantizing to bf16, at bf16 tolerance. ``v_gain``: values
+    far below fp16's normal range (their scales must not push the attention weights into fp16 subnormals)."""
     import copy
 
     model = copy.deepcopy(llama).to(torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.mul_(v_gain)
+            layer.self_attn.o_proj.weight.mul_(1.0 / v_gain)
     kw = {**KW, "page_size": 16, "num_pages": 34, "dtype": torch.bfloat16}
     tri = autodeploy.compile(model, backend="triton", kv_cache_dtype="fp8", **kw)
     ref = autodeploy.compile(model, backend="torch", kv_cache_dtype="fp8", **kw)
@@ -347,17 +353,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or INTERP,
                                 reason="needs CUDA and compiled Triton kernels (TRITON_INTERPRET=0)")
 
 
-def _gpu_llama(dtype, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=2,
-                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
-    torch.manual_seed(seed)
-    with torch.device("cuda"):
-        m = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        m.lm_head.weight.mul_(8.0)  # clear greedy margins on random weights
-    return m.to(dtype).eval()
 
 
 def _gpu_prompts(n, seed=0):
@@ -371,7 +366,7 @@ def _gpu_prompts(n, seed=0):
 def test_gpu_triton_fp8_kv_greedy_matches_torch_reference():
     """fp32: the compiled Triton kernels (fused RoPE + quantizing write, flash prefill, split-K decode) and the
     torch reference, each with an fp8 cache, generate the same greedy tokens (engine, CUDA graphs on)."""
-    model = _gpu_llama(torch.float32)
+    model = gpu_llama(torch.float32)
     prompts = _gpu_prompts(6)
     outs = {}
     for backend in ("torch", "triton"):
@@ -388,7 +383,7 @@ def test_gpu_triton_fp8_kv_greedy_matches_torch_reference():
 def test_gpu_triton_fp8_kv_mixed_steps_bf16(lowering, page_size):
     """bf16 mixed prefill/decode steps crossing pages, eager and through whole-step CUDA graphs (device-composed
     steps): Triton fp8 KV against the torch fp8 reference (2e-2), and against the bf16 cache (5e-2)."""
-    model = _gpu_llama(torch.bfloat16, seed=5)
+    model = gpu_llama(torch.bfloat16, seed=5)
     kw = dict(max_batch_size=8, max_seq_len=1024, page_size=page_size)
     ref = autodeploy.compile(model, backend="torch", kv_cache_dtype="fp8", lowering="eager", **kw)
     tri = autodeploy.compile(model, backend="triton", kv_cache_dtype="fp8", lowering=lowering, **kw)

@@ -12,7 +12,8 @@ from autodeploy.metadata import SequenceChunk
 from autodeploy.models.stateful import minimax as minimax_rewrite
 from autodeploy.passes.check_sequence_mixers import SequenceMixerError
 from autodeploy.runtime.engine import Engine
-from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy, rel_rms
+from helpers import (assert_greedy_matches_hf, assert_mixed_batch_matches_hf, assert_no_cross_talk,
+                     assert_stateful_matches_hf_on_gpu, drive, hf_greedy, hf_prompt_logits, rel_rms)
 from model_zoo import STATEFUL_FAMILIES, make_model
 from test_recurrent_state import KW, _greedy, _prompts, _WithSlots
 
@@ -94,32 +95,18 @@ def test_prefill_in_several_chunks_matches_hf():
 def test_sequences_in_one_step_do_not_contaminate_each_other():
     """Two sequences prefill together, then continue together; a third reuses a slot with stale state."""
     model, cm = _compiled()
-    a, b = _prompts(3, (12, 10))
-    packer = _WithSlots(cm)
-    cm.forward(packer.pack([SequenceChunk(a[:6], 0, [1, 2, 3]), SequenceChunk(b[:5], 0, [4, 5, 6])]))
-    second = cm.forward(packer.pack([SequenceChunk(a[6:], 6, [1, 2, 3]), SequenceChunk(b[5:], 5, [4, 5, 6])],
-                                    all_logits=True))
+    packer = assert_no_cross_talk(cm, model, *_prompts(3, (12, 10)))
     packer.slots[7] = packer.slots[1]  # pages [7, ...] take sequence a's slot, still holding a's state
     c = _prompts(9, (9,))[0]
     third = cm.forward(packer.pack([SequenceChunk(c, 0, [7, 8, 9])], all_logits=True))
-    with torch.no_grad():
-        ref = torch.cat([model(torch.tensor([a])).logits[0, 6:], model(torch.tensor([b])).logits[0, 5:]])
-        ref_c = model(torch.tensor([c])).logits[0]
-    assert rel_rms(second, ref) < 1e-4
-    assert rel_rms(third, ref_c) < 1e-4
+    assert rel_rms(third, hf_prompt_logits(model, c)) < 1e-4
 
 
 def test_preemption_recomputes_the_same_tokens():
     """32 pages of 4 tokens for 4 requests growing to 32-38 tokens: the scheduler preempts, and a preempted request
     restarts from position 0 with a zero state."""
     model, cm = _compiled()
-    engine = Engine(cm)
-    prompts = _prompts(4, (24, 20, 22, 26))
-    outs = drive(engine, [(0, p, _greedy(12)) for p in prompts])
-    assert engine.stats.num_preemptions > 0
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(model, p, 12)
-    engine.kv.check_all_free()
+    assert_greedy_matches_hf(Engine(cm), model, _prompts(4, (24, 20, 22, 26)), 12, preempts=True)
 
 
 def test_bf16_mixed_batch_within_the_bf16_tier():
@@ -171,18 +158,6 @@ def test_minimax_on_gpu():
     (eager, on the CPU, same weights)."""
     import copy
 
-    from helpers import mixed_batch_logits
-
     ref = make_model("minimax", "eager", tie_word_embeddings=False)
     cm = autodeploy.compile(copy.deepcopy(ref).to("cuda"), **KW)
-    seqs = _prompts(1)
-    got = mixed_batch_logits(_WithSlots(cm), seqs)
-    with torch.no_grad():
-        for i, seq in enumerate(seqs):
-            assert rel_rms(got[i].cpu(), ref(torch.tensor([seq])).logits[0]) < 1e-4, i
-    engine = Engine(cm, max_num_tokens=5)
-    prompts = _prompts(2, (11, 8, 13))
-    outs = drive(engine, [(i, p, _greedy(10)) for i, p in enumerate(prompts)])
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(ref, p, 10)
-    engine.kv.check_all_free()
+    assert_stateful_matches_hf_on_gpu(cm, Engine(cm, max_num_tokens=5), ref, _prompts(1), _prompts(2, (11, 8, 13)))

@@ -13,7 +13,8 @@ from autodeploy.ops.mixers import MIXER_KINDS
 from autodeploy.ops.mixers.gated_delta import cached_gated_delta_rule_reference, gated_delta_rule_reference
 from autodeploy.passes.check_sequence_mixers import SequenceMixerError
 from autodeploy.runtime.engine import Engine
-from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy, rel_rms
+from helpers import (assert_mixed_batch_matches_hf, assert_no_cross_talk, assert_stateful_matches_hf_on_gpu,
+                     drive, hf_greedy, rel_rms)
 from model_zoo import STATEFUL_FAMILIES, make_model
 from test_recurrent_state import KW, _greedy, _prompts, _run_cached, _split_steps, _WithSlots
 
@@ -111,14 +112,7 @@ def test_mixed_batch_and_multi_chunk_prefill_match_hf():
 def test_sequences_in_one_step_do_not_contaminate_each_other():
     """Two sequences prefill together, then continue together: each continues from its own states only."""
     model, cm = _compiled()
-    a, b = _prompts(3, (12, 10))
-    packer = _WithSlots(cm)
-    cm.forward(packer.pack([SequenceChunk(a[:6], 0, [1, 2, 3]), SequenceChunk(b[:5], 0, [4, 5, 6])]))
-    second = cm.forward(packer.pack([SequenceChunk(a[6:], 6, [1, 2, 3]), SequenceChunk(b[5:], 5, [4, 5, 6])],
-                                    all_logits=True))
-    with torch.no_grad():
-        ref = torch.cat([model(torch.tensor([a])).logits[0, 6:], model(torch.tensor([b])).logits[0, 5:]])
-    assert rel_rms(second, ref) < 1e-4
+    assert_no_cross_talk(cm, model, *_prompts(3, (12, 10)))
 
 
 def test_greedy_with_chunked_prefill_and_preemption_matches_hf():
@@ -169,18 +163,6 @@ def test_qwen3_next_on_gpu():
     through the engine (asynchronous scheduling, chunked prefill) against HF eager on the CPU, same weights."""
     import copy
 
-    from helpers import mixed_batch_logits
-
     ref = make_model("qwen3_next", "eager", tie_word_embeddings=False)
     cm = autodeploy.compile(copy.deepcopy(ref).to("cuda"), **KW)
-    seqs = _prompts(1)
-    got = mixed_batch_logits(_WithSlots(cm), seqs)
-    with torch.no_grad():
-        for i, seq in enumerate(seqs):
-            assert rel_rms(got[i].cpu(), ref(torch.tensor([seq])).logits[0]) < 1e-4, i
-    engine = Engine(cm, max_num_tokens=5)
-    prompts = _prompts(2, (11, 8, 13))
-    outs = drive(engine, [(i, p, _greedy(10)) for i, p in enumerate(prompts)])
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(ref, p, 10)
-    engine.kv.check_all_free()
+    assert_stateful_matches_hf_on_gpu(cm, Engine(cm, max_num_tokens=5), ref, _prompts(1), _prompts(2, (11, 8, 13)))

@@ -13,8 +13,9 @@ from autodeploy.runtime.engine import Engine
 from autodeploy.runtime.kv_cache import KVCacheManager
 from autodeploy.runtime.sampling import SamplingConfig
 from autodeploy.runtime.state_slots import StateSlotAllocator
-from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy, rel_rms
+from helpers import assert_mixed_batch_matches_hf, drive, hf_greedy
 from helpers import WithSlots as _WithSlots
+from helpers import assert_greedy_matches_hf, assert_no_cross_talk, assert_stateful_matches_hf_on_gpu
 from model_zoo import STATEFUL_FAMILIES, make_model
 
 # 32 pages: the mixed-batch helper's page ids stay below it, and 4 requests of 32-38 tokens outgrow it (preemption).
@@ -200,27 +201,14 @@ def test_hybrid_family_matches_hf(family):
 def test_sequences_in_one_step_do_not_contaminate_each_other():
     """Two sequences prefill together, then continue together: each continues from its own state only."""
     model, cm = _compiled("bamba")
-    a, b = _prompts(3, (12, 10))
-    packer = _WithSlots(cm)
-    cm.forward(packer.pack([SequenceChunk(a[:6], 0, [1, 2, 3]), SequenceChunk(b[:5], 0, [4, 5, 6])]))
-    second = cm.forward(packer.pack([SequenceChunk(a[6:], 6, [1, 2, 3]), SequenceChunk(b[5:], 5, [4, 5, 6])],
-                                    all_logits=True))
-    with torch.no_grad():
-        ref = torch.cat([model(torch.tensor([a])).logits[0, 6:], model(torch.tensor([b])).logits[0, 5:]])
-    assert rel_rms(second, ref) < 1e-4
+    assert_no_cross_talk(cm, model, *_prompts(3, (12, 10)))
 
 
 def test_preemption_recomputes_the_same_tokens():
     """32 pages of 4 tokens for 4 requests growing to 32-38 tokens: the scheduler preempts, the preempted request
     takes a slot again and restarts from a zero state."""
     model, cm = _compiled("bamba")
-    engine = Engine(cm)
-    prompts = _prompts(4, (24, 20, 22, 26))
-    outs = drive(engine, [(0, p, _greedy(12)) for p in prompts])
-    assert engine.stats.num_preemptions > 0
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(model, p, 12)
-    engine.kv.check_all_free()
+    assert_greedy_matches_hf(Engine(cm), model, _prompts(4, (24, 20, 22, 26)), 12, preempts=True)
 
 
 def test_slots_freed_on_finish_and_abort_and_backpressure():
@@ -312,20 +300,9 @@ def test_hybrid_family_on_gpu(family):
     (eager, on the CPU, same weights)."""
     import copy
 
-    from helpers import mixed_batch_logits
-
     ref = make_model(family, "eager", tie_word_embeddings=False)
     cm = autodeploy.compile(copy.deepcopy(ref).to("cuda"), **KW)
     assert cm.report.lowering == "eager" and "stateful mixer ops" in cm.report.lowering_reason
-    seqs = _prompts(1)
-    got = mixed_batch_logits(_WithSlots(cm), seqs)
-    with torch.no_grad():
-        for i, seq in enumerate(seqs):
-            assert rel_rms(got[i].cpu(), ref(torch.tensor([seq])).logits[0]) < 1e-4, (family, i)
     engine = Engine(cm, max_num_tokens=5)
     assert engine.async_scheduling
-    prompts = _prompts(2, (11, 8, 13))
-    outs = drive(engine, [(i, p, _greedy(10)) for i, p in enumerate(prompts)])
-    for p, out in zip(prompts, outs):
-        assert out.output_ids == hf_greedy(ref, p, 10), family
-    engine.kv.check_all_free()
+    assert_stateful_matches_hf_on_gpu(cm, engine, ref, _prompts(1), _prompts(2, (11, 8, 13)))

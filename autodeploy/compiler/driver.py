@@ -18,11 +18,11 @@ from autodeploy.compiler.context import CompileContext
 from autodeploy.compiler.pass_manager import PassManager
 from autodeploy.compiler.pipeline import Pipeline, PassSpec, as_pipeline
 from autodeploy.compiler.report import CompileReport
-from autodeploy.errors import ConfigError, UnsupportedModelError
+from autodeploy.errors import ConfigError
 from autodeploy.graph.passes import PASSES
 from autodeploy.ops.kv_quant import resolve_kv_cache_dtype
 from autodeploy.models import shard_loading
-from autodeploy.models.stateful import is_stateful, rewrite_mixers
+from autodeploy.models.stateful import is_stateful, refusals_name_unrewritten, rewrite_mixers
 from autodeploy.passes.match_moe import DERIVE_OPS as _MOE_RECIPES
 from autodeploy.passes.quantize_linears import DERIVE_OPS as _QUANT_RECIPES, resolve_quantization
 
@@ -241,17 +241,12 @@ def compile(
         report.quantization = state.get("quantization", "")
         report.stage_seconds["cache load"] = time.perf_counter() - t0
     else:
-        with rewrite_mixers(hf_model, report.loading):  # stateful mixers -> canonical ops, for the export only
-            try:
+        with refusals_name_unrewritten(report.loading):
+            with rewrite_mixers(hf_model, report.loading):  # stateful mixers -> canonical ops, for the export only
                 gm = export_model(hf_model, max_batch_size, max_seq_len, max_num_tokens)
-            except UnsupportedModelError as exc:  # name the mixers left as HF wrote them: the likely cause
-                kept = [line for line in report.loading if "kept (unverified form" in line]
-                if not kept:
-                    raise
-                raise UnsupportedModelError(f"{exc}; stateful mixers not rewritten: {'; '.join(kept)}") from exc
-        report.stage_seconds["export"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        manager.run(gm, ctx)
+            report.stage_seconds["export"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            manager.run(gm, ctx)
         if ctx.attention_backend is None:
             raise ConfigError(f"the pipeline {pipeline.names} never inserted the KV cache (insert_kv_cache)")
         ctx.page_size = page_size or ctx.attention_backend.default_page_size

@@ -53,6 +53,35 @@ def is_stateful(model: torch.nn.Module) -> bool:
     return bool(find_mixers(model))
 
 
+def missing_form(module: torch.nn.Module, attrs: tuple[str, ...], silu: bool = False) -> Optional[str]:
+    """The first reason a rewrite's ``check`` shares: an attribute it reads is missing, or (``silu``) the
+    mixer's activation is not the verified SiLU. None when neither."""
+    missing = [a for a in attrs if not hasattr(module, a)]
+    if missing:
+        return f"missing attributes {missing}"
+    if silu and module.activation not in ("silu", "swish"):
+        return f"activation {module.activation!r} (verified: silu)"
+    return None
+
+
+_KEPT = "kept (unverified form"  # how rewrite_mixers' notes mark a module left as HF wrote it
+
+
+@contextlib.contextmanager
+def refusals_name_unrewritten(notes: list[str]) -> Iterator[None]:
+    """A model refused inside the block (at export, or by the mixer check) names the stateful mixers that
+    ``rewrite_mixers`` left as HF wrote them (``notes``: its notes): the likely reason."""
+    from autodeploy.errors import UnsupportedModelError
+
+    try:
+        yield
+    except UnsupportedModelError as exc:
+        kept = [line for line in notes if _KEPT in line]
+        if kept and exc.args:
+            exc.args = (f"{exc.args[0]}; stateful mixers not rewritten: {'; '.join(kept)}", *exc.args[1:])
+        raise
+
+
 @contextlib.contextmanager
 def rewrite_mixers(model: torch.nn.Module, notes: Optional[list[str]] = None) -> Iterator[int]:
     """Within the block, every verified stateful mixer of ``model`` runs the canonical ops; HF's forward is back
@@ -64,7 +93,7 @@ def rewrite_mixers(model: torch.nn.Module, notes: Optional[list[str]] = None) ->
         for path, module, rewrite, why_not in find_mixers(model):
             if why_not is not None:
                 log.warning("stateful mixer %s (%s) not rewritten: %s", path, rewrite.module_class, why_not)
-                summary.setdefault(f"{rewrite.module_class} kept (unverified form: {why_not})", []).append(path)
+                summary.setdefault(f"{rewrite.module_class} {_KEPT}: {why_not})", []).append(path)
                 continue
             module.forward = types.MethodType(rewrite.forward, module)
             patched.append(module)
@@ -81,5 +110,5 @@ from autodeploy.models.stateful import lfm2, mamba2, minimax  # noqa: E402,F401 
 from autodeploy.models.stateful import jamba  # noqa: E402,F401  (registers the Jamba rewrite)
 from autodeploy.models.stateful import qwen3_next  # noqa: E402,F401  (registers the Qwen3-Next rewrite)
 
-__all__ = ["MIXER_REWRITES", "MixerRewrite", "find_mixers", "is_stateful", "register_mixer_rewrite",
-           "rewrite_mixers"]
+__all__ = ["MIXER_REWRITES", "MixerRewrite", "find_mixers", "is_stateful", "missing_form",
+           "refusals_name_unrewritten", "register_mixer_rewrite", "rewrite_mixers"]

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from autodeploy.models.stateful import register_mixer_rewrite
+from autodeploy.models.stateful import missing_form, register_mixer_rewrite
 from autodeploy.ops import mixers  # noqa: F401  (registers the canonical ops)
 
 _ATTRS = ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log", "D", "out_proj", "dt_layernorm", "b_layernorm",
@@ -27,12 +27,10 @@ def _is_rms_norm(norm: torch.nn.Module, size: int) -> bool:
 
 
 def check(module: torch.nn.Module) -> Optional[str]:
-    missing = [a for a in _ATTRS if not hasattr(module, a)]
-    if missing:
-        return f"missing attributes {missing}"
+    why = missing_form(module, _ATTRS, silu=True)
+    if why:
+        return why
     d, n, rank = module.intermediate_size, module.ssm_state_size, module.time_step_rank
-    if module.activation not in ("silu", "swish"):
-        return f"activation {module.activation!r} (verified: silu)"
     conv = module.conv1d
     k = conv.kernel_size[0]
     if not (isinstance(conv, torch.nn.Conv1d) and conv.groups == conv.in_channels == conv.out_channels == d

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from autodeploy.models.stateful import register_mixer_rewrite
+from autodeploy.models.stateful import missing_form, register_mixer_rewrite
 from autodeploy.ops import mixers  # noqa: F401  (registers the canonical ops)
 
 _ATTRS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj", "num_heads", "head_dim", "n_groups",
@@ -18,11 +18,9 @@ _ATTRS = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj", "num
 
 
 def check(module: torch.nn.Module) -> Optional[str]:
-    missing = [a for a in _ATTRS if not hasattr(module, a)]
-    if missing:
-        return f"missing attributes {missing}"
-    if module.activation not in ("silu", "swish"):
-        return f"activation {module.activation!r} (verified: silu)"
+    why = missing_form(module, _ATTRS, silu=True)
+    if why:
+        return why
     conv = module.conv1d
     k = conv.kernel_size[0]
     if not (conv.groups == module.conv_dim == conv.in_channels and conv.padding == (k - 1,)):

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from autodeploy.models.stateful import register_mixer_rewrite
+from autodeploy.models.stateful import missing_form, register_mixer_rewrite
 from autodeploy.ops import mixers  # noqa: F401  (registers the canonical ops)
 
 _ATTRS = ("qkv_proj", "out_proj", "output_gate", "norm", "act_fn", "slope_rate", "query_decay", "key_decay",
@@ -37,9 +37,9 @@ def _decay_tables(slope: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.
 
 
 def check(module: torch.nn.Module) -> Optional[str]:
-    missing = [a for a in _ATTRS if not hasattr(module, a)]
-    if missing:
-        return f"missing attributes {missing}"
+    why = missing_form(module, _ATTRS)
+    if why:
+        return why
     heads, d, block = module.num_attention_heads, module.head_dim, module.block_size
     linears = {"qkv_proj": 3 * heads * d, "output_gate": heads * d}
     for name, features in linears.items():

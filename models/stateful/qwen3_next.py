@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from autodeploy.models.stateful import register_mixer_rewrite
+from autodeploy.models.stateful import missing_form, register_mixer_rewrite
 from autodeploy.ops import mixers  # noqa: F401  (registers the canonical ops)
 
 _ATTRS = ("in_proj_qkvz", "in_proj_ba", "conv1d", "dt_bias", "A_log", "norm", "out_proj", "num_k_heads",
@@ -22,11 +22,9 @@ L2NORM_EPS = 1e-6  # HF's (and FLA's) l2norm epsilon on q and k
 
 
 def check(module: torch.nn.Module) -> Optional[str]:
-    missing = [a for a in _ATTRS if not hasattr(module, a)]
-    if missing:
-        return f"missing attributes {missing}"
-    if module.activation not in ("silu", "swish"):
-        return f"activation {module.activation!r} (verified: silu)"
+    why = missing_form(module, _ATTRS, silu=True)
+    if why:
+        return why
     hk, hv, dk, dv = module.num_k_heads, module.num_v_heads, module.head_k_dim, module.head_v_dim
     if hv % hk:
         return f"{hv} value heads are not a multiple of {hk} key heads"

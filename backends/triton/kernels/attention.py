@@ -38,7 +38,8 @@ import triton.language as tl
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
-from autodeploy.backends.triton.kernels.rope_cache import check_kv_scales, fp8_quantize_rows, rope_coeffs, rotate
+from autodeploy.backends.triton.kernels.rope_cache import (
+    check_kv_scales, fp8_quantize_rows, pow2_at_least, rope_coeffs, rotate)
 from autodeploy.backends.triton.partition import derive_partition, device_sms, target_work_items
 
 _LOG2E = 1.4426950408889634
@@ -74,12 +75,21 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 @triton.jit
 def _fp16_rows(q):
     """(``q / s`` in fp16, ``s``): ``s`` the power of two that puts ``max |q|`` at or below 2^14, so the scaled
-    values are exact in fp16 down to 2^-28 of the largest (bits as in rope_cache.fp8_quantize_rows)."""
-    amax = tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) * (1.0 / 16384.0)
-    bits = tl.maximum(amax.to(tl.int32, bitcast=True), 0x00800000)
-    s_bits = (bits + 0x7FFFFF) & 0x7F800000
-    inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)
-    return (q.to(tl.float32) * inv).to(tl.float16), s_bits.to(tl.float32, bitcast=True)
+    values are exact in fp16 down to 2^-28 of the largest."""
+    s, inv = pow2_at_least(tl.max(tl.max(tl.abs(q.to(tl.float32)), 1), 0) * (1.0 / 16384.0))
+    return (q.to(tl.float32) * inv).to(tl.float16), s
+
+
+@triton.jit
+def _pv(acc, alpha, p, v, v_s, UPCAST: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr):
+    """``acc * alpha + p @ v``; KV_FP8: ``v_s`` is each key's V scale (a power of two, 0 for masked keys). ``p``
+    takes the scales relative to the tile's largest, which multiplies the product instead (exact), so the
+    weights keep their range in a 16-bit dot whatever the V magnitudes."""
+    if KV_FP8:
+        v_max = tl.maximum(tl.max(v_s, 0), 1.1754943508222875e-38)
+        p = p * (v_s / v_max)[None, :]
+        return acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE) * v_max
+    return acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
 
 
 @triton.jit
@@ -186,8 +196,8 @@ def _attn_tiles(
         v = _load2d(v_ptrs, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)  # [BLOCK_N, BLOCK_D]
         if KV_FP8:
             v = v.to(q.dtype)
-            p = p * tl.load(vs_base + s_off, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+            v_s = tl.load(vs_base + s_off, mask=j_ok, other=0.0).to(tl.float32)
+        acc = _pv(acc, alpha, p, v, v_s if KV_FP8 else alpha, UPCAST, IEEE, KV_FP8)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -213,6 +223,8 @@ def _page_step(
         s_off = page * stride_sp + tl.arange(0, PAGE_SIZE) * stride_sr
         k_s = tl.load(ks_base + s_off).to(tl.float32)
         v_s = tl.load(vs_base + s_off).to(tl.float32)
+        if MASK:  # rows outside [k_lo, k_hi) hold other sequences' (or no) scales: keep them out of _pv's max
+            v_s = tl.where(j_ok, v_s, 0.0)
         kt = kt.to(q.dtype)
         v = v.to(q.dtype)
     qk = _dot(q, kt, UPCAST, IEEE)
@@ -230,9 +242,7 @@ def _page_step(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if KV_FP8:
-        p = p * v_s[None, :]
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    acc = _pv(acc, alpha, p, v, v_s if KV_FP8 else alpha, UPCAST, IEEE, KV_FP8)
     return acc, m_new, l_i
 
 

@@ -17,6 +17,7 @@ multiplies, instead of the reference quantizer's chain of elementwise kernels.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -129,36 +130,16 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
-def _pow2_fp16_scale(amax):
-    """Per row, the power of two ``s`` that puts ``amax`` at or below 2^14: ``x / s`` is exact in fp16 for every
-    bf16 value within 28 octaves of the row's largest (bits as in rope_cache.fp8_quantize_rows)."""
-    bits = tl.maximum((amax * (1.0 / 16384.0)).to(tl.int32, bitcast=True), 0x00800000)
-    s_bits = (bits + 0x7FFFFF) & 0x7F800000
-    return s_bits.to(tl.float32, bitcast=True), ((254 << 23) - s_bits).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _int8_to_fp16(w, INT8_CVT: tl.constexpr):
-    """int8 -> fp16, exact. 1: the conversion instruction; 2: integer ops only: the byte, offset by 128, becomes
-    the low mantissa bits of 1024.0 (``0x6400 | (b ^ 0x80)`` is ``1152 + b``), then one fp16 subtraction."""
-    if INT8_CVT == 2:
-        u = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
-    return w.to(tl.float16)
-
-
-@triton.jit
 def _quant_gemv_dot_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    INT8_CVT: tl.constexpr, IEEE: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     """The same GEMM on the tensor cores, operands swapped (``W x^T``: the weight rows are the MMA's M side, the
     few activation rows padded to 16 its N side), so float8 weights enter the MMA as they are stored (W8A8 FP8,
-    the activation quantized per K tile on the way). int8 weights (weight-only): INT8_CVT 0 converts them to
-    the activation dtype; 1 and 2 to fp16 (``_int8_to_fp16``), with the activation scaled into fp16's range by a
-    power of two per row (exact for bf16; the host picks 0 for fp32). K must be a multiple of BLOCK_K. UPCAST:
+    the activation quantized per K tile on the way); int8 weights (weight-only) are converted to the activation
+    dtype (exact). K must be a multiple of BLOCK_K. UPCAST:
     fp32 operands (the Triton interpreter's low-precision dot is wrong); EMULATE_RNE: round to E4M3 with integer
     ops (the interpreter's float8 cast rounds ties away from zero); IEEE: fp32 activations multiply in true fp32.
     """
@@ -170,16 +151,13 @@ def _quant_gemv_dot_kernel(
     ones = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
     a_scale = ones
     a_inv = ones
-    if A_MODE == 2 or (A_MODE == 0 and INT8_CVT != 0):
+    if A_MODE == 2:
         amax = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             a = tl.load(a_cols + k0, mask=m_ok[None, :], other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(tl.abs(a), 0))
-        if A_MODE == 2:
-            a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
-            a_inv = tl.math.div_rn(ones, a_scale)
-        else:
-            a_scale, a_inv = _pow2_fp16_scale(amax)
+        a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+        a_inv = tl.math.div_rn(ones, a_scale)
     elif A_MODE == 3:
         a_scale = ones * tl.load(as_ptr).to(tl.float32)
         a_inv = tl.math.div_rn(ones, a_scale)
@@ -192,12 +170,8 @@ def _quant_gemv_dot_kernel(
             if EMULATE_RNE:
                 q = round_e4m3(q)
             a = q.to(tl.float8e4nv)
-        elif A_MODE == 0:
-            if INT8_CVT == 0:  # int8 -> the activation dtype: exact (the interpreter mis-converts int8 to bf16)
-                w = w.to(tl.float32) if UPCAST else w.to(a.dtype)
-            else:
-                w = _int8_to_fp16(w, INT8_CVT)
-                a = (a.to(tl.float32) * a_inv[None, :]).to(tl.float16)
+        elif A_MODE == 0:  # int8 -> the activation dtype: exact (the interpreter mis-converts int8 to bf16)
+            w = w.to(tl.float32) if UPCAST else w.to(a.dtype)
         if UPCAST:
             acc += tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
         elif IEEE:  # fp32 activations: true fp32 products, not TF32
@@ -222,13 +196,11 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-# How the tensor-core form converts int8 weights of a 16-bit model: 0, to the activation dtype, was the fastest on
-# an H200 (bench_quant_gemv.py); 1 and 2 (_int8_to_fp16) are kept for other GPUs and benchmarks may pick them.
-INT8_CVT = int(os.environ.get("AUTODEPLOY_QGEMV_INT8_CVT", "0"))
 # (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages)
 QConfig = tuple[bool, int, int, int, int]
 
 
+@functools.lru_cache(maxsize=None)
 def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: int = 0) -> QConfig:
     """The launch for a ``[m, k]`` activation and ``n`` outputs, picked on an H200 over Llama-8B's shapes
     (benchmarks/bench_quant_gemv.py, docs/performance.md): the tensor-core form wherever K is a multiple of its
@@ -298,8 +270,7 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
         interp = _interpreted(_quant_gemv_dot_kernel)
-        cvt = INT8_CVT if a.dtype in (torch.bfloat16, torch.float16) else 0
-        _quant_gemv_dot_kernel[grid](*args, UPCAST=interp, EMULATE_RNE=interp, INT8_CVT=cvt,
+        _quant_gemv_dot_kernel[grid](*args, UPCAST=interp, EMULATE_RNE=interp,
                                      IEEE=a.dtype == torch.float32 and not quantize_a and a_scale is None, **common)
     else:
         _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,

@@ -79,14 +79,19 @@ def round_e4m3(x):
 
 
 @triton.jit
+def pow2_at_least(x):
+    """(``s``, ``1 / s``): ``s = 2^ceil(log2(x))`` for fp32 ``x >= 0``, from the bits (at least fp32's smallest
+    normal); both are powers of two, so scaling by them is exact."""
+    bits = tl.maximum(x.to(tl.int32, bitcast=True), 0x00800000)
+    s_bits = (bits + 0x7FFFFF) & 0x7F800000
+    return s_bits.to(tl.float32, bitcast=True), ((254 << 23) - s_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def fp8_quantize_rows(x, AXIS: tl.constexpr):
     """(E4M3-exact fp32 values, fp32 power-of-two scales) of the rows of ``x`` along ``AXIS`` (kv_quant.py):
-    ``s = 2^ceil(log2(amax / 448))`` from the bits (at least fp32's smallest normal), ``x / s`` exact."""
-    amax = tl.max(tl.abs(x.to(tl.float32)), AXIS) * (1.0 / 448.0)
-    bits = tl.maximum(amax.to(tl.int32, bitcast=True), 0x00800000)
-    s_bits = (bits + 0x7FFFFF) & 0x7F800000
-    inv = ((254 << 23) - s_bits).to(tl.float32, bitcast=True)  # 1/s, also a power of two
-    s = s_bits.to(tl.float32, bitcast=True)
+    ``s = 2^ceil(log2(amax / 448))``, ``x / s`` exact."""
+    s, inv = pow2_at_least(tl.max(tl.abs(x.to(tl.float32)), AXIS) * (1.0 / 448.0))
     if AXIS == 1:
         xq = round_e4m3(x.to(tl.float32) * inv[:, None])
     else:
