@@ -91,11 +91,18 @@ def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_schedulin
     g = torch.Generator().manual_seed(batch)
     sampling = dict(sampling or {})
     extra = {"logits_processors": [_NoopProcessor()]} if noop_processor else {}
+    # Sequences admitted first decode while later prompts prefill: room for those tokens too, so that none
+    # finishes before or during the timed steps (the batch would shrink under the measurement).
+    max_new = max(steps + 8, cm.max_seq_len - ctx - 1)
     for i in range(batch):
         seed = {"seed": i} if sampling.get("temperature", 0) > 0 else {}
         engine.add_request(torch.randint(0, vocab, (ctx,), generator=g).tolist(),
-                           SamplingConfig(max_new_tokens=steps + 8, ignore_eos=True, **sampling, **seed, **extra))
+                           SamplingConfig(max_new_tokens=max_new, ignore_eos=True, **sampling, **seed, **extra))
     run_prefills(engine)
+    running = sum(len(r.seqs) for r in engine.scheduler.running)
+    if running != batch or engine.stats.num_preemptions:
+        raise RuntimeError(f"only {running} of {batch} sequences are decoding ({engine.stats.num_preemptions} "
+                           f"preemptions; KV cache of {cm.num_pages} pages)")
     for _ in range(3):
         engine.step()  # warm-up (captures the bucket's graph)
     torch.cuda.synchronize()
@@ -108,6 +115,10 @@ def decode_run(cm, batch: int, ctx: int, steps: int, vocab: int, async_schedulin
         times.append(time.perf_counter() - t)
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
+    running = sum(len(r.seqs) for r in engine.scheduler.running)
+    if engine.stats.num_preemptions or running != batch:
+        raise RuntimeError(f"{engine.stats.num_preemptions} preemptions, {running} of {batch} sequences still "
+                           "decoding after the timed steps")
     st = engine.stats.steps
     for r in list(engine.scheduler.running):
         engine.scheduler.finish(r)

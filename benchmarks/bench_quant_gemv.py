@@ -1,5 +1,7 @@
 """Batch-1 decode GEMMs on quantized weights: the bf16 skinny GEMM against the FP8 / int8 skinny GEMMs
-(``kernels/quant_gemm.py``) in their launch forms, on a model's real per-layer shapes.
+(``kernels/quant_gemm.py``) in their launch forms, on a model's real per-layer shapes. ``fp8 <launch>`` takes
+float8 rows as a quantizing producer kernel hands them over; ``fp8 rows+<launch>`` quantizes them first with
+``quantize_fp8_rows`` (what an FP8 linear after attention does).
 
 Each case is a CUDA graph replaying the GEMM of one shape over every layer's own weight (each weight comes from
 HBM, as in a decode step), timed with events; the floor is the weight bytes over the measured copy bandwidth.
@@ -22,7 +24,8 @@ from bench_triton_attention import copy_bandwidth, time_cuda  # noqa: E402
 
 # (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages); None: quant_gemv_config's choice
 CONFIGS = [(False, 8, 2048, 8, 2), (True, 32, 256, 4, 6), (True, 64, 256, 4, 4), (True, 32, 512, 4, 4),
-           (True, 64, 512, 4, 3), (True, 128, 256, 4, 4), (True, 128, 512, 8, 3), (True, 256, 256, 8, 3)]
+           (True, 64, 512, 4, 3), (True, 64, 512, 4, 4), (True, 64, 512, 4, 5), (True, 128, 256, 4, 4),
+           (True, 128, 512, 8, 3), (True, 256, 256, 8, 3), (True, 256, 256, 8, 4)]
 
 
 def main() -> int:
@@ -59,11 +62,19 @@ def main() -> int:
             return quant_gemv(xq, wq, ws, xs, out_dtype=x.dtype)
 
         cases["fp8 unfused act-quant"] = (lambda wt: old_fp8(*wt), fp8, 1)
+        xq, xs = quantize_fp8_rows(x)  # the activation as a quantizing producer kernel hands it over
+
+        def rows_then_gemv(wt, c):  # the one-launch quantizer, then the GEMV on float8 rows
+            q, s = quantize_fp8_rows(x)
+            return quant_gemv(q, wt[0], wt[1], s, out_dtype=x.dtype, config=c)
+
         for cfg in CONFIGS:
             if cfg[0] and k % cfg[2]:
                 continue
             tag = ("tc" if cfg[0] else "cc") + "/" + "/".join(map(str, cfg[1:]))
-            cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], quantize_a=True, config=c), fp8, 1)
+            cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(xq, wt[0], wt[1], xs, out_dtype=x.dtype, config=c),
+                                   fp8, 1)
+            cases[f"fp8 rows+{tag}"] = (lambda wt, c=cfg: rows_then_gemv(wt, c), fp8, 1)
             cases[f"int8w {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], config=c), i8, 1)
         ref8 = quant.fp8_linear_reference(x, *fp8[0]).float()
         refi = quant.int8_weight_linear_reference(x, *i8[0]).float()
@@ -94,6 +105,15 @@ def main() -> int:
             us = time_cuda(graph_of([fn]), args.reps, 3) * 1e3
             rows.append(dict(shape="act-quant", m=r, k=k, variant=label, us=us, bit_exact=same))
             print(f"act-quant rows {r:6d} {label:20s} {us:7.1f} us  bit-exact {same}", flush=True)
+    kinds = {"fp8": lambda v: v.startswith("fp8 ") and "rows+" not in v and "unfused" not in v,
+             "fp8 rows+": lambda v: v.startswith("fp8 rows+"), "int8w": lambda v: v.startswith("int8w ")}
+    for name in dict.fromkeys(r["shape"] for r in rows if r["shape"] != "act-quant"):
+        for kind, of_kind in kinds.items():
+            cand = [r for r in rows if r["shape"] == name and of_kind(r["variant"])]
+            if cand:
+                best = min(cand, key=lambda r: r["us"])
+                print(f"best {name:8s} {kind:9s}: {best['variant']} {best['us']:.1f} us "
+                      f"({100 * best['floor_us'] / best['us']:.1f}% of floor)", flush=True)
     if args.json:
         json.dump(rows, open(args.json, "w"), indent=1)
     if args.best_out:  # per kind, the launch with the least summed time over the shapes (count-weighted)
@@ -102,7 +122,7 @@ def main() -> int:
         for kind in ("fp8", "int8w"):
             tot: dict[str, float] = {}
             for r in rows:
-                if r["variant"].startswith(kind + " ") and "unfused" not in r["variant"]:
+                if kinds[kind](r["variant"]):
                     tot[r["variant"]] = tot.get(r["variant"], 0.0) + r["us"] * counts[r["shape"]]
             full = {v: t for v, t in tot.items() if sum(r["variant"] == v for r in rows) == len(counts) - 1}
             best = min(full, key=full.get)

@@ -91,13 +91,17 @@ def main() -> int:
     p.add_argument("--layer-kernels", type=int, default=60, help="kernels of the step timeline to print")
     p.add_argument("--engine", action="store_true",
                    help="profile whole engine steps (sampling, input copies, asynchronous scheduling)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
+    p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int8-weight"])
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import autodeploy
     from autodeploy.models.builtin import build_builtin
 
     cm = autodeploy.compile(build_builtin(args.model, dtype=torch.bfloat16, device="cuda"),
-                            max_batch_size=max(8, args.batch), max_seq_len=args.ctx + 256)
+                            max_batch_size=max(8, args.batch), max_seq_len=args.ctx + 256,
+                            kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+    print(cm.report.cache)
     if args.engine:
         from autodeploy.runtime.engine import Engine
         from autodeploy.runtime.sampling import SamplingConfig
@@ -106,6 +110,8 @@ def main() -> int:
         for i in range(args.batch):
             engine.add_request([1 + i] * args.ctx, SamplingConfig(max_new_tokens=200, ignore_eos=True))
         run_prefills(engine)
+        running = list(engine.scheduler.running)
+        print(f"engine: {len(running)} running, contexts {sorted({len(r.seqs[0].token_ids) for r in running})}")
         fn = engine.step
     else:
         batch = cm.pack(decode_chunks(cm, args.batch, args.ctx))

@@ -190,7 +190,7 @@ def test_kernel_passes_do_not_depend_on_the_attention_backend():
     passes, _notes = kernel_passes(torch.device("cuda"), torch_backend)
     names = [p.pass_name for p in passes]
     assert names == ["fuse_add_rmsnorm", "fuse_gated_act", "skinny_gemm", "fuse_gemv_gated_act", "moe_kernel",
-                     "quant_skinny_gemm"]
+                     "quant_skinny_gemm", "fuse_fp8_act_quant"]
     assert "fuse_rope_cache_write" not in names  # tied to triton attention
     passes, notes = kernel_passes(torch.device("cpu"), torch_backend)
     assert passes == [] and any("kernels from triton skipped" in n for n in notes)
@@ -210,7 +210,7 @@ def test_torch_attention_with_triton_kernels_matches_hf():
     ran = [p.name for p in cm.report.passes]
     assert "fuse_add_rmsnorm" in ran and "fuse_rope_cache_write" not in ran
     assert ("kernels from triton: fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel, "
-            "quant_skinny_gemm") in cm.explain()
+            "quant_skinny_gemm, fuse_fp8_act_quant") in cm.explain()
     prompt = [4, 8, 15, 16, 23, 42, 7]
     assert rel_rms(_prefill_logits(cm, prompt, [1, 2]), _hf_logits(model, prompt)) < 1e-4
 

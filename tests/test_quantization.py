@@ -317,18 +317,31 @@ def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias, form):
     want = quant.int8_weight_linear_reference(xb.float(), wq, ws, b)  # fp32 out: the products are exact
     assert rel_rms(quant_gemv(xb, wq, ws, None, b, config=cfg, out_dtype=torch.float32), want) < 1e-6
     fq, fs = quant.quantize_fp8_weight(w, per_channel=per_channel)
-    xq, xs = quant.quantize_fp8_activation(x)
-    got = quant_gemv(xq, fq, fs, xs, b, out_dtype=x.dtype, config=cfg)
-    assert got.dtype == x.dtype and rel_rms(got, quant.fp8_linear_reference(x, fq, fs, None, b)) < 1e-6
-    # activations quantized inside the kernel, per token and with a static scale; varied magnitudes, so that a
-    # rounding difference in the quantized activation shows
-    x = x * torch.logspace(-3, 3, k, device=dev)
+    for static in (None, torch.tensor(0.01, device=dev)):  # per-token scales, and one static scale
+        xq, xs = quant.quantize_fp8_activation(x, static)
+        got = quant_gemv(xq, fq, fs, xs, b, out_dtype=x.dtype, config=cfg)
+        assert got.dtype == x.dtype and rel_rms(got, quant.fp8_linear_reference(x, fq, fs, static, b)) < 1e-6
+    with pytest.raises(ValueError, match="float8 weights take float8 activations"):
+        quant_gemv(x, fq, fs, None, b, config=cfg)
+
+
+@needs_triton
+def test_triton_fp8_linear_quantizes_then_multiplies():
+    """Decode rows of ``triton_fp8_linear``: ``quantize_fp8_rows`` then the GEMV on float8 rows, per token and
+    with a static scale, magnitudes far apart (so a rounding difference in the quantized activation shows)."""
+    from autodeploy.backends.triton.kernels import quant_gemm  # noqa: F401 - registers the ops
+
+    torch.manual_seed(0)
+    dev = TRITON_DEVICE
+    x = torch.randn(3, 256, device=dev) * torch.logspace(-3, 3, 256, device=dev)
+    fq, fs = quant.quantize_fp8_weight(torch.randn(40, 256, device=dev))
+    b = torch.randn(40, device=dev)
     for static in (None, torch.tensor(0.01, device=dev)):
-        got = quant_gemv(x.to(torch.bfloat16), fq, fs, static, b, quantize_a=True, config=cfg)
-        want = quant.fp8_linear_reference(x.to(torch.bfloat16), fq, fs, static, b)
-        assert rel_rms(got.float(), want.float()) < 1e-2  # bf16 outputs
-        got = quant_gemv(x, fq, fs, static, b, quantize_a=True, config=cfg)
-        assert rel_rms(got, quant.fp8_linear_reference(x, fq, fs, static, b)) < 1e-6
+        got = torch.ops.autodeploy.triton_fp8_linear(x, fq, fs, static, b)
+        assert rel_rms(got, quant.fp8_linear_reference(x, fq, fs, static, b)) < 1e-5
+        xb = x.to(torch.bfloat16)
+        got = torch.ops.autodeploy.triton_fp8_linear(xb, fq, fs, static, b)
+        assert rel_rms(got.float(), quant.fp8_linear_reference(xb, fq, fs, static, b).float()) < 1e-2
 
 
 @needs_triton
@@ -383,6 +396,67 @@ def test_quant_skinny_gemm_pass_end_to_end(mode):
     assert rec.num_matches == 8 and not quant_nodes(tri)
     assert rel_rms(logits(tri), logits(base)) < 1e-5
     assert tri.generate([PROMPT], sampling=cfg) == base.generate([PROMPT], sampling=cfg)  # decode rows: the kernel
+
+
+def _fp8_equal(q, s, x):
+    """``(q, s)`` is ``quantize_fp8_activation(x)`` up to float rounding (reciprocals where the reference
+    divides; on a GPU the fused kernel's fp32 row may also differ from the unfused kernel's in its last bits):
+    scales within a few ulps, and a value one E4M3 step off only where it lies within a few fp32 ulps of a
+    rounding boundary (rare)."""
+    rq, rs = quant.quantize_fp8_activation(x)
+    assert q.dtype == quant.FP8_DTYPE and q.shape == rq.shape and s.shape == rs.shape
+    assert ((s - rs).abs() <= rs.abs() * 2.0**-20).all()
+    same = q.view(torch.uint8) == rq.view(torch.uint8)
+    assert same.float().mean() > 0.995
+    steps = (q.float() - rq.float()).abs()[~same]
+    assert (steps <= rq.float().abs()[~same] * 0.125 + 2.0**-9).all()  # one E4M3 step
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_producer_kernels_are_the_reference_quantizer(dtype):
+    """RMSNorm, add + RMSNorm and the gated activation, each quantizing its output rows to float8 per token in
+    its own launch, against the unfused kernel followed by the reference quantizer."""
+    from autodeploy.backends.triton.kernels.gated_act import gated_act, gated_act_fp8
+    from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
+
+    torch.manual_seed(0)
+    dev = TRITON_DEVICE
+    x = (torch.randn(3, 256, device=dev) * torch.logspace(-2, 2, 256, device=dev)).to(dtype)
+    r, w = torch.randn(3, 256, device=dev).to(dtype), torch.randn(256, device=dev).to(dtype)
+    q, s = rms_norm_fp8(x, w, 1e-6)
+    _fp8_equal(q, s, rms_norm(x, w, 1e-6))
+    q, s, resid = rms_norm_fp8(x, w, 1e-6, residual=r)
+    normed, want_resid = fused_add_rms_norm(x, r, w, 1e-6)
+    _fp8_equal(q, s, normed)
+    assert torch.equal(resid, want_resid)
+    for n in (5000, 16500):  # a row held in registers; a row longer than one block (two passes over it)
+        g, u = (torch.randn(2, n, device=dev) * 3).to(dtype), torch.randn(2, n, device=dev).to(dtype)
+        q, s = gated_act_fp8(g, u, "silu")
+        _fp8_equal(q, s, gated_act(g, u, "silu"))
+    q, s = gated_act_fp8(g[:, :300], u[:, :300], "gelu_tanh")
+    _fp8_equal(q, s, gated_act(g[:, :300], u[:, :300], "gelu_tanh"))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter test")
+def test_fp8_activations_quantized_in_their_producers_end_to_end():
+    """With the Triton kernels, every FP8 linear whose input comes from a norm or the gated activation reads
+    float8 rows quantized there (only the attention output projection keeps quantizing for itself), and the
+    model answers as the canonical FP8 graph does."""
+    model = make_model("llama")
+    cfg = autodeploy.SamplingConfig(max_new_tokens=4, ignore_eos=True)
+    base = autodeploy.compile(model, quantization="fp8", **KW)
+    tri = autodeploy.compile(model, quantization="fp8", backend="torch", kernels=["triton"], **KW)
+    rec = next(p for p in tri.report.passes if p.name == "fuse_fp8_act_quant")
+    layers = model.config.num_hidden_layers
+    assert rec.num_matches == 3 * layers  # the two norms (qkv, gate/up) and the activation (down) of a layer
+    targets = [n.target for n in tri.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.autodeploy.triton_fp8_linear_q.default) == 3 * layers
+    assert targets.count(torch.ops.autodeploy.triton_fp8_linear.default) == layers  # o_proj
+    assert targets.count(torch.ops.autodeploy.triton_gated_act_fp8.default) == layers
+    assert "FP8 activations quantized in their producer kernel" in tri.explain()
+    assert rel_rms(logits(tri), logits(base)) < 1e-3
+    assert tri.generate([PROMPT], sampling=cfg) == base.generate([PROMPT], sampling=cfg)
 
 
 # ---------------------------------------------------------------------------------------------- GPU

@@ -118,8 +118,15 @@ def _finish(acc: Tensor, bias: Optional[Tensor], dtype: torch.dtype) -> Tensor:
 def fp8_linear_reference(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: Optional[Tensor] = None,
                          bias: Optional[Tensor] = None) -> Tensor:
     xq, xs = quantize_fp8_activation(x, input_scale)
+    return fp8_prequantized_reference(xq, xs, weight, weight_scale, bias, x.dtype)
+
+
+def fp8_prequantized_reference(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor,
+                               bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``fp8_linear`` after its activation quantization: ``xq`` float8 with scales ``x_scale`` (``[..., 1]`` per
+    token, or ``[]``)."""
     acc = torch.matmul(xq.float(), weight.float().t())  # exact products of fp8 values, fp32 sums
-    return _finish(acc * xs * weight_scale.float(), bias, x.dtype)
+    return _finish(acc * x_scale.float() * weight_scale.float(), bias, out_dtype)
 
 
 def _int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
@@ -201,15 +208,26 @@ def scaled_mm_fp8(x: Tensor, weight: Tensor, weight_scale: Tensor, input_scale: 
                   quantize: Callable[..., tuple[Tensor, Tensor]] = quantize_fp8_activation) -> Tensor:
     """cuBLASLt FP8 GEMM with row-wise scales (per-token activations x per-channel weights). ``quantize``: the
     activation quantizer (a backend may pass a fused kernel computing ``quantize_fp8_activation``'s math)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize(x2, input_scale)
+    xq, xs = quantize(x.reshape(-1, x.shape[-1]), input_scale)
+    return scaled_mm_prequantized(xq, xs, weight, weight_scale, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def scaled_mm_prequantized(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor,
+                           bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``torch._scaled_mm`` on float8 activations ``xq [..., K]`` with their per-token (or static) scales."""
+    x2 = xq.reshape(-1, xq.shape[-1])
     n = weight.shape[0]
-    scale_a = xs.reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
+    scale_a = x_scale.float().reshape(-1, 1).expand(x2.shape[0], 1).contiguous()
     scale_b = weight_scale.float().reshape(-1).expand(n).reshape(1, n).contiguous()
-    out_dtype = torch.bfloat16  # what row-wise scaling supports on every torch version; cast after
-    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
-                           bias=bias.to(out_dtype) if bias is not None else None)
-    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+    mm_dtype = torch.bfloat16  # what row-wise scaling supports on every torch version; cast after
+    out = torch._scaled_mm(x2, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=mm_dtype,
+                           bias=bias.to(mm_dtype) if bias is not None else None)
+    return out.to(out_dtype).reshape(*xq.shape[:-1], n)
+
+
+def scaled_mm_accepts_prequantized(xq: Tensor, weight: Tensor) -> bool:
+    cap = device_capability(xq.device)
+    return cap is not None and cap >= FP8_MIN_CAPABILITY and xq.shape[-1] % 16 == 0 and weight.shape[0] % 16 == 0
 
 
 register_fast_path("fp8_linear", FastPath("torch._scaled_mm", _scaled_mm_accepts, scaled_mm_fp8))

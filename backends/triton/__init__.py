@@ -78,13 +78,15 @@ class TritonBackend(AttentionBackend):
         """Kernel fusions independent of the attention op: run wherever triton is available, whichever backend
         runs attention (registry.kernel_passes)."""
         from autodeploy.backends.triton.passes.fuse_add_rmsnorm import fuse_add_rmsnorm
+        from autodeploy.backends.triton.passes.fuse_fp8_act_quant import fuse_fp8_act_quant
         from autodeploy.backends.triton.passes.fuse_gated_act import fuse_gated_act
         from autodeploy.backends.triton.passes.fuse_gemv_gated_act import fuse_gemv_gated_act
         from autodeploy.backends.triton.passes.moe_kernel import moe_kernel
         from autodeploy.backends.triton.passes.quant_skinny_gemm import quant_skinny_gemm
         from autodeploy.backends.triton.passes.skinny_gemm import skinny_gemm
 
-        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel, quant_skinny_gemm]
+        return [fuse_add_rmsnorm, fuse_gated_act, skinny_gemm, fuse_gemv_gated_act, moe_kernel, quant_skinny_gemm,
+                fuse_fp8_act_quant]
 
 
 register_backend(TritonBackend())

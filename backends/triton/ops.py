@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from autodeploy.backends.triton.kernels.attention import NewTokenKV, context_attention, decode_attention
-from autodeploy.backends.triton.kernels.gated_act import gated_act
+from autodeploy.backends.triton.kernels.gated_act import gated_act, gated_act_fp8
 from autodeploy.backends.triton.kernels.gemv import gemv
-from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
 from autodeploy.backends.triton.kernels.rope_cache import cache_write, rope_and_cache_write
 from autodeploy.metadata import DEVICE_COMPOSED
 from autodeploy.ops.cached import KV_SCALE_CACHES, define_cached_attention
@@ -135,6 +135,47 @@ def _fake_add_rms(x, residual, weight, eps):
     r = torch.empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype),
                     device=x.device)
     return torch.empty(r.shape, dtype=torch.promote_types(r.dtype, weight.dtype), device=x.device), r
+
+
+@torch.library.custom_op("autodeploy::triton_rms_norm_fp8", mutates_args=())
+def triton_rms_norm_fp8(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``quantize_fp8_activation(rms_norm(x))``: float8 rows and per-token scales, from the norm's launch."""
+    return rms_norm_fp8(x, weight, eps)
+
+
+def _fake_fp8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Float8 rows shaped like ``x`` and their per-token fp32 scales ``[..., 1]``."""
+    return torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device), x.new_empty(
+        (*x.shape[:-1], 1), dtype=torch.float32)
+
+
+@triton_rms_norm_fp8.register_fake
+def _fake_rms_fp8(x, weight, eps):
+    return _fake_fp8_rows(x)
+
+
+@torch.library.custom_op("autodeploy::triton_fused_add_rms_norm_fp8", mutates_args=())
+def triton_fused_add_rms_norm_fp8(x: Tensor, residual: Tensor, weight: Tensor, eps: float
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """``r = x + residual``; ``quantize_fp8_activation(rms_norm(r))`` and ``r`` in one pass over the row."""
+    return rms_norm_fp8(x, weight, eps, residual=residual)
+
+
+@triton_fused_add_rms_norm_fp8.register_fake
+def _fake_add_rms_fp8(x, residual, weight, eps):
+    q, s = _fake_fp8_rows(x)
+    return q, s, torch.empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+
+
+@torch.library.custom_op("autodeploy::triton_gated_act_fp8", mutates_args=())
+def triton_gated_act_fp8(gate: Tensor, up: Tensor, act: str) -> tuple[Tensor, Tensor]:
+    """``quantize_fp8_activation(act(gate) * up)`` in one launch (one program per row)."""
+    return gated_act_fp8(gate, up, act)
+
+
+@triton_gated_act_fp8.register_fake
+def _fake_gated_fp8(gate, up, act):
+    return _fake_fp8_rows(gate)
 
 
 @torch.library.custom_op("autodeploy::triton_gated_act", mutates_args=())

@@ -27,6 +27,7 @@ elements, which keeps the loads coalesced).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -769,13 +770,31 @@ DECODE_PAGE_TILES = True
 _PAGE_TILE_SIZES = (16, 32, 64, 128)
 
 
-def _decode_config(block_d: int, dtype: torch.dtype):
+@functools.lru_cache(maxsize=None)
+def _max_shared_mem(device_index: int) -> int:
+    """Shared memory one program may use on the device (bytes), as Triton's driver reports it."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - an unknown driver: assume the smallest, so the shallow pipeline is used
+        return 0
+
+
+# Decode split-kernel pipeline depth: 5 stages of one page tile of K and of V where shared memory holds them
+# (measured on an H200, docs/performance.md), else 3.
+_DEEP_STAGES, _DEEP_STAGES_SMEM = 5, 200 * 1024
+
+
+def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.device] = None):
     """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining)."""
     if _interpreting():
         return 32, 4, 1
+    env = os.environ.get("AUTODEPLOY_DECODE_CONFIG")  # tuning (benchmarks): "BLOCK_N,warps,stages"
+    if env:
+        return tuple(int(v) for v in env.split(","))
     if dtype == torch.float32 or block_d > 128:
         return 32, 4, 2
-    return 64, 4, 3
+    deep = device is not None and device.type == "cuda" and _max_shared_mem(device.index or 0) >= _DEEP_STAGES_SMEM
+    return 64, 4, _DEEP_STAGES if deep else 3
 
 
 def _scale_strides(k_scale: Optional[torch.Tensor]) -> tuple[int, int]:
@@ -906,7 +925,7 @@ def decode_attention(
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
-    block_n, num_warps, num_stages = _decode_config(block_d, q.dtype)
+    block_n, num_warps, num_stages = _decode_config(block_d, q.dtype, q.device)
     page_tiles = DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
     if page_tiles:
         block_n = page_size

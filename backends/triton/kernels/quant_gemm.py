@@ -2,16 +2,17 @@
 
 ``y[m, n] = (sum_k a[m, k] * w[n, k]) * w_scale[n] * a_scale[m] (+ b[n])`` with W ``[N, K]`` stored int8 or
 float8 E4M3 (one byte per weight: half the bf16 bytes a decode step streams). ``a`` is the activation as it is
-(weight-only int8), or quantized to float8 per token inside the kernel (W8A8 FP8: every program computes the
-few rows' absmax itself, so the step has no separate quantization launches). Products of the 8-bit values are
-exact in fp32, so this computes the canonical ops' reference math up to float rounding: the order of the fp32
-sums, and reciprocal multiplications where the reference quantizer divides. Each program owns ``BLOCK_N`` whole
-output columns and streams their weight rows once.
+(weight-only int8), or float8 rows with their per-token scales (W8A8 FP8), quantized by the kernel that produced
+them (passes/fuse_fp8_act_quant.py) or by ``quantize_fp8_rows`` right before. (Quantizing inside this kernel,
+every program re-deriving the row's absmax and quantizing its padded activation tiles, measured slower than
+either.) Products of the 8-bit values are exact in fp32, so this computes the canonical ops' reference math up
+to float rounding: the order of the fp32 sums, and reciprocal multiplications where the reference quantizer
+divides. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once.
 
 The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_linear`` take the canonical
-quantized ops' arguments. Rows beyond ``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8
-tensor cores: there one launch quantizes the activation rows (``quantize_fp8_rows``) and ``torch._scaled_mm``
-multiplies, instead of the reference quantizer's chain of elementwise kernels.
+quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
+``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8 tensor cores: there one launch quantizes
+the activation rows (``quantize_fp8_rows``, unless the producer did) and ``torch._scaled_mm`` multiplies.
 ``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
 """
 
@@ -27,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_wait
-from autodeploy.backends.triton.kernels.rope_cache import round_e4m3
+from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "QGEMV_MAX_M", "QConfig"]
@@ -35,10 +36,8 @@ __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "QGEMV_MAX_M"
 QGEMV_MAX_M = 4
 
 
-# How ``a`` reaches the products: as it is (weight-only int8), already float8 with a per-row scale at ``as_ptr``,
-# or quantized to float8 inside the kernel (W8A8 FP8: dynamic per-token scales, or the static scale at as_ptr).
-# The kernels write quant.FP8_MAX (448) and quant._EPS (1e-12, the floor of a per-token scale) as literals.
-A_PLAIN, A_PREQUANTIZED, A_DYNAMIC, A_STATIC = 0, 1, 2, 3
+# How ``a`` reaches the products: as it is (weight-only int8), or float8 with a per-row scale at ``as_ptr``.
+A_PLAIN, A_PREQUANTIZED = 0, 1
 
 
 @triton.jit
@@ -70,17 +69,9 @@ def _load_a(a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _qtile(acc, w, a_ptr, offs_m, m_ok, k, K, stride_am, a_inv, A_MODE: tl.constexpr, EVEN_K: tl.constexpr,
-           EMULATE_RNE: tl.constexpr):
-    """acc += a[:, k] @ w.T for one loaded weight tile; A_DYNAMIC/A_STATIC quantize ``a`` to float8 on the way as
-    ``quant.quantize_fp8_activation`` does, up to float rounding (times the scale's reciprocal instead of a
-    division: an element differs only where it lies within an fp32 ulp of an E4M3 rounding boundary)."""
+def _qtile(acc, w, a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K: tl.constexpr):
+    """acc += a[:, k] @ w.T for one loaded weight tile."""
     a = _load_a(a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K)
-    if A_MODE == 2 or A_MODE == 3:
-        q = tl.minimum(tl.maximum(a * a_inv[:, None], -448.0), 448.0)
-        if EMULATE_RNE:
-            q = round_e4m3(q)
-        a = q.to(tl.float8e4nv).to(tl.float32)
     return acc + tl.sum(a[:, None, :] * w[None, :, :], 2)
 
 
@@ -89,7 +80,6 @@ def _quant_gemv_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
     A_MODE: tl.constexpr, PER_CHANNEL: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
 ):
     """PDL: the first weight tile is loaded before waiting for the kernel that produces ``a`` (weights are
     constants), as the bf16 GEMV does (kernels/pdl.py)."""
@@ -97,28 +87,14 @@ def _quant_gemv_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     w0 = _load_qw(w_rows, offs_k, n_ok, K, EVEN_K)
     pdl_wait(PDL)
-    if A_MODE == 2:  # per-token absmax over the whole row: x is a few KB, read from L2 by every program
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = _load_a(a_ptr, offs_m, m_ok, k0 + offs_k, K, stride_am, EVEN_K)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), 1))
-        a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
-    elif A_MODE == 3:
-        a_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(as_ptr).to(tl.float32)
-    else:
-        a_scale = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    a_inv = tl.math.div_rn(tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0, a_scale)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _qtile(acc, w0, a_ptr, offs_m, m_ok, offs_k, K, stride_am, a_inv, A_MODE, EVEN_K, EMULATE_RNE)
+    acc = _qtile(acc, w0, a_ptr, offs_m, m_ok, offs_k, K, stride_am, EVEN_K)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         k = k0 + offs_k
-        acc = _qtile(acc, _load_qw(w_rows, k, n_ok, K, EVEN_K), a_ptr, offs_m, m_ok, k, K, stride_am, a_inv,
-                     A_MODE, EVEN_K, EMULATE_RNE)
+        acc = _qtile(acc, _load_qw(w_rows, k, n_ok, K, EVEN_K), a_ptr, offs_m, m_ok, k, K, stride_am, EVEN_K)
     # the reference's order: (acc * a_scale) * w_scale
     if A_MODE == 1:
         acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    elif A_MODE != 0:
-        acc *= a_scale[:, None]
     if PER_CHANNEL:
         acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     else:
@@ -133,44 +109,23 @@ def _quant_gemv_kernel(
 def _quant_gemv_dot_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, EMULATE_RNE: tl.constexpr,
-    IEEE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     """The same GEMM on the tensor cores, operands swapped (``W x^T``: the weight rows are the MMA's M side, the
-    few activation rows padded to 16 its N side), so float8 weights enter the MMA as they are stored (W8A8 FP8,
-    the activation quantized per K tile on the way); int8 weights (weight-only) are converted to the activation
-    dtype (exact). K must be a multiple of BLOCK_K. UPCAST:
-    fp32 operands (the Triton interpreter's low-precision dot is wrong); EMULATE_RNE: round to E4M3 with integer
-    ops (the interpreter's float8 cast rounds ties away from zero); IEEE: fp32 activations multiply in true fp32.
-    """
+    few activation rows padded to 16 its N side), so float8 weights and activations enter the MMA as they are
+    stored (W8A8 FP8); int8 weights (weight-only) are converted to the activation dtype (exact). K must be a
+    multiple of BLOCK_K. UPCAST: fp32 operands (the Triton interpreter's low-precision dot is wrong); IEEE: fp32
+    activations multiply in true fp32."""
     BLOCK_M: tl.constexpr = 16
     offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, 16]
     pdl_wait(PDL)
-    ones = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
-    a_scale = ones
-    a_inv = ones
-    if A_MODE == 2:
-        amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            a = tl.load(a_cols + k0, mask=m_ok[None, :], other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(a), 0))
-        a_scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
-        a_inv = tl.math.div_rn(ones, a_scale)
-    elif A_MODE == 3:
-        a_scale = ones * tl.load(as_ptr).to(tl.float32)
-        a_inv = tl.math.div_rn(ones, a_scale)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w = tl.load(w_rows + k0, mask=n_ok[:, None])  # rows past N: never stored
         a = tl.load(a_cols + k0, mask=m_ok[None, :], other=0.0)
-        if A_MODE == 2 or A_MODE == 3:  # quant.quantize_fp8_activation's math
-            q = tl.minimum(tl.maximum(a.to(tl.float32) * a_inv[None, :], -448.0), 448.0)
-            if EMULATE_RNE:
-                q = round_e4m3(q)
-            a = q.to(tl.float8e4nv)
-        elif A_MODE == 0:  # int8 -> the activation dtype: exact (the interpreter mis-converts int8 to bf16)
+        if A_MODE == 0:  # int8 -> the activation dtype: exact (the interpreter mis-converts int8 to bf16)
             w = w.to(tl.float32) if UPCAST else w.to(a.dtype)
         if UPCAST:
             acc += tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
@@ -180,8 +135,6 @@ def _quant_gemv_dot_kernel(
             acc += tl.dot(w, a)
     if A_MODE == 1:
         acc *= tl.load(as_ptr + offs_m, mask=m_ok, other=0.0)[None, :]
-    else:
-        acc *= a_scale[None, :]
     if PER_CHANNEL:
         acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
     else:
@@ -203,7 +156,7 @@ QConfig = tuple[bool, int, int, int, int]
 @functools.lru_cache(maxsize=None)
 def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: int = 0) -> QConfig:
     """The launch for a ``[m, k]`` activation and ``n`` outputs, picked on an H200 over Llama-8B's shapes
-    (benchmarks/bench_quant_gemv.py, docs/performance.md): the tensor-core form wherever K is a multiple of its
+    (benchmarks/bench_quant_gemv.py, docs/quantization.md): the tensor-core form wherever K is a multiple of its
     K tile. FP8 takes wide weight tiles (warpgroup MMAs, whose FP8 accumulation is coarser than fp32: about 1e-3
     relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs; int8 takes 32-row tiles.
     Otherwise the CUDA-core form: 1-byte weights, twice the K of the bf16 GEMV tile for the same bytes in flight,
@@ -218,7 +171,7 @@ def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: i
         if n >= 16384 and k % 256 == 0:
             return True, 256, 256, 8, 3
         if k % 512 == 0:
-            return True, 64, 512, 4, 3
+            return True, 64, 512, 4, 4
     elif k % 512 == 0:
         return True, 32, 512, 4, 4
     block_k = min(4096 // triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(k))
@@ -226,13 +179,12 @@ def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: i
 
 
 def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optional[Tensor] = None,
-               bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None, quantize_a: bool = False,
+               bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
                config: Optional[QConfig] = None, pdl: Optional[bool] = None) -> Tensor:
     """``(a [..., K] @ weight[N, K].T) * weight_scale * a_scale (+ bias)`` for at most QGEMV_MAX_M rows.
 
-    ``quantize_a``: ``a`` is in the model dtype and is quantized to float8 inside the kernel (W8A8 FP8), per
-    token when ``a_scale`` is None, else with the static ``[]`` scale ``a_scale``; otherwise ``a`` is used as it
-    is, scaled by its per-row ``a_scale`` if given (an already-quantized activation)."""
+    ``a`` is used as it is: the model dtype with int8 weights (weight-only), float8 rows with float8 weights,
+    scaled by their per-row ``a_scale`` (``[..., 1]``, or one static ``[]`` scale)."""
     k, n = a.shape[-1], weight.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
@@ -242,8 +194,9 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         raise ValueError(f"weight must be [N, {k}] with a unit last stride, got {tuple(weight.shape)}")
     if weight.dtype not in (torch.int8, quant.FP8_DTYPE):
         raise ValueError(f"quant_gemv takes int8 or float8_e4m3fn weights, got {weight.dtype}")
-    if quantize_a and weight.dtype != quant.FP8_DTYPE:
-        raise ValueError("quantize_a quantizes activations to float8: it needs float8_e4m3fn weights")
+    if (weight.dtype == quant.FP8_DTYPE) != (a.dtype == quant.FP8_DTYPE):
+        raise ValueError(f"float8 weights take float8 activations and int8 weights 16/32-bit ones; got "
+                         f"{weight.dtype} weights with {a.dtype} activations")
     a2 = a2.contiguous()
     y = torch.empty((m, n), dtype=out_dtype or a.dtype, device=a.device)
     if m == 0:
@@ -252,10 +205,7 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     per_channel = ws.numel() != 1
     if per_channel and ws.numel() != n:
         raise ValueError(f"weight_scale must have 1 or {n} elements, got {ws.numel()}")
-    if quantize_a:
-        mode = A_DYNAMIC if a_scale is None else A_STATIC
-        a_s = a_scale.float().reshape(1).contiguous() if a_scale is not None else None
-    elif a_scale is not None:
+    if a_scale is not None:
         mode, a_s = A_PREQUANTIZED, a_scale.float().reshape(-1).expand(m).contiguous()
     else:
         mode, a_s = A_PLAIN, None
@@ -269,12 +219,11 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     if dot:
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
-        interp = _interpreted(_quant_gemv_dot_kernel)
-        _quant_gemv_dot_kernel[grid](*args, UPCAST=interp, EMULATE_RNE=interp,
-                                     IEEE=a.dtype == torch.float32 and not quantize_a and a_scale is None, **common)
+        _quant_gemv_dot_kernel[grid](*args, UPCAST=_interpreted(_quant_gemv_dot_kernel),
+                                     IEEE=a.dtype == torch.float32 and a_scale is None, **common)
     else:
         _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,
-                                 EMULATE_RNE=_interpreted(_quant_gemv_kernel), **common)
+                                 **common)
     return y.reshape(*a.shape[:-1], n)
 
 
@@ -286,21 +235,18 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, sin_ptr, K, stride_xm, stride_qm, BLOC
     offs = tl.arange(0, BLOCK_K)
     if STATIC:
         scale = tl.load(sin_ptr).to(tl.float32)
+        inv = tl.math.div_rn(1.0, scale)
     else:
         amax = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs
             amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.max(amax, 0), 1e-12) * (1.0 / 448.0)
+        scale, inv = fp8_token_scale(tl.max(amax, 0))
         tl.store(s_ptr + row, scale)
-    inv = tl.math.div_rn(1.0, scale)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
-        if EMULATE_RNE:
-            q = round_e4m3(q)
-        tl.store(q_ptr + row * stride_qm + k, q.to(tl.float8e4nv), mask=k < K)
+        tl.store(q_ptr + row * stride_qm + k, fp8_quantize_values(x, inv, EMULATE_RNE), mask=k < K)
 
 
 def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -342,11 +288,30 @@ def triton_fp8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, input_sca
                       bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::fp8_linear`` with its decode rows on the skinny quantized GEMM (activations quantized to
     float8 per token first, exactly as the canonical op does)."""
-    if _skinny(x) and weight.stride(-1) == 1:
-        return quant_gemv(x, weight, weight_scale, input_scale, bias, quantize_a=True)
+    if _skinny(x) and weight.stride(-1) == 1:  # one quantizing launch, then the GEMV on float8 rows
+        xq, xs = quantize_fp8_rows(x, input_scale)
+        return quant_gemv(xq, weight, weight_scale, xs, bias, out_dtype=x.dtype)
     if x.is_cuda and quant._scaled_mm_accepts(x, weight, weight_scale, input_scale, bias):
         return quant.scaled_mm_fp8(x, weight, weight_scale, input_scale, bias, quantize=quantize_fp8_rows)
     return torch.ops.autodeploy.fp8_linear(x, weight, weight_scale, input_scale, bias)
+
+
+@torch.library.custom_op("autodeploy::triton_fp8_linear_q", mutates_args=())
+def triton_fp8_linear_q(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor,
+                        bias: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """``autodeploy::fp8_linear`` on an activation its producer kernel already quantized (float8 ``xq`` with
+    per-token scales ``x_scale [..., 1]``, passes/fuse_fp8_act_quant.py): the skinny GEMM for decode rows,
+    ``torch._scaled_mm`` for more, the reference otherwise."""
+    if _skinny(xq) and weight.stride(-1) == 1:
+        return quant_gemv(xq, weight, weight_scale, x_scale, bias, out_dtype=out_dtype)
+    if xq.is_cuda and quant.scaled_mm_accepts_prequantized(xq, weight):
+        return quant.scaled_mm_prequantized(xq, x_scale, weight, weight_scale, bias, out_dtype)
+    return quant.fp8_prequantized_reference(xq, x_scale, weight, weight_scale, bias, out_dtype)
+
+
+@triton_fp8_linear_q.register_fake
+def _fake_q(xq, x_scale, weight, weight_scale, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], weight.shape[0]), dtype=out_dtype)
 
 
 def _fake(x, weight, *rest):

@@ -22,11 +22,15 @@ import triton
 import triton.language as tl
 
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 
-__all__ = ["rms_norm", "fused_add_rms_norm"]
+__all__ = ["rms_norm", "fused_add_rms_norm", "rms_norm_fp8", "MAX_QUANT_N"]
+
+# Rows the quantizing norm takes (held in registers, see _launch).
 
 # Largest row kept entirely in registers; longer rows use the two-pass loop.
 _MAX_SINGLE_BLOCK = 8192
+MAX_QUANT_N = _MAX_SINGLE_BLOCK
 
 
 def emulate_rne(kernel, *dtypes: torch.dtype) -> bool:
@@ -55,12 +59,16 @@ def cast_rn(x, ty: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
-    stride_x, stride_r, stride_o, stride_ro,
+    x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, q_ptr, s_ptr,
+    stride_x, stride_r, stride_o, stride_ro, stride_q,
     N, eps,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_PASS: tl.constexpr, EMULATE_RNE: tl.constexpr, PDL: tl.constexpr,
+    QUANT: tl.constexpr = False, EMULATE_E4M3: tl.constexpr = False,
 ):
+    """QUANT (single pass only): instead of the normalised row, store it quantized to float8 per token
+    (``quant.quantize_fp8_activation`` of the row as the unfused norm would output it) at ``q_ptr`` (row stride
+    ``stride_q``; ``out_ptr`` only types the rounding) and its fp32 scale at ``s_ptr[row]``: the row is in registers, so its absmax costs no pass."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -89,8 +97,14 @@ def _rms_norm_kernel(
         if HAS_W:
             w = tl.load(w_ptr + offs, mask=mask, other=0.0)
             y = y.to(tl.float32) * w.to(tl.float32)
-        tl.store(o_row + offs, cast_rn(y.to(tl.float32), out_ptr.dtype.element_ty, EMULATE_RNE),
-                 mask=mask)
+        y = cast_rn(y.to(tl.float32), out_ptr.dtype.element_ty, EMULATE_RNE)
+        if QUANT:
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            scale, inv = fp8_token_scale(tl.max(tl.abs(yf), axis=0))
+            tl.store(q_ptr + row * stride_q + offs, fp8_quantize_values(yf, inv, EMULATE_E4M3), mask=mask)
+            tl.store(s_ptr + row, scale)
+        else:
+            tl.store(o_row + offs, y, mask=mask)
     else:
         # Pass 1: sum of squares (and the residual sum, stored once).
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -127,21 +141,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(x2, r2, weight, out, res_out, eps, block):
+def _launch(x2, r2, weight, out, res_out, eps, block, q=None, scale=None):
     M, N = x2.shape
     if block is None:
         block = min(triton.next_power_of_2(N), _MAX_SINGLE_BLOCK)
     single = block >= N
+    if q is not None and not single:
+        raise ValueError(f"the quantizing norm holds the row in registers: N ({N}) must be <= {_MAX_SINGLE_BLOCK}")
     num_warps = min(max(block // 256, 1), 16)
     pdl = pdl_enabled(x2.device, "norm")
+    interp = type(_rms_norm_kernel).__name__ == "InterpretedFunction"
     _rms_norm_kernel[(M,)](
         x2, r2 if r2 is not None else x2, weight if weight is not None else x2, out,
-        res_out if res_out is not None else out,
+        res_out if res_out is not None else out, q if q is not None else out, scale if scale is not None else out,
         x2.stride(0), r2.stride(0) if r2 is not None else 0, out.stride(0),
-        res_out.stride(0) if res_out is not None else 0,
+        res_out.stride(0) if res_out is not None else 0, q.stride(0) if q is not None else 0,
         N, float(eps),
         HAS_RES=r2 is not None, HAS_W=weight is not None,
         BLOCK_N=block, SINGLE_PASS=single, num_warps=num_warps, PDL=pdl, **launch_options(pdl),
+        QUANT=q is not None, EMULATE_E4M3=interp,
         EMULATE_RNE=emulate_rne(_rms_norm_kernel, x2.dtype, out.dtype,
                                 *((res_out.dtype,) if res_out is not None else ())),
     )
@@ -191,3 +209,21 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         return out, new_res
     _launch(_rows(x), _rows(residual), weight, out.view(-1, N), new_res.view(-1, N), eps, _block)
     return out, new_res
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None):
+    """``quant.quantize_fp8_activation(rms_norm(x [+ residual]))`` in the norm's own launch: (float8 rows
+    ``[..., N]``, fp32 per-token scales ``[..., 1]``), plus the rounded sum ``x + residual`` when given."""
+    N = x.shape[-1]
+    weight = _check_weight(weight, N)
+    res_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out_dtype = res_dtype if weight is None else torch.promote_types(weight.dtype, res_dtype)
+    q = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    new_res = torch.empty(x.shape, dtype=res_dtype, device=x.device) if residual is not None else None
+    if x.numel():
+        # ``out`` only types the rounding of the normalised row (the unfused norm's output dtype); never written
+        typed = torch.empty((1, 1), dtype=out_dtype, device=x.device)
+        _launch(_rows(x), _rows(residual) if residual is not None else None, weight, typed.expand(x.numel() // N, N),
+                new_res.view(-1, N) if new_res is not None else None, eps, None, q.view(-1, N), scale.view(-1))
+    return (q, scale) if residual is None else (q, scale, new_res)

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import round_e4m3  # noqa: F401 - used by the cache-write kernels
+
 from .rms_norm import cast_rn, emulate_rne
 
 __all__ = ["rope_and_cache_write", "rope", "cache_write", "fp8_quantize_rows"]
@@ -59,23 +61,6 @@ def rotate(row_ptr, offs, partner, mask, rot_mask, cos, sin):
     x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(row_ptr + partner, mask=mask & rot_mask, other=0.0).to(tl.float32)
     return x * cos + xp * sin
-
-
-@triton.jit
-def round_e4m3(x):
-    """fp32 ``|x| <= 448`` rounded to the nearest E4M3 value (ties to even), still in fp32. Done with integer
-    ops, so the conversion that follows is exact: the Triton interpreter's own fp32 -> fp8 cast mis-rounds
-    values that carry into the next binade and E4M3 subnormals."""
-    b = x.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -1048576  # keep 3 mantissa bits, ties to even
-    normal = b.to(tl.float32, bitcast=True)
-    t = tl.abs(x) * 512.0  # subnormals (|x| < 2^-6): multiples of 2^-9
-    fl = t.to(tl.int32)
-    fr = t - fl.to(tl.float32)
-    m = fl + ((fr > 0.5) | ((fr == 0.5) & ((fl & 1) == 1))).to(tl.int32)
-    sub = m.to(tl.float32) * 0.001953125
-    sub = tl.where(x < 0, -sub, sub)
-    return tl.where(tl.abs(x) < 0.015625, sub, normal)
 
 
 @triton.jit

@@ -1,0 +1,90 @@
+"""Decode attention over a bf16 cache against the same cache in FP8 (E4M3 pages, per-row scales), side by side:
+the split kernel's partition size (waves of programs) and tile config swept for each, on Llama-8B's heads.
+
+Every call is a CUDA-graph replay after an L2 flush; bandwidth is the cache bytes read (values plus scales) over
+the time. The FP8 output is checked against attention over the dequantized cache first.
+Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from bench_triton_attention import D, HKV, _decode_case, copy_bandwidth, graphed, make_flush, time_cuda  # noqa: E402
+
+CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 4, 5), (64, 4, 6), (64, 2, 4)]
+
+
+def main() -> int:
+    import autodeploy.backends.triton.kernels.attention as attn
+    from autodeploy.backends.triton.partition import MIN_CHUNK, decode_partition, device_sms, target_work_items
+    from autodeploy.ops.kv_quant import dequantize_kv, quantize_kv
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--cases", default="64x4096,256x192,16x8192")
+    p.add_argument("--waves", default="1,2")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    bw = copy_bandwidth(1 << 30, 10)
+    print(f"copy bandwidth {bw:.0f} GB/s", flush=True)
+    flush = make_flush("read")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    default_config = attn._decode_config
+    rows = []
+    for spec in args.cases.split(","):
+        batch, ctx = map(int, spec.split("x"))
+        k16, v16, page_table, seq_lens, q, cu, _ = _decode_case(batch, ctx, 64, gen, 2.0)
+        (k8, ks), (v8, vs) = quantize_kv(k16), quantize_kv(v16)
+        kd, vd = dequantize_kv(k8, ks, k16.dtype), dequantize_kv(v8, vs, v16.dtype)
+        caches = {"bf16": (k16, v16, None, None, 2), "fp8": (k8, v8, ks, vs, 1)}
+        for waves in map(float, args.waves.split(",")):
+            part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves),
+                                    min_chunk=MIN_CHUNK)
+            splits = int((part[1][1:] - part[1][:-1]).max())
+            for cfg in CONFIGS:
+                attn._decode_config = lambda *a, _c=cfg: _c
+                for kind, (kc, vc, ksc, vsc, nbytes) in caches.items():
+                    out = torch.empty_like(q)
+
+                    def fn(kc=kc, vc=vc, ksc=ksc, vsc=vsc, out=out):
+                        attn.decode_attention(q, kc, vc, seq_lens, page_table, out, scale=D**-0.5,
+                                              sliding_window=None, logit_softcap=None, sinks=None,
+                                              cu_seqlens_q=cu, partition=part, k_scale=ksc, v_scale=vsc)
+                    try:
+                        fn()
+                        ref = torch.empty_like(q)
+                        attn.decode_attention(q, kd if ksc is not None else kc, vd if ksc is not None else vc,
+                                              seq_lens, page_table, ref, scale=D**-0.5, sliding_window=None,
+                                              logit_softcap=None, sinks=None, cu_seqlens_q=cu, partition=part)
+                        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                        ms = time_cuda(graphed(fn), args.reps, 3, flush)
+                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+                        print(f"  skip {kind} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                        continue
+                    nb = batch * ctx * HKV * 2 * (D * nbytes + (2 if ksc is not None else 0))
+                    gbs = nb / (ms * 1e-3) / 1e9
+                    rows.append(dict(batch=batch, ctx=ctx, kv=kind, waves=waves, splits=splits, config=cfg,
+                                     us=ms * 1e3, GBps=gbs, rel_err=err))
+                    print(f"B={batch:<4d} ctx={ctx:<6d} {kind:4s} waves={waves:<4g} splits<={splits:<3d} cfg={cfg} "
+                          f"{ms * 1e3:8.1f} us {gbs:6.0f} GB/s ({100 * gbs / bw:5.1f}%) err {err:.1e}", flush=True)
+                attn._decode_config = default_config
+        for kind in caches:
+            best = min((r for r in rows if r["batch"] == batch and r["ctx"] == ctx and r["kv"] == kind),
+                       key=lambda r: r["us"])
+            print(f"best B={batch} ctx={ctx} {kind}: waves={best['waves']:g} cfg={best['config']} "
+                  f"{best['us']:.1f} us", flush=True)
+        del k16, v16, k8, v8, kd, vd
+        torch.cuda.empty_cache()
+    if args.json:
+        json.dump(rows, open(args.json, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
