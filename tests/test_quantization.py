@@ -459,6 +459,22 @@ def test_fp8_activations_quantized_in_their_producers_end_to_end():
     assert tri.generate([PROMPT], sampling=cfg) == base.generate([PROMPT], sampling=cfg)
 
 
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="CPU interpreter test")
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "qwen3", "gpt2"])
+def test_fp8_producer_quantization_across_families(family):
+    """GELU-tanh gating and sandwich norms (Gemma-2), fused qkv/gate-up weights (Phi-3), q/k norms whose outputs
+    feed attention, not a linear (Qwen3), LayerNorm and an ungated MLP (GPT-2, nothing to fuse): each answers as
+    its canonical FP8 graph does."""
+    model = make_model(family, "eager" if family == "gemma2" else "sdpa")  # sdpa refuses Gemma-2's softcap
+    cfg = autodeploy.SamplingConfig(max_new_tokens=3, ignore_eos=True)
+    base = autodeploy.compile(model, quantization="fp8", **KW)
+    tri = autodeploy.compile(model, quantization="fp8", backend="torch", kernels=["triton"], **KW)
+    rec = next(p for p in tri.report.passes if p.name == "fuse_fp8_act_quant")
+    assert (rec.num_matches > 0) == (family != "gpt2")
+    assert rel_rms(logits(tri), logits(base)) < 1e-3
+    assert tri.generate([PROMPT], sampling=cfg) == base.generate([PROMPT], sampling=cfg)
+
+
 # ---------------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_fast_paths_match_the_references():
