@@ -70,6 +70,16 @@ def _chi2_critical(df: int, z: float = 3.719) -> float:
 # --------------------------------------------------------------------------------------------- Philox
 
 
+def _assert_counted(state, before, got, pen_rows):
+    """The penalty state gained exactly one count per penalized row's sampled token (a word is
+    ``count << 1 | in_prompt``)."""
+    after = before.clone()
+    for r, pr in enumerate(pen_rows):
+        if pr >= 0:
+            after[pr, got[r]] += 2
+    assert torch.equal(state.cpu(), after.cpu()), "the state did not count exactly the penalized rows' tokens"
+
+
 def test_philox_known_answers():
     """Random123's published Philox-4x32-10 test vectors."""
     m = 0xFFFFFFFF
@@ -385,11 +395,7 @@ def test_kernel_with_penalties_equals_host_path(case, tiling, step):
     assert not torch.equal(got, S.reference_sample(x, plain)), "the penalties changed no token"
     for r in (0, 4):
         assert int(got[r]) == int(px[r].argmax())
-    after = before.clone()
-    for r, pr in enumerate(pen_rows):
-        if pr >= 0:
-            after[pr, got[r]] += 2
-    assert torch.equal(state.cpu(), after), "the state did not count exactly the penalized rows' tokens"
+    _assert_counted(state, before, got, pen_rows)
     assert set(path.cpu().tolist()) == {0, 1, 2, 3}  # greedy, tile winners, candidates, whole row
 
 
@@ -633,10 +639,6 @@ def test_gpu_kernel_penalties_at_llama_vocab(state_dtype):
     assert not torch.equal(got, S.sample_rows(xc, plain.pin_memory())), "the penalties changed no token"
     for r in (0, 4):
         assert int(got[r]) == int(want[r].argmax())
-    after = before.clone()
-    for r, pr in enumerate(pen_rows):
-        if pr >= 0:
-            after[pr, got[r]] += 2
-    assert torch.equal(state, after)
+    _assert_counted(state, before, got, pen_rows)
     ref = S.reference_sample(want.cpu(), plain)
     assert int((ref != got.cpu()).sum()) <= 1  # fast exp/log may flip a near-tie

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,38 @@ def scan_sequences(scan, x: torch.Tensor, state: torch.Tensor, cu_seqlens_q: tor
         if slot >= 0:
             state[slot] = h.to(state.dtype)
     return out.unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class ScanOps:
+    """The plain-torch references behind a scan kind's two ops (what tests and fast kernels compare against)."""
+
+    reference: Callable[..., Tensor]
+    cached_reference: Callable[..., Tensor]
+
+
+def define_scan_ops(name: str, scan_with_state: Callable, zero_state: Callable[[Tensor, Tensor, Tensor], Tensor],
+                    layout: str) -> ScanOps:
+    """The ops of a recurrent scan over ``(x, dt, A, B, C)``: ``autodeploy::{name}(x, dt, A, B, C) -> y`` (fp32,
+    each batch row from ``zero_state(x, A, B)``) and ``autodeploy::cached_{name}(x, dt, A, B, C, state!,
+    cu_seqlens_q, seq_lens_kv, state_slots)`` in the flattened layout ``layout`` (each packed sequence continues
+    from its slot), both from ``scan_with_state(h0, x, dt, A, B, C) -> (y, h)`` over one sequence."""
+
+    def reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        zero = zero_state(x, A, B)
+        return torch.stack([scan_with_state(zero, x[b], dt[b], A, B[b], C[b])[0] for b in range(x.shape[0])])
+
+    def cached_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor,
+                         cu_seqlens_q: Tensor, seq_lens_kv: Tensor, state_slots: Tensor) -> Tensor:
+        if x.shape[0] != 1:
+            raise ValueError(f"cached_{name} takes the flattened layout {layout}, got {tuple(x.shape)}")
+        return scan_sequences(scan_with_state, x, state, cu_seqlens_q, seq_lens_kv, state_slots,
+                              lambda rows: (x[0, rows], dt[0, rows], A, B[0, rows], C[0, rows]))
+
+    def fake(x: Tensor, *_: Tensor) -> Tensor:
+        return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+
+    torch.library.custom_op(f"autodeploy::{name}", reference, mutates_args=()).register_fake(fake)
+    torch.library.custom_op(f"autodeploy::cached_{name}", cached_reference,
+                            mutates_args=("state",)).register_fake(fake)
+    return ScanOps(reference, cached_reference)

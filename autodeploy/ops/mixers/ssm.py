@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from autodeploy.ops.mixers.base import STATE_STEP_TENSORS, MixerKind, register_mixer, scan_sequences
+from autodeploy.ops.mixers.base import STATE_STEP_TENSORS, MixerKind, define_scan_ops, register_mixer
 
 
 CHUNK = 64  # tokens per block of the chunked form (bounds the [H, Q, Q] intra-chunk matrices)
@@ -58,38 +58,10 @@ def scan_with_state(state: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, 
     return y, h
 
 
-def ssm_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    zero = x.new_zeros((x.shape[2], x.shape[3], B.shape[3]), dtype=torch.float32)
-    return torch.stack([scan_with_state(zero, x[b], dt[b], A, B[b], C[b])[0] for b in range(x.shape[0])])
-
-
-@torch.library.custom_op("autodeploy::ssm_scan", mutates_args=())
-def ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
-    return ssm_scan_reference(x, dt, A, B, C)
-
-
-@ssm_scan.register_fake
-def _ssm_scan_fake(x, dt, A, B, C):
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
-
-
-def cached_ssm_scan_reference(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor,
-                              cu_seqlens_q: Tensor, seq_lens_kv: Tensor, state_slots: Tensor) -> Tensor:
-    if x.shape[0] != 1:
-        raise ValueError(f"cached_ssm_scan takes the flattened layout [1, T, H, P], got {tuple(x.shape)}")
-    return scan_sequences(scan_with_state, x, state, cu_seqlens_q, seq_lens_kv, state_slots,
-                          lambda rows: (x[0, rows], dt[0, rows], A, B[0, rows], C[0, rows]))
-
-
-@torch.library.custom_op("autodeploy::cached_ssm_scan", mutates_args=("state",))
-def cached_ssm_scan(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, state: Tensor, cu_seqlens_q: Tensor,
-                    seq_lens_kv: Tensor, state_slots: Tensor) -> Tensor:
-    return cached_ssm_scan_reference(x, dt, A, B, C, state, cu_seqlens_q, seq_lens_kv, state_slots)
-
-
-@cached_ssm_scan.register_fake
-def _cached_ssm_scan_fake(x, dt, A, B, C, state, cu_seqlens_q, seq_lens_kv, state_slots):
-    return torch.empty(x.shape, dtype=torch.float32, device=x.device)
+_OPS = define_scan_ops(
+    "ssm_scan", scan_with_state,
+    lambda x, A, B: x.new_zeros((x.shape[2], x.shape[3], B.shape[3]), dtype=torch.float32), "[1, T, H, P]")
+ssm_scan_reference, cached_ssm_scan_reference = _OPS.reference, _OPS.cached_reference
 
 
 def _state_shape(inputs: dict) -> tuple[int, ...]:

@@ -30,7 +30,8 @@ def _dynamic_fp8_users(out: fx.Node) -> Optional[list[fx.Node]]:
     for u in users:
         if not is_op(u, torch.ops.autodeploy.fp8_linear, torch.ops.autodeploy.triton_fp8_linear):
             return None
-        if u.args[0] is not out or any(a is out for a in list(u.args[1:]) + list(u.kwargs.values())):
+        others = [v for i, v in enumerate(u.args) if i] + [v for k, v in u.kwargs.items() if k != "x"]
+        if arg(u, 0, "x") is not out or any(v is out for v in others):
             return None
         if arg(u, 3, "input_scale") is not None:
             return None
