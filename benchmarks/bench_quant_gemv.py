@@ -7,7 +7,8 @@ Each case is a CUDA graph replaying the GEMM of one shape over every layer's own
 HBM, as in a decode step), timed with events; the floor is the weight bytes over the measured copy bandwidth.
 Every variant is checked against the canonical op's reference first. ``--rows`` also times the activation
 quantizer on prefill-sized inputs (the fused ``quantize_fp8_rows`` against the reference's chain of kernels).
-Usage: python benchmarks/bench_quant_gemv.py [--model llama-3.1-8b] [--m 1] [--json out.json]
+Usage: python benchmarks/bench_quant_gemv.py [--model llama-3.1-8b] [--m 1] [--kinds bf16,fp8,int8w]
+[--configs "words/4/2048/4/3;tc/32/512/4/4"] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_gemv import graph_of, shapes  # noqa: E402
 from bench_triton_attention import copy_bandwidth, time_cuda  # noqa: E402
 
-# (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages); None: quant_gemv_config's choice
-CONFIGS = [(False, 8, 2048, 8, 2), (True, 32, 256, 4, 6), (True, 64, 256, 4, 4), (True, 32, 512, 4, 4),
-           (True, 64, 512, 4, 3), (True, 64, 512, 4, 4), (True, 64, 512, 4, 5), (True, 128, 256, 4, 4),
-           (True, 128, 512, 8, 3), (True, 256, 256, 8, 3), (True, 256, 256, 8, 4)]
+# (form, BLOCK_N, BLOCK_K, num_warps, num_stages), as quant_gemv_config returns them
+CONFIGS = [("cc", 8, 2048, 4, 3), ("words", 8, 2048, 4, 3), ("tc", 32, 256, 4, 6), ("tc", 64, 256, 4, 4),
+           ("tc", 32, 512, 4, 4), ("tc", 64, 512, 4, 3), ("tc", 64, 512, 4, 4), ("tc", 64, 512, 4, 5),
+           ("tc", 128, 256, 4, 4), ("tc", 128, 512, 8, 3), ("tc", 256, 256, 8, 3), ("tc", 256, 256, 8, 4)]
 
 
 def main() -> int:
@@ -41,7 +42,11 @@ def main() -> int:
     p.add_argument("--rows", default="", help="also time activation quantization for these row counts (4096,..)")
     p.add_argument("--json", default=None)
     p.add_argument("--best-out", default=None, help="write the fastest launch per kind (fp8, int8w) over all shapes")
+    p.add_argument("--kinds", default="bf16,fp8,int8w", help="which of bf16, fp8, int8w to time")
+    p.add_argument("--configs", default="", help="launches to try instead of CONFIGS: 'words/8/2048/4/3;tc/32/512/4/4'")
     args = p.parse_args()
+    want = set(args.kinds.split(","))
+    configs = [(c.split("/")[0], *map(int, c.split("/")[1:])) for c in args.configs.split(";") if c] or CONFIGS
     bw = copy_bandwidth(1 << 30, 10) * 1e9  # bytes/s
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     torch.manual_seed(0)
@@ -55,27 +60,30 @@ def main() -> int:
         fp8 = [quant.quantize_fp8_weight(w, search=1) for w in w16]
         i8 = [quant.quantize_int8_weight(w) for w in w16]
         x = torch.randn(args.m, k, device="cuda", dtype=dt)
-        cases = {"bf16 gemv": (lambda w: gemv(x, w), w16, 2)}
+        cases = {"bf16 gemv": (lambda w: gemv(x, w), w16, 2)} if "bf16" in want else {}
 
         def old_fp8(wq, ws):  # the previous decode path: the reference quantizer, then the GEMV
             xq, xs = quant.quantize_fp8_activation(x)
             return quant_gemv(xq, wq, ws, xs, out_dtype=x.dtype)
 
-        cases["fp8 unfused act-quant"] = (lambda wt: old_fp8(*wt), fp8, 1)
+        if "fp8" in want:
+            cases["fp8 unfused act-quant"] = (lambda wt: old_fp8(*wt), fp8, 1)
         xq, xs = quantize_fp8_rows(x)  # the activation as a quantizing producer kernel hands it over
 
         def rows_then_gemv(wt, c):  # the one-launch quantizer, then the GEMV on float8 rows
             q, s = quantize_fp8_rows(x)
             return quant_gemv(q, wt[0], wt[1], s, out_dtype=x.dtype, config=c)
 
-        for cfg in CONFIGS:
-            if cfg[0] and k % cfg[2]:
+        for cfg in configs:
+            if cfg[0] == "tc" and k % cfg[2]:
                 continue
-            tag = ("tc" if cfg[0] else "cc") + "/" + "/".join(map(str, cfg[1:]))
-            cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(xq, wt[0], wt[1], xs, out_dtype=x.dtype, config=c),
-                                   fp8, 1)
-            cases[f"fp8 rows+{tag}"] = (lambda wt, c=cfg: rows_then_gemv(wt, c), fp8, 1)
-            cases[f"int8w {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], config=c), i8, 1)
+            tag = "/".join(map(str, cfg))
+            if "fp8" in want:
+                cases[f"fp8 {tag}"] = (lambda wt, c=cfg: quant_gemv(xq, wt[0], wt[1], xs, out_dtype=x.dtype,
+                                                                   config=c), fp8, 1)
+                cases[f"fp8 rows+{tag}"] = (lambda wt, c=cfg: rows_then_gemv(wt, c), fp8, 1)
+            if "int8w" in want:
+                cases[f"int8w {tag}"] = (lambda wt, c=cfg: quant_gemv(x, wt[0], wt[1], config=c), i8, 1)
         ref8 = quant.fp8_linear_reference(x, *fp8[0]).float()
         refi = quant.int8_weight_linear_reference(x, *i8[0]).float()
         for label, (fn, ws, nbytes) in cases.items():
@@ -119,7 +127,7 @@ def main() -> int:
     if args.best_out:  # per kind, the launch with the least summed time over the shapes (count-weighted)
         counts = {name: c for name, (_, _, c) in shapes(args.model).items()}
         lines = []
-        for kind in ("fp8", "int8w"):
+        for kind in [k for k in ("fp8", "int8w") if k in want]:
             tot: dict[str, float] = {}
             for r in rows:
                 if kinds[kind](r["variant"]):

@@ -277,15 +277,31 @@ def _attach(gm: fx.GraphModule, name: str, tensor: Tensor, recipe: tuple, like: 
     return node
 
 
+def _storage_id(t: Tensor) -> int:
+    """Which storage ``t`` views: the storage object itself, so fake and meta tensors (a sharded load's weights
+    before they are read) compare too, where their data pointers cannot be read or are all zero."""
+    return t.untyped_storage()._cdata
+
+
 def _drop_attr(gm: fx.GraphModule, target: str) -> None:
-    """Free the float weight the graph no longer reads (the caller's model may still hold it)."""
-    if any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+    """Free the float weight the graph no longer reads (the caller's model may still hold it), and the graph's
+    other names for its storage that nothing reads: fuse_gemms leaves each source linear's parameter as a row
+    view of the fused weight, and one such view would keep the whole float storage alive beside its int8/fp8
+    copy."""
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    if target in read:
         return
-    owner, _, name = target.rpartition(".")
     try:
-        delattr(gm.get_submodule(owner) if owner else gm, name)
+        storage = _storage_id(getattr_path(gm, target))
     except AttributeError:
-        pass
+        return
+    named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name in {n for n, t in named if n not in read and _storage_id(t) == storage} | {target}:
+        owner, _, leaf = name.rpartition(".")
+        try:
+            delattr(gm.get_submodule(owner) if owner else gm, leaf)
+        except AttributeError:
+            pass
 
 
 def _nbytes(t: Tensor) -> int:

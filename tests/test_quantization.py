@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import autodeploy
+from autodeploy.graph.utils import getattr_path
 from autodeploy.errors import ConfigError, UnsupportedModelError
 from autodeploy.ops import quant
 from autodeploy.passes.quantize_linears import QuantizationConfig
@@ -151,6 +152,10 @@ def test_memory_and_float_weights_dropped():
         gm.get_submodule("m.model.layers.0.self_attn.o_proj").weight
     held = {name: b.dtype for name, b in gm.named_buffers() if name.startswith("quant_")}
     assert held and set(held.values()) == {torch.int8, torch.float32}, held
+    # no storage outlives its readers: fuse_gemms's row views of the fused float weight went with it
+    read = {getattr_path(gm, n.target).untyped_storage().data_ptr() for n in gm.graph.nodes if n.op == "get_attr"}
+    kept = {name for name, t in gm.named_parameters() if t.untyped_storage().data_ptr() not in read}
+    assert not kept, kept
     assert "1.1 MiB -> 0.3 MiB (saved 0.8 MiB)" in cm.report.quantization
 
 
@@ -292,8 +297,11 @@ needs_triton = pytest.mark.skipif(
     reason="needs a GPU or TRITON_INTERPRET=1")
 
 
+FORM_CONFIGS = {"cuda-cores": ("cc", 8, 64, 4, 1), "tensor-cores": ("tc", 16, 32, 4, 1), "words": ("words", 8, 64, 4, 1)}
+
+
 @needs_triton
-@pytest.mark.parametrize("form", ["cuda-cores", "tensor-cores"])
+@pytest.mark.parametrize("form", ["cuda-cores", "tensor-cores", "words"])
 @pytest.mark.parametrize("m,k,n,per_channel,bias", [(1, 64, 48, True, False), (3, 100, 24, False, True),
                                                     (4, 320, 40, True, True)])
 def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias, form):
@@ -301,7 +309,7 @@ def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias, form):
 
     if form == "tensor-cores" and k % 32:
         pytest.skip("the tensor-core form needs K a multiple of its K tile")
-    cfg = (False, 8, 64, 4, 1) if form == "cuda-cores" else (True, 16, 32, 4, 1)
+    cfg = FORM_CONFIGS[form]
     torch.manual_seed(0)
     dev = TRITON_DEVICE
     x, w = torch.randn(m, k, device=dev), torch.randn(n, k, device=dev)
@@ -323,6 +331,30 @@ def test_quant_gemv_kernel_int8_and_fp8(m, k, n, per_channel, bias, form):
         assert got.dtype == x.dtype and rel_rms(got, quant.fp8_linear_reference(x, fq, fs, static, b)) < 1e-6
     with pytest.raises(ValueError, match="float8 weights take float8 activations"):
         quant_gemv(x, fq, fs, None, b, config=cfg)
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["cuda-cores", "tensor-cores", "words"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quant_gemv_converts_every_int8_value_in_place(form, dtype):
+    """All 256 int8 values, each at many positions: the in-register int8 -> float conversions (bit tricks on
+    CUDA cores, four weights to a word in the "words" form) must be exact and keep every byte in its place."""
+    from autodeploy.backends.triton.kernels import quant_gemm
+
+    dev = TRITON_DEVICE
+    n, k = 256, 192  # 192: the 64-wide K tile covers it exactly, and three words of four per 12 weights
+    wq = ((torch.arange(n)[:, None] * 7 + torch.arange(k)[None, :]) % 256 - 128).to(torch.int8).to(dev)
+    assert set(wq.flatten().tolist()) == set(range(-128, 128))
+    ws = torch.rand(n, device=dev) + 0.5
+    b = torch.randn(n, device=dev)
+    cfg = FORM_CONFIGS[form]
+    for rows in (1, 2):
+        x = torch.randn(rows, k, device=dev).to(dtype)
+        if form == "words":  # the words kernel takes exactly one bf16 row; anything else falls back to "cc"
+            assert quant_gemm._words_apply(x, wq, cfg[2]) == (rows == 1 and dtype == torch.bfloat16)
+        want = (x.double() @ wq.double().T) * ws.double() + b.double()
+        got = quant_gemm.quant_gemv(x, wq, ws, bias=b, config=cfg, out_dtype=torch.float32).double()
+        assert rel_rms(got, want) < 1e-6, (rows, rel_rms(got, want))
 
 
 @needs_triton

@@ -303,9 +303,9 @@ def test_tp2_llama_tokens_logits_and_weight_bytes(llama_tp):
     seqs = [[3, 1, 4, 1, 5, 9, 2, 6, 5], [5, 3, 5, 8, 9, 7, 9], [3, 2, 3]]
     assert_mixed_batch_matches_hf(cm, model, seqs, "llama tp=2")  # prefill + decode + extend in one step
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    from autodeploy.distributed.group import _weight_bytes
+    from autodeploy.distributed.group import weight_bytes
 
-    per_rank = [_weight_bytes(cm), *cm.tensor_parallel.worker_bytes]
+    per_rank = [weight_bytes(cm), *cm.tensor_parallel.worker_bytes]
     assert len(per_rank) == 2
     for b in per_rank:
         assert 0.45 < b / full < 0.6, (b, full)

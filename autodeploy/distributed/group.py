@@ -99,7 +99,7 @@ def _worker_main(rank: int, world: int, backend: str, init_method: str, timeout_
         name = _rank.init_group(rank, world, backend, init_method, timeout_s)
         _rank.set_current(RankInfo(rank, world, backend, name))
         cm = build(**({"device": device} if device is not None else {}))
-        conn.send(("ready", _weight_bytes(cm), _shard_loading(cm)))
+        conn.send(("ready", weight_bytes(cm), _shard_loading(cm)))
     except BaseException as exc:  # reported to rank 0, which raises it naming this rank
         conn.send(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
         return
@@ -130,7 +130,7 @@ def _shard_loading(cm: Any) -> Optional[dict]:
     return getattr(cm.graph_module, "meta", {}).get("shard_loading")
 
 
-def _weight_bytes(cm: Any) -> int:
+def weight_bytes(cm: Any) -> int:
     """Bytes of the parameters and buffers this rank's graph holds (its shard plus replicated parts)."""
     seen, total = set(), 0
     for t in list(cm.graph_module.parameters()) + list(cm.graph_module.buffers()):
@@ -332,7 +332,7 @@ def _attach(cm: Any, group: TensorParallelGroup) -> Any:
     cm.swap_out = functools.partial(group.swap_out, cm)
     cm.swap_in = functools.partial(group.swap_in, cm)
     cm.shutdown = group.shutdown
-    per_rank = [_weight_bytes(cm), *group.worker_bytes]
+    per_rank = [weight_bytes(cm), *group.worker_bytes]
     cm.report.loading.append(f"tensor parallel over {group.info.world_size} ranks ({group.info.backend}, "
                              f"{group.info.launched}); weight MiB per rank: "
                              + ", ".join(f"{b / 2**20:.2f}" for b in per_rank))

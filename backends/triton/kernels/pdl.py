@@ -66,7 +66,7 @@ def _enabled(device_type: str, index: int, kernel: str) -> bool:
 
 
 def pdl_enabled(device: torch.device, kernel: str = "") -> bool:
-    """Whether ``kernel`` (its kind: gemv, norm, act, decode, reduce) launches with PDL on ``device``: a
+    """Whether ``kernel`` (its kind: gemv, norm, act, decode, reduce, quant) launches with PDL on ``device``: a
     Hopper-or-newer GPU, compiled (not interpreted) Triton that has grid dependency control, and selected by
     ``AUTODEPLOY_PDL``. Decided once per (device, kind) and process: it is asked on every kernel launch of
     uncaptured steps, so the environment is not re-read there."""

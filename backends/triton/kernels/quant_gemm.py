@@ -7,7 +7,9 @@ them (passes/fuse_fp8_act_quant.py) or by ``quantize_fp8_rows`` right before. (Q
 every program re-deriving the row's absmax and quantizing its padded activation tiles, measured slower than
 either.) Products of the 8-bit values are exact in fp32, so this computes the canonical ops' reference math up
 to float rounding: the order of the fp32 sums, and reciprocal multiplications where the reference quantizer
-divides. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once.
+divides. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once. A single bf16
+row on int8 weights runs on CUDA cores ("words" form): one-byte weights at HBM rate are bound by the integer work
+of converting them, which this form keeps to about one instruction per weight.
 
 The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_linear`` take the canonical
 quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
@@ -27,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_wait
+from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 from autodeploy.ops import quant
 
@@ -49,13 +51,24 @@ def _tile(N, M, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.conste
 
 
 @triton.jit
+def int8_to_f32(w):
+    """Exact int8 -> fp32 without the I2F unit (a quarter of the FP32 rate on Hopper, below the rate at which
+    one-byte weights arrive): the byte, offset to unsigned, becomes the low mantissa bits of 2^23, and one
+    subtraction removes 2^23 + 128."""
+    u = w.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x4B000080
+    return u.to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
 def _load_qw(w_rows, k, n_ok, K, EVEN_K: tl.constexpr):
-    """One ``[BLOCK_N, BLOCK_K]`` weight tile in fp32 (masked lanes zeroed after the upcast: an ``other`` fill
-    cannot be cast to float8)."""
+    """One ``[BLOCK_N, BLOCK_K]`` weight tile in fp32 (masked float8 lanes zeroed after the upcast: an ``other``
+    fill cannot be cast to float8)."""
     if EVEN_K:
         mask = n_ok[:, None]
     else:
         mask = n_ok[:, None] & (k < K)[None, :]
+    if w_rows.dtype.element_ty == tl.int8:
+        return int8_to_f32(tl.load(w_rows + k[None, :], mask=mask, other=0))
     return tl.where(mask, tl.load(w_rows + k[None, :], mask=mask).to(tl.float32), 0.0)
 
 
@@ -106,6 +119,75 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
+def _int8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """lanes += products of one ``[BLOCK_N, BLOCK_K4]`` tile of int32 weight words (four int8 weights each, the
+    offset to unsigned already applied) with the bf16 activations, read four to an int64 word (a bf16 is the
+    top half of its fp32)."""
+    if EVEN_K:
+        xw = tl.load(x_ptr + k)
+    else:
+        xw = tl.load(x_ptr + k, mask=k < K4, other=0)
+    if ASM:
+        ws = tl.inline_asm_elementwise(
+            asm="prmt.b32 $0, $4, 0x4B000000, 0x7440; prmt.b32 $1, $4, 0x4B000000, 0x7441; "
+                "prmt.b32 $2, $4, 0x4B000000, 0x7442; prmt.b32 $3, $4, 0x4B000000, 0x7443; "
+                "sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080; "
+                "sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080;",
+            constraints="=f,=f,=f,=f,r", args=[w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+    for j in tl.static_range(4):
+        if ASM:
+            wj = ws[j]
+        else:
+            wj = (((w >> (8 * j)) & 0xFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        xj = (((xw >> (16 * j)) & 0xFFFF).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        lanes += wj * xj[None, :]
+    return lanes
+
+
+@triton.jit
+def _load_words(w_rows, k, n_ok, K4, EVEN_K: tl.constexpr):
+    """A tile of weight words with each byte offset to unsigned (XOR 0x80; masked words load as 0x80808080,
+    four zeros)."""
+    if EVEN_K:
+        mask = n_ok[:, None]
+    else:
+        mask = n_ok[:, None] & (k < K4)[None, :]
+    return tl.load(w_rows + k[None, :], mask=mask, other=0) ^ -2139062144  # 0x80808080
+
+
+@triton.jit
+def _int8_words_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K4, stride_wn,
+    BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+):
+    """One bf16 activation row against int8 weights read as int32 words (``stride_wn`` in words), each lane
+    summing its own products until one reduction at the end. ``int8_to_f32``'s trick per byte, with less
+    integer work: one XOR offsets a word's four weights, and with ASM (compiled for NVIDIA) one byte permute
+    per weight places it into 2^23's mantissa, where compiled tensor code spends two or three instructions.
+    The integer pipe is what limits one-byte weights at HBM rate. PDL as in ``_quant_gemv_kernel``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K4)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K)
+    pdl_wait(PDL)
+    lanes = _int8_words_tile(tl.zeros([BLOCK_N, BLOCK_K4], dtype=tl.float32), w0, x_ptr, offs_k, K4, EVEN_K, ASM)
+    for k0 in range(BLOCK_K4, K4, BLOCK_K4):
+        k = k0 + offs_k
+        lanes = _int8_words_tile(lanes, _load_words(w_rows, k, n_ok, K4, EVEN_K), x_ptr, k, K4, EVEN_K, ASM)
+    acc = tl.sum(lanes, 1)
+    if PER_CHANNEL:
+        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    else:
+        acc *= tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _quant_gemv_dot_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
@@ -149,8 +231,15 @@ def _interpreted(kernel) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-# (tensor cores?, BLOCK_N, BLOCK_K, num_warps, num_stages)
-QConfig = tuple[bool, int, int, int, int]
+def _asm_ok(kernel, x: Tensor) -> bool:
+    """PTX inline assembly: compiled kernels on NVIDIA GPUs (not the interpreter, not ROCm)."""
+    return x.is_cuda and torch.version.hip is None and not _interpreted(kernel)
+
+
+# (form, BLOCK_N, BLOCK_K, num_warps, num_stages); form: "tc" the tensor-core kernel, "cc" the CUDA-core one,
+# "words" the CUDA-core one for a bf16 row on int8 weights read as int32 words (others fall back to "cc")
+QConfig = tuple[str, int, int, int, int]
+FORMS = ("tc", "cc", "words")
 
 
 @functools.lru_cache(maxsize=None)
@@ -158,24 +247,35 @@ def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: i
     """The launch for a ``[m, k]`` activation and ``n`` outputs, picked on an H200 over Llama-8B's shapes
     (benchmarks/bench_quant_gemv.py, docs/quantization.md): the tensor-core form wherever K is a multiple of its
     K tile. FP8 takes wide weight tiles (warpgroup MMAs, whose FP8 accumulation is coarser than fp32: about 1e-3
-    relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs; int8 takes 32-row tiles.
-    Otherwise the CUDA-core form: 1-byte weights, twice the K of the bf16 GEMV tile for the same bytes in flight,
-    fewer K with more rows so the ``[M, N, K]`` product stays in registers."""
-    env = os.environ.get("AUTODEPLOY_QGEMV_CONFIG")  # tuning (benchmarks): "tc|cc/BLOCK_N/BLOCK_K/warps/stages"
+    relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs. One bf16 row on int8
+    weights takes the "words" form with ``[4, 2048]`` tiles on 4 warps (faster at every shape than the
+    tensor-core form, whose converted bf16 operands go through shared memory); 2-4 int8 rows take 32-row
+    tensor-core tiles. Otherwise the CUDA-core form, fewer K with more rows so the ``[M, N, K]`` product
+    stays in registers."""
+    env = os.environ.get("AUTODEPLOY_QGEMV_CONFIG")  # tuning (benchmarks): "<form>/BLOCK_N/BLOCK_K/warps/stages"
     if env:
         kind, *nums = env.split("/")
-        cfg = (kind == "tc", *map(int, nums))
-        if not cfg[0] or k % cfg[2] == 0:
+        cfg = (kind, *map(int, nums))
+        if kind != "tc" or k % cfg[2] == 0:
             return cfg  # type: ignore[return-value]
     if dtype == quant.FP8_DTYPE:
         if n >= 16384 and k % 256 == 0:
-            return True, 256, 256, 8, 3
+            return "tc", 256, 256, 8, 3
         if k % 512 == 0:
-            return True, 64, 512, 4, 4
+            return "tc", 64, 512, 4, 4
+    elif m <= 1:
+        return "words", 4, max(32, min(2048, triton.next_power_of_2(k))), 4, 3
     elif k % 512 == 0:
-        return True, 32, 512, 4, 4
+        return "tc", 32, 512, 4, 4
     block_k = min(4096 // triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(k))
-    return False, 8, max(32, block_k), 8 if block_k >= 2048 else 4, 2
+    return "cc", 8, max(32, block_k), 8 if block_k >= 2048 else 4, 2
+
+
+def _words_apply(a2: Tensor, weight: Tensor, block_k: int) -> bool:
+    """Whether the "words" form takes this call: one bf16 row and int8 weights, both viewable as 4-byte words."""
+    return (a2.shape[0] == 1 and a2.dtype == torch.bfloat16 and weight.dtype == torch.int8 and block_k % 4 == 0
+            and a2.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0
+            and a2.data_ptr() % 8 == 0)
 
 
 def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optional[Tensor] = None,
@@ -209,14 +309,23 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         mode, a_s = A_PREQUANTIZED, a_scale.float().reshape(-1).expand(m).contiguous()
     else:
         mode, a_s = A_PLAIN, None
-    dot, block_n, block_k, warps, stages = config or quant_gemv_config(k, m, weight.dtype, n)
+    form, block_n, block_k, warps, stages = config or quant_gemv_config(k, m, weight.dtype, n)
+    if form not in FORMS:
+        raise ValueError(f"unknown quant_gemv form {form!r}; one of {FORMS}")
     pdl = pdl_enabled(a.device, "gemv") if pdl is None else pdl
+    if form == "words" and _words_apply(a2, weight, block_k):
+        wv, xv = weight.view(torch.int32), a2.view(torch.int64)
+        _int8_words_kernel[(triton.cdiv(n, block_n),)](
+            xv, wv, ws, bias if bias is not None else ws, y, n, k // 4, wv.stride(0), BLOCK_N=block_n,
+            BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, EVEN_K=k % block_k == 0,
+            PDL=pdl, ASM=_asm_ok(_int8_words_kernel, a), num_warps=warps, num_stages=stages, **launch_options(pdl))
+        return y.reshape(*a.shape[:-1], n)
     args = (a2, weight, ws, a_s if a_s is not None else ws, bias if bias is not None else ws, y, m, n, k,
             a2.stride(0), weight.stride(0), y.stride(0))
     common = dict(BLOCK_N=block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None, A_MODE=mode, PER_CHANNEL=per_channel,
                   PDL=pdl, num_warps=warps, num_stages=stages, **launch_options(pdl))
     grid = (triton.cdiv(n, block_n),)
-    if dot:
+    if form == "tc":
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
         _quant_gemv_dot_kernel[grid](*args, UPCAST=_interpreted(_quant_gemv_dot_kernel),
@@ -229,8 +338,11 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
 
 @triton.jit
 def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, sin_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
-                     STATIC: tl.constexpr, EMULATE_RNE: tl.constexpr):
-    """One row per program: absmax, scale, then the float8 values (``quant.quantize_fp8_activation``)."""
+                     STATIC: tl.constexpr, EMULATE_RNE: tl.constexpr, PDL: tl.constexpr):
+    """One row per program: absmax, scale, then the float8 values (``quant.quantize_fp8_activation``). PDL: it
+    launches while the kernel before it finishes, and lets the GEMV after it start streaming its weights."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_K)
     if STATIC:
@@ -263,8 +375,10 @@ def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[
     scale = input_scale.float() if static else torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m:
         block = min(4096, triton.next_power_of_2(k))
+        pdl = pdl_enabled(x.device, "quant")
         _fp8_rows_kernel[(m,)](x2, q, scale, scale, k, x2.stride(0), q.stride(0), BLOCK_K=block, STATIC=static,
-                               EMULATE_RNE=_interpreted(_fp8_rows_kernel), num_warps=4 if block >= 1024 else 1)
+                               EMULATE_RNE=_interpreted(_fp8_rows_kernel), PDL=pdl,
+                               num_warps=4 if block >= 1024 else 1, **launch_options(pdl))
     return q.reshape(*x.shape), (scale if static else scale.reshape(*x.shape[:-1], 1))
 
 
