@@ -399,6 +399,49 @@ def test_quantize_fp8_rows_is_the_reference_quantizer(rows, k):
 
 
 @needs_triton
+@pytest.mark.parametrize("rows,k", [(1, 64), (5, 300), (3, 4100)])
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_quantize_int8_rows_is_the_reference_quantizer(rows, k, smoothed):
+    """Bit for bit: true divisions and rounding half to even, as the reference does."""
+    from autodeploy.backends.triton.kernels.quant_gemm import quantize_int8_rows
+
+    torch.manual_seed(2)
+    dev = TRITON_DEVICE
+    x = (torch.randn(rows, k, device=dev) * torch.logspace(-4, 4, k, device=dev)).to(torch.bfloat16)
+    x[0, : k // 2] = 0.0
+    if rows > 2:
+        x[2] = 0.0  # an all-zero row: the scale's floor, zeros out
+    x[0, 2], x[0, 3], x[0, 4] = 127 * 1024.0, 2.5 * 1024, -3.5 * 1024  # the row's scale is 1024 exactly: ties
+    smooth = torch.rand(k, device=dev) + 0.25 if smoothed else None
+    q, s = quantize_int8_rows(x.view(1, rows, k), smooth)
+    rq, rs = quant.quantize_int8_activation(x.float() if smooth is None else x.float() / smooth)
+    assert q.shape == (1, rows, k) and s.shape == (1, rows, 1)
+    assert torch.equal(s.view(rows, 1), rs) and torch.equal(q.view(rows, k), rq)
+
+
+@needs_triton
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_gemv_is_exact_integer_math(rows):
+    """W8A8 int8 words GEMV: every int8 value in weights and activations, exact int32 sums, the reference's
+    epilogue order (bit for bit), a K that is not a multiple of the K tile, per-tensor and per-channel scales."""
+    from autodeploy.backends.triton.kernels.quant_gemm import int8_gemv
+
+    dev = TRITON_DEVICE
+    n, k = 40, 328
+    wq = ((torch.arange(n)[:, None] * 5 + torch.arange(k)[None, :]) % 256 - 128).to(torch.int8).to(dev)
+    xq = ((torch.arange(rows)[:, None] * 11 + 3 * torch.arange(k)[None, :]) % 256 - 128).to(torch.int8).to(dev)
+    xs = torch.rand(rows, 1, device=dev) + 0.5
+    b = torch.randn(n, device=dev)
+    for ws in (torch.rand(n, device=dev) + 0.5, torch.tensor(0.03, device=dev)):
+        want = quant._int_matmul(xq, wq).float() * xs * ws.float() + b
+        for cfg in (("words", 4, 64, 4, 1), ("words", 8, 128, 4, 1)):
+            got = int8_gemv(xq, xs, wq, ws, b, out_dtype=torch.float32, config=cfg)
+            assert torch.equal(got, want), (cfg, (got - want).abs().max())
+    with pytest.raises(ValueError, match="int8_gemv takes"):
+        int8_gemv(xq[:, :-1], xs, wq[:, :-1], ws)
+
+
+@needs_triton
 def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
     from autodeploy.backends.triton.kernels import quant_gemm
 
@@ -411,10 +454,18 @@ def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
         got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws)
         assert rel_rms(got, quant.int8_weight_linear_reference(x, wq, ws)) < 1e-6
     assert calls == [one.shape]
+    gemv_calls = []
+    real_int8 = quant_gemm.int8_gemv
+    monkeypatch.setattr(quant_gemm, "int8_gemv", lambda *a, **k: gemv_calls.append(a[0].shape) or real_int8(*a, **k))
+    smooth = torch.rand(64, device=TRITON_DEVICE) + 0.5
+    for x in (one, many):  # W8A8 int8: the decode row quantized and multiplied by the kernels, bit for bit
+        got = torch.ops.autodeploy.triton_int8_linear(x, wq, ws, smooth)
+        assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, smooth))
+    assert gemv_calls == [one.shape]
 
 
 @needs_triton
-@pytest.mark.parametrize("mode", ["int8-weight", "fp8"])
+@pytest.mark.parametrize("mode", ["int8-weight", "fp8", "int8"])
 def test_quant_skinny_gemm_pass_end_to_end(mode):
     from autodeploy.backends.triton.passes import quant_skinny_gemm  # noqa: F401  (registers the pass)
     from autodeploy.compiler.pipeline import Pipeline

@@ -104,7 +104,8 @@ def quantize_fp8_activation(x: Tensor, input_scale: Optional[Tensor] = None) -> 
 def quantize_int8_activation(x: Tensor) -> tuple[Tensor, Tensor]:
     """``x [..., K]`` -> (int8 values, fp32 per-token scale ``[..., 1]``)."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / INT8_MAX
+    # a tensor divisor, so the division is a true one on CUDA too (as in quantize_fp8_activation)
+    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / x32.new_full((), INT8_MAX)
     return torch.round(x32 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
 

@@ -33,7 +33,8 @@ from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, 
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 from autodeploy.ops import quant
 
-__all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "QGEMV_MAX_M", "QConfig"]
+__all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
+           "QGEMV_MAX_M", "QConfig"]
 
 QGEMV_MAX_M = 4
 
@@ -119,6 +120,18 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
+def _scale_bias(acc, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``acc [BLOCK_N] * w_scale (+ bias)``: the epilogue of the one-row words kernels."""
+    if PER_CHANNEL:
+        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+    else:
+        acc *= tl.load(ws_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def _int8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K: tl.constexpr, ASM: tl.constexpr):
     """lanes += products of one ``[BLOCK_N, BLOCK_K4]`` tile of int32 weight words (four int8 weights each, the
     offset to unsigned already applied) with the bf16 activations, read four to an int64 word (a bf16 is the
@@ -146,14 +159,17 @@ def _int8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K: tl.constexpr, ASM: tl.const
 
 
 @triton.jit
-def _load_words(w_rows, k, n_ok, K4, EVEN_K: tl.constexpr):
-    """A tile of weight words with each byte offset to unsigned (XOR 0x80; masked words load as 0x80808080,
-    four zeros)."""
+def _load_words(w_rows, k, n_ok, K4, EVEN_K: tl.constexpr, OFFSET: tl.constexpr):
+    """A tile of int32 weight words. OFFSET: each byte offset to unsigned (XOR 0x80; masked words then load as
+    0x80808080, four zeros); otherwise masked words are 0."""
     if EVEN_K:
         mask = n_ok[:, None]
     else:
         mask = n_ok[:, None] & (k < K4)[None, :]
-    return tl.load(w_rows + k[None, :], mask=mask, other=0) ^ -2139062144  # 0x80808080
+    w = tl.load(w_rows + k[None, :], mask=mask, other=0)
+    if OFFSET:
+        w = w ^ -2139062144  # 0x80808080
+    return w
 
 
 @triton.jit
@@ -171,20 +187,91 @@ def _int8_words_kernel(
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K4)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K)
+    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K, True)
     pdl_wait(PDL)
     lanes = _int8_words_tile(tl.zeros([BLOCK_N, BLOCK_K4], dtype=tl.float32), w0, x_ptr, offs_k, K4, EVEN_K, ASM)
     for k0 in range(BLOCK_K4, K4, BLOCK_K4):
         k = k0 + offs_k
-        lanes = _int8_words_tile(lanes, _load_words(w_rows, k, n_ok, K4, EVEN_K), x_ptr, k, K4, EVEN_K, ASM)
-    acc = tl.sum(lanes, 1)
-    if PER_CHANNEL:
-        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
-    else:
-        acc *= tl.load(ws_ptr)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        lanes = _int8_words_tile(lanes, _load_words(w_rows, k, n_ok, K4, EVEN_K, True), x_ptr, k, K4, EVEN_K,
+                                 ASM)
+    acc = _scale_bias(tl.sum(lanes, 1), ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dp4a(acc, w, xw, ASM: tl.constexpr):
+    """acc (int32) += the dot products of the four int8 values in each weight word with those of its activation
+    word: one ``dp4a`` per word on CUDA (inline assembly), sign-extending shifts otherwise."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [w, xw, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    for j in tl.static_range(4):
+        acc += ((w << (24 - 8 * j)) >> 24) * ((xw << (24 - 8 * j)) >> 24)
+    return acc
+
+
+@triton.jit
+def _w8a8_tile(acc, w, x_row, k, K4, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    if EVEN_K:
+        xw = tl.load(x_row + k)
+    else:
+        xw = tl.load(x_row + k, mask=k < K4, other=0)
+    return _dp4a(acc, w, tl.broadcast_to(xw[None, :], w.shape), ASM)
+
+
+@triton.jit
+def _int8_w8a8_words_kernel(
+    xq_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K4, stride_xm, stride_wn, stride_ym,
+    BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+):
+    """W8A8 int8 for one quantized activation row per ``program_id(1)``: int32 words of four int8 weights and
+    four int8 activations, products summed exactly in int32 lanes (``_dp4a``), then ``(acc * x_scale) *
+    w_scale`` as the reference orders it. Strides in words (``stride_ym`` in elements)."""
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K4)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_row = xq_ptr + row * stride_xm
+    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K, False)
+    pdl_wait(PDL)
+    acc = _w8a8_tile(tl.zeros([BLOCK_N, BLOCK_K4], dtype=tl.int32), w0, x_row, offs_k, K4, EVEN_K, ASM)
+    for k0 in range(BLOCK_K4, K4, BLOCK_K4):
+        k = k0 + offs_k
+        acc = _w8a8_tile(acc, _load_words(w_rows, k, n_ok, K4, EVEN_K, False), x_row, k, K4, EVEN_K, ASM)
+    out = tl.sum(acc, 1).to(tl.float32) * tl.load(xs_ptr + row)
+    out = _scale_bias(out, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+    tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _smoothed(x_ptr, sm_ptr, row, k, K, stride_xm, HAS_SMOOTH: tl.constexpr):
+    x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    if HAS_SMOOTH:
+        x = tl.math.div_rn(x, tl.load(sm_ptr + k, mask=k < K, other=1.0).to(tl.float32))
+    return x
+
+
+@triton.jit
+def _int8_rows_kernel(x_ptr, sm_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK_K: tl.constexpr,
+                      HAS_SMOOTH: tl.constexpr, PDL: tl.constexpr):
+    """One row per program: ``quant.quantize_int8_activation(x / smooth)`` exactly (true divisions, rounding
+    half to even by adding and subtracting 1.5 * 2^23)."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        amax = tl.maximum(amax, tl.abs(_smoothed(x_ptr, sm_ptr, row, k0 + offs, K, stride_xm, HAS_SMOOTH)))
+    scale = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-12), 127.0)
+    tl.store(s_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs
+        r = tl.math.div_rn(_smoothed(x_ptr, sm_ptr, row, k, K, stride_xm, HAS_SMOOTH), scale)
+        r = tl.minimum(tl.maximum((r + 12582912.0) - 12582912.0, -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k, r.to(tl.int8), mask=k < K)
 
 
 @triton.jit
@@ -361,15 +448,18 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, sin_ptr, K, stride_xm, stride_qm, BLOC
         tl.store(q_ptr + row * stride_qm + k, fp8_quantize_values(x, inv, EMULATE_RNE), mask=k < K)
 
 
+def _rows(x: Tensor) -> Tensor:
+    """``x [..., K]`` as ``[rows, K]`` with a unit last stride (a view where it can be)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``quant.quantize_fp8_activation`` in one launch, up to float rounding (multiplications by reciprocals
     where the reference divides): ``x [..., K]`` -> (float8 values, fp32 scale ``[..., 1]`` per token, or the
     static ``[]`` scale)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
+    x2 = _rows(x)
+    m, k = x2.shape
     q = torch.empty((m, k), dtype=quant.FP8_DTYPE, device=x.device)
     static = input_scale is not None
     scale = input_scale.float() if static else torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -380,6 +470,59 @@ def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[
                                EMULATE_RNE=_interpreted(_fp8_rows_kernel), PDL=pdl,
                                num_warps=4 if block >= 1024 else 1, **launch_options(pdl))
     return q.reshape(*x.shape), (scale if static else scale.reshape(*x.shape[:-1], 1))
+
+
+def quantize_int8_rows(x: Tensor, smooth: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """``quant.quantize_int8_activation(x / smooth)`` in one launch, bit for bit: ``x [..., K]`` -> (int8 values,
+    fp32 scale ``[..., 1]`` per token)."""
+    x2 = _rows(x)
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m:
+        block = min(4096, triton.next_power_of_2(k))
+        pdl = pdl_enabled(x.device, "quant")
+        sm = smooth.contiguous() if smooth is not None else scale
+        _int8_rows_kernel[(m,)](x2, sm, q, scale, k, x2.stride(0), q.stride(0), BLOCK_K=block,
+                                HAS_SMOOTH=smooth is not None, PDL=pdl, num_warps=4 if block >= 1024 else 1,
+                                **launch_options(pdl))
+    return q.reshape(*x.shape), scale.reshape(*x.shape[:-1], 1)
+
+
+def int8_gemv(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+              out_dtype: torch.dtype = torch.bfloat16, config: Optional[QConfig] = None,
+              pdl: Optional[bool] = None) -> Tensor:
+    """W8A8 int8: ``(xq [..., K] @ weight[N, K].T) * x_scale * weight_scale (+ bias)`` for at most QGEMV_MAX_M
+    int8 rows (each streams the weights once), exact int32 sums. K must be a multiple of 4 and both int8 tensors
+    4-byte aligned (``int8_words_ok``)."""
+    k, n = xq.shape[-1], weight.shape[0]
+    x2 = xq.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if m > QGEMV_MAX_M or not int8_words_ok(x2, weight):
+        raise ValueError(f"int8_gemv takes at most {QGEMV_MAX_M} int8 rows of a K divisible by 4 with a "
+                         f"4-byte aligned int8 [N, K] weight; got {tuple(xq.shape)} and {tuple(weight.shape)}")
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0:
+        return y.reshape(*xq.shape[:-1], n)
+    ws = weight_scale.float().contiguous()
+    per_channel = ws.numel() != 1
+    _, block_n, block_k, warps, stages = config or quant_gemv_config(k, 1, torch.int8, n)
+    pdl = pdl_enabled(xq.device, "gemv") if pdl is None else pdl
+    xv, wv = x2.view(torch.int32), weight.view(torch.int32)
+    xs = x_scale.float().reshape(-1).expand(m).contiguous()
+    _int8_w8a8_words_kernel[(triton.cdiv(n, block_n), m)](
+        xv, xs, wv, ws, bias if bias is not None else ws, y, n, k // 4, xv.stride(0), wv.stride(0), y.stride(0),
+        BLOCK_N=block_n, BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel,
+        EVEN_K=k % block_k == 0, PDL=pdl, ASM=_asm_ok(_int8_w8a8_words_kernel, xq), num_warps=warps,
+        num_stages=stages, **launch_options(pdl))
+    return y.reshape(*xq.shape[:-1], n)
+
+
+def int8_words_ok(x2: Tensor, weight: Tensor) -> bool:
+    """int8 rows and weights that can be read as int32 words."""
+    return (x2.dtype == weight.dtype == torch.int8 and x2.shape[-1] % 4 == 0 and weight.shape[1] == x2.shape[-1]
+            and weight.stride(1) == 1 and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0
+            and x2.data_ptr() % 4 == 0 and (x2.shape[0] <= 1 or x2.stride(0) % 4 == 0))
 
 
 def _skinny(x: Tensor) -> bool:
@@ -395,6 +538,17 @@ def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, b
     if _skinny(x) and weight.stride(-1) == 1:
         return quant_gemv(x, weight, weight_scale, None, bias)
     return torch.ops.autodeploy.int8_weight_linear(x, weight, weight_scale, bias)
+
+
+@torch.library.custom_op("autodeploy::triton_int8_linear", mutates_args=())
+def triton_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, smooth: Optional[Tensor] = None,
+                       bias: Optional[Tensor] = None) -> Tensor:
+    """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its decode rows quantized in one launch and
+    multiplied by the int8 words GEMV, both bit-compatible with the reference up to the fp32 epilogue."""
+    if _skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0:
+        xq, xs = quantize_int8_rows(x, smooth)
+        return int8_gemv(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
+    return torch.ops.autodeploy.int8_linear(x, weight, weight_scale, smooth, bias)
 
 
 @torch.library.custom_op("autodeploy::triton_fp8_linear", mutates_args=())
@@ -433,10 +587,12 @@ def _fake(x, weight, *rest):
 
 
 triton_int8_weight_linear.register_fake(_fake)
+triton_int8_linear.register_fake(_fake)
 triton_fp8_linear.register_fake(_fake)
 
 # canonical op -> its skinny-GEMM replacement (same arguments, by name)
 SKINNY_OPS = {
     torch.ops.autodeploy.int8_weight_linear.default: torch.ops.autodeploy.triton_int8_weight_linear.default,
+    torch.ops.autodeploy.int8_linear.default: torch.ops.autodeploy.triton_int8_linear.default,
     torch.ops.autodeploy.fp8_linear.default: torch.ops.autodeploy.triton_fp8_linear.default,
 }
