@@ -462,6 +462,9 @@ def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
         got = torch.ops.autodeploy.triton_int8_linear(x, wq, ws, smooth)
         assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, smooth))
     assert gemv_calls == [one.shape]
+    odd = torch.empty(wq.numel() + 1, dtype=torch.int8, device=TRITON_DEVICE)[1:].view_as(wq).copy_(wq)
+    got = torch.ops.autodeploy.triton_int8_linear(one, odd, ws, smooth)  # not word-aligned: the canonical op
+    assert torch.equal(got, quant.int8_linear_reference(one, wq, ws, smooth)) and gemv_calls == [one.shape]
 
 
 @needs_triton

@@ -545,7 +545,8 @@ def triton_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, smooth: 
                        bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its decode rows quantized in one launch and
     multiplied by the int8 words GEMV, both bit-compatible with the reference up to the fp32 epilogue."""
-    if _skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0:
+    if (_skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0
+            and weight.data_ptr() % 4 == 0):
         xq, xs = quantize_int8_rows(x, smooth)
         return int8_gemv(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
     return torch.ops.autodeploy.int8_linear(x, weight, weight_scale, smooth, bias)
