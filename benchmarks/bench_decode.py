@@ -357,7 +357,7 @@ def main() -> None:
     args = p.parse_args()
 
     import autodeploy
-    from autodeploy.distributed.group import weight_bytes as graph_weight_bytes
+    from autodeploy.graph.utils import held_bytes
     from autodeploy.models.builtin import build_builtin
 
     apply_tuning(args)
@@ -374,7 +374,7 @@ def main() -> None:
                             kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
                             passes=_pipeline(args))
     compile_s = time.perf_counter() - t0
-    weight_bytes = graph_weight_bytes(cm)  # as compiled: quantized linears count their 8-bit bytes
+    weight_bytes = held_bytes(cm.graph_module)  # as compiled: quantized linears count their 8-bit bytes
     kv_tok = kv_bytes_per_token(cm)
     vocab = cm.vocab_size
     res = {"model": args.model, "lowering": cm.report.lowering, "backend": cm.report.backend,

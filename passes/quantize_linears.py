@@ -25,7 +25,7 @@ from torch import Tensor, fx
 
 from autodeploy.errors import ConfigError, UnsupportedModelError
 from autodeploy.graph.passes import PassResult, register_pass
-from autodeploy.graph.utils import DERIVED_META, arg, aten, getattr_path, is_op, val
+from autodeploy.graph.utils import DERIVED_META, arg, aten, getattr_path, is_op, storage_id, val
 from autodeploy.ops import quant
 
 log = logging.getLogger(__name__)
@@ -277,12 +277,6 @@ def _attach(gm: fx.GraphModule, name: str, tensor: Tensor, recipe: tuple, like: 
     return node
 
 
-def _storage_id(t: Tensor) -> int:
-    """Which storage ``t`` views: the storage object itself, so fake and meta tensors (a sharded load's weights
-    before they are read) compare too, where their data pointers cannot be read or are all zero."""
-    return t.untyped_storage()._cdata
-
-
 def _drop_attr(gm: fx.GraphModule, target: str) -> None:
     """Free the float weight the graph no longer reads (the caller's model may still hold it), and the graph's
     other names for its storage that nothing reads: fuse_gemms leaves each source linear's parameter as a row
@@ -292,11 +286,11 @@ def _drop_attr(gm: fx.GraphModule, target: str) -> None:
     if target in read:
         return
     try:
-        storage = _storage_id(getattr_path(gm, target))
+        storage = storage_id(getattr_path(gm, target))
     except AttributeError:
         return
     named = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
-    for name in {n for n, t in named if n not in read and _storage_id(t) == storage} | {target}:
+    for name in {n for n, t in named if n not in read and storage_id(t) == storage} | {target}:
         owner, _, leaf = name.rpartition(".")
         try:
             delattr(gm.get_submodule(owner) if owner else gm, leaf)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import autodeploy
-from autodeploy.graph.utils import getattr_path
+from autodeploy.graph.utils import getattr_path, storage_id
 from autodeploy.errors import ConfigError, UnsupportedModelError
 from autodeploy.ops import quant
 from autodeploy.passes.quantize_linears import QuantizationConfig
@@ -153,8 +153,8 @@ def test_memory_and_float_weights_dropped():
     held = {name: b.dtype for name, b in gm.named_buffers() if name.startswith("quant_")}
     assert held and set(held.values()) == {torch.int8, torch.float32}, held
     # no storage outlives its readers: fuse_gemms's row views of the fused float weight went with it
-    read = {getattr_path(gm, n.target).untyped_storage().data_ptr() for n in gm.graph.nodes if n.op == "get_attr"}
-    kept = {name for name, t in gm.named_parameters() if t.untyped_storage().data_ptr() not in read}
+    read = {storage_id(getattr_path(gm, n.target)) for n in gm.graph.nodes if n.op == "get_attr"}
+    kept = {name for name, t in gm.named_parameters() if storage_id(t) not in read}
     assert not kept, kept
     assert "1.1 MiB -> 0.3 MiB (saved 0.8 MiB)" in cm.report.quantization
 
@@ -456,15 +456,26 @@ def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
     assert calls == [one.shape]
     gemv_calls = []
     real_int8 = quant_gemm.int8_gemv
+    monkeypatch.setattr(quant_gemm, "_INT8_CHECKED", {str(one.device): True})  # the device check: below
     monkeypatch.setattr(quant_gemm, "int8_gemv", lambda *a, **k: gemv_calls.append(a[0].shape) or real_int8(*a, **k))
     smooth = torch.rand(64, device=TRITON_DEVICE) + 0.5
     for x in (one, many):  # W8A8 int8: the decode row quantized and multiplied by the kernels, bit for bit
         got = torch.ops.autodeploy.triton_int8_linear(x, wq, ws, smooth)
         assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, smooth))
     assert gemv_calls == [one.shape]
+    # kernels that disagree with the reference on a device are never used there
+    monkeypatch.setattr(quant_gemm, "_INT8_CHECKED", {})
+    monkeypatch.setattr(quant_gemm, "int8_gemv",
+                        lambda *a, **k: gemv_calls.append(a[0].shape) or real_int8(*a, **k) + 1)
+    got = torch.ops.autodeploy.triton_int8_linear(one, wq, ws, smooth)
+    assert torch.equal(got, quant.int8_linear_reference(one, wq, ws, smooth)) and len(gemv_calls) == 2  # the check
+    assert quant_gemm._INT8_CHECKED == {str(one.device): False}
+    monkeypatch.setattr(quant_gemm, "int8_gemv", lambda *a, **k: gemv_calls.append(a[0].shape) or real_int8(*a, **k))
+    monkeypatch.setattr(quant_gemm, "_INT8_CHECKED", {})
+    gemv_calls.clear()
     odd = torch.empty(wq.numel() + 1, dtype=torch.int8, device=TRITON_DEVICE)[1:].view_as(wq).copy_(wq)
     got = torch.ops.autodeploy.triton_int8_linear(one, odd, ws, smooth)  # not word-aligned: the canonical op
-    assert torch.equal(got, quant.int8_linear_reference(one, wq, ws, smooth)) and gemv_calls == [one.shape]
+    assert torch.equal(got, quant.int8_linear_reference(one, wq, ws, smooth)) and gemv_calls == []
 
 
 @needs_triton

@@ -132,13 +132,9 @@ def _shard_loading(cm: Any) -> Optional[dict]:
 
 def weight_bytes(cm: Any) -> int:
     """Bytes of the parameters and buffers this rank's graph holds (its shard plus replicated parts)."""
-    seen, total = set(), 0
-    for t in list(cm.graph_module.parameters()) + list(cm.graph_module.buffers()):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:  # views of one fused tensor count once
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
+    from autodeploy.graph.utils import held_bytes
+
+    return held_bytes(cm.graph_module)
 
 
 # -- the rank-0 side -------------------------------------------------------------------------------------

@@ -88,6 +88,22 @@ def getattr_path(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
+def storage_id(t: torch.Tensor) -> int:
+    """Which storage ``t`` views: the storage object itself, so fake and meta tensors (a sharded load's weights
+    before they are read) compare too, where their data pointers cannot be read or are all zero."""
+    return t.untyped_storage()._cdata
+
+
+def held_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the storages behind a module's parameters and buffers (views of one fused tensor count once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if storage_id(t) not in seen:
+            seen.add(storage_id(t))
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 def ancestors(nodes: Iterable[fx.Node], stop: Optional[fx.Node] = None) -> set[fx.Node]:
     """``nodes`` and everything they read, transitively; the walk does not go past ``stop`` (kept itself)."""
     seen: set[fx.Node] = set()

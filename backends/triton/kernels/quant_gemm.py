@@ -21,6 +21,7 @@ the activation rows (``quantize_fp8_rows``, unless the producer did) and ``torch
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Optional
 
@@ -35,6 +36,8 @@ from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
            "QGEMV_MAX_M", "QConfig"]
+
+log = logging.getLogger(__name__)
 
 QGEMV_MAX_M = 4
 
@@ -540,13 +543,41 @@ def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, b
     return torch.ops.autodeploy.int8_weight_linear(x, weight, weight_scale, bias)
 
 
+_INT8_CHECKED: dict[str, bool] = {}
+
+
+def _int8_kernels_agree(device: torch.device) -> bool:
+    """Whether the W8A8 int8 kernels reproduce the reference exactly on this device, checked once per device
+    at first use (every int8 value, smoothing, a bias, a ragged K) before any model output depends on them. On a
+    disagreement the reference op serves instead, with an error logged. While a CUDA graph is being captured the
+    check cannot synchronise, so an unchecked device uses the reference op for that call."""
+    key = str(device)
+    if key not in _INT8_CHECKED:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        g = torch.Generator().manual_seed(0)
+        k = 2 * quant_gemv_config(4096, 1, torch.int8)[2] + 68
+        x = (torch.randn(2, k, generator=g) * torch.logspace(-3, 3, k)).to(device=device, dtype=torch.bfloat16)
+        w = (torch.randint(0, 256, (40, k), generator=g) - 128).to(torch.int8).to(device)
+        ws, smooth, b = (torch.rand(40, generator=g).to(device) + 0.5, torch.rand(k, generator=g).to(device) + 0.5,
+                         torch.randn(40, generator=g).to(device))
+        xq, xs = quantize_int8_rows(x, smooth)
+        ok = bool(torch.equal(int8_gemv(xq, xs, w, ws, b, out_dtype=x.dtype),
+                              quant.int8_linear_reference(x, w, ws, smooth, b)))
+        if not ok:
+            log.error("the W8A8 int8 Triton kernels disagree with the reference on %s; int8_linear uses the "
+                      "reference op there", device)
+        _INT8_CHECKED[key] = ok
+    return _INT8_CHECKED[key]
+
+
 @torch.library.custom_op("autodeploy::triton_int8_linear", mutates_args=())
 def triton_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, smooth: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its decode rows quantized in one launch and
     multiplied by the int8 words GEMV, both bit-compatible with the reference up to the fp32 epilogue."""
     if (_skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0
-            and weight.data_ptr() % 4 == 0):
+            and weight.data_ptr() % 4 == 0 and _int8_kernels_agree(x.device)):
         xq, xs = quantize_int8_rows(x, smooth)
         return int8_gemv(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
     return torch.ops.autodeploy.int8_linear(x, weight, weight_scale, smooth, bias)
