@@ -3,7 +3,8 @@ the split kernel's partition size (waves of programs) and tile config swept for 
 
 Every call is a CUDA-graph replay after an L2 flush; bandwidth is the cache bytes read (values plus scales) over
 the time. The FP8 output is checked against attention over the dequantized cache first.
-Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--json out.json]
+Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--kinds bf16,fp8]
+[--configs 64/4/5,64/8/5] [--gather] [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from bench_triton_attention import D, HKV, _decode_case, copy_bandwidth, graphed, make_flush, time_cuda  # noqa: E402
 
-CONFIGS = [(64, 4, 3), (64, 4, 4), (64, 4, 5), (64, 4, 6), (64, 2, 4)]
+CONFIGS = "64/4/3,64/4/5,64/2/5,64/8/5,64/8/3"
 
 
 def main() -> int:
@@ -29,6 +30,9 @@ def main() -> int:
     p.add_argument("--cases", default="64x4096,256x192,16x8192")
     p.add_argument("--waves", default="1,2")
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--kinds", default="bf16,fp8")
+    p.add_argument("--configs", default=CONFIGS, help="BLOCK_N/warps/stages,...")
+    p.add_argument("--gather", action="store_true", help="gathered key tiles of BLOCK_N (not one page per tile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     bw = copy_bandwidth(1 << 30, 10)
@@ -36,6 +40,8 @@ def main() -> int:
     flush = make_flush("read")
     gen = torch.Generator(device="cuda").manual_seed(0)
     default_config = attn._decode_config
+    if args.gather:
+        attn.DECODE_PAGE_TILES = False
     rows = []
     for spec in args.cases.split(","):
         batch, ctx = map(int, spec.split("x"))
@@ -43,11 +49,12 @@ def main() -> int:
         (k8, ks), (v8, vs) = quantize_kv(k16), quantize_kv(v16)
         kd, vd = dequantize_kv(k8, ks, k16.dtype), dequantize_kv(v8, vs, v16.dtype)
         caches = {"bf16": (k16, v16, None, None, 2), "fp8": (k8, v8, ks, vs, 1)}
+        caches = {k: caches[k] for k in args.kinds.split(",")}
         for waves in map(float, args.waves.split(",")):
             part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves),
                                     min_chunk=MIN_CHUNK)
             splits = int((part[1][1:] - part[1][:-1]).max())
-            for cfg in CONFIGS:
+            for cfg in [tuple(map(int, c.split("/"))) for c in args.configs.split(",")]:
                 attn._decode_config = lambda *a, _c=cfg: _c
                 for kind, (kc, vc, ksc, vsc, nbytes) in caches.items():
                     out = torch.empty_like(q)

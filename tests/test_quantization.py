@@ -358,6 +358,34 @@ def test_quant_gemv_converts_every_int8_value_in_place(form, dtype):
 
 
 @needs_triton
+def test_fp8_words_form_converts_every_e4m3_value_in_place():
+    """The "words" form on one float8 row: all 254 finite E4M3 bit patterns (subnormals and both zeros included)
+    in the weights and in the activation, four to a word, each at many positions: exact conversions, every byte
+    in its place, the reference's scale order."""
+    from autodeploy.backends.triton.kernels import quant_gemm
+
+    dev = TRITON_DEVICE
+    n, k = 256, 192
+
+    def e4m3(codes):  # bytes -> float8, the two NaN patterns (0x7f, 0xff) replaced by zero
+        codes = torch.where((codes & 0x7F) == 0x7F, 0, codes)
+        return codes.to(torch.uint8).view(torch.float8_e4m3fn).to(dev)
+
+    wq = e4m3((torch.arange(n)[:, None] * 7 + torch.arange(k)[None, :]) % 256)
+    assert len(set(wq.view(torch.uint8).flatten().tolist())) == 254
+    ws, b = torch.rand(n, device=dev) + 0.5, torch.randn(n, device=dev)
+    cfg = ("words", 8, 64, 4, 1)
+    for shift in (0, 101):
+        xq = e4m3((torch.arange(k)[None, :] * 3 + shift) % 256)
+        xs = torch.tensor([[0.37]], device=dev)
+        assert quant_gemm._words_apply(xq, wq, cfg[2])
+        want = (xq.double() @ wq.double().T) * 0.37 * ws.double() + b.double()
+        got = quant_gemm.quant_gemv(xq, wq, ws, xs, bias=b, config=cfg, out_dtype=torch.float32).double()
+        assert rel_rms(got, want) < 1e-6, rel_rms(got, want)
+    assert not quant_gemm._words_apply(torch.cat([xq, xq]), wq, cfg[2])  # two rows: the CUDA-core form
+
+
+@needs_triton
 def test_triton_fp8_linear_quantizes_then_multiplies():
     """Decode rows of ``triton_fp8_linear``: ``quantize_fp8_rows`` then the GEMV on float8 rows, per token and
     with a static scale, magnitudes far apart (so a rounding difference in the quantized activation shows)."""
@@ -417,6 +445,22 @@ def test_quantize_int8_rows_is_the_reference_quantizer(rows, k, smoothed):
     rq, rs = quant.quantize_int8_activation(x.float() if smooth is None else x.float() / smooth)
     assert q.shape == (1, rows, k) and s.shape == (1, rows, 1)
     assert torch.equal(s.view(rows, 1), rs) and torch.equal(q.view(rows, k), rq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_int_matmul_exact_for_few_rows():
+    """``_int_matmul`` on CUDA: 1-16 rows take ``torch._int_mm`` padded to 17 rows (its minimum), exactly as
+    float64 sums give them; a K that is not a multiple of 8 keeps the float64 path."""
+    g = torch.Generator().manual_seed(0)
+    for m, k in ((1, 64), (5, 4096), (16, 128), (17, 64), (3, 100)):
+        a = (torch.randint(0, 256, (m, k), generator=g) - 128).to(torch.int8).cuda()
+        b = (torch.randint(0, 256, (48, k), generator=g) - 128).to(torch.int8).cuda()
+        want = (a.double() @ b.double().T).to(torch.int32)
+        got = quant._int_matmul(a, b)
+        assert got.dtype == torch.int32 and torch.equal(got, want), (m, k)
+        odd = torch.empty(b.numel() + 1, dtype=torch.int8, device="cuda")[1:].view_as(b).copy_(b)
+        assert torch.equal(quant._int_matmul(a, odd), want), (m, k)  # a misaligned weight: the float64 path
 
 
 @needs_triton

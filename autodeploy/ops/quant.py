@@ -133,9 +133,15 @@ def fp8_prequantized_reference(xq: Tensor, x_scale: Tensor, weight: Tensor, weig
 def _int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     """int8 ``a [..., K]`` x int8 ``b_t [N, K]``^T -> int32 (exact)."""
     a2 = a.reshape(-1, a.shape[-1])
-    if a2.device.type == "cpu" or (a2.shape[0] > 16 and a2.shape[1] % 8 == 0 and b_t.shape[0] % 8 == 0):
+    m = a2.shape[0]
+    # CUDA _int_mm (cuBLASLt) needs M > 16, K and N multiples of 8 and aligned operands
+    cublas = (a2.shape[1] % 8 == 0 and b_t.shape[0] % 8 == 0 and b_t.stride(1) == 1 and b_t.stride(0) % 16 == 0
+              and b_t.data_ptr() % 16 == 0)
+    if a2.device.type == "cpu" or (m > 16 and cublas and a2.data_ptr() % 16 == 0 and a2.stride(0) % 16 == 0):
         out = torch._int_mm(a2, b_t.t())
-    else:  # CUDA _int_mm needs M > 16 and multiples of 8; float64 sums of int8 products are exact
+    elif 0 < m <= 16 and cublas:  # few rows: padded with zero rows to 17 (a new, aligned tensor)
+        out = torch._int_mm(torch.cat([a2, a2.new_zeros(17 - m, a2.shape[1])]), b_t.t())[:m]
+    else:  # other shapes on CUDA: float64 sums of int8 products are exact
         out = torch.matmul(a2.double(), b_t.double().t()).to(torch.int32)
     return out.reshape(*a.shape[:-1], b_t.shape[0])
 

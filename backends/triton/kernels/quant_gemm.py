@@ -7,9 +7,10 @@ them (passes/fuse_fp8_act_quant.py) or by ``quantize_fp8_rows`` right before. (Q
 every program re-deriving the row's absmax and quantizing its padded activation tiles, measured slower than
 either.) Products of the 8-bit values are exact in fp32, so this computes the canonical ops' reference math up
 to float rounding: the order of the fp32 sums, and reciprocal multiplications where the reference quantizer
-divides. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once. A single bf16
-row on int8 weights runs on CUDA cores ("words" form): one-byte weights at HBM rate are bound by the integer work
-of converting them, which this form keeps to about one instruction per weight.
+divides. Each program owns ``BLOCK_N`` whole output columns and streams their weight rows once. A single row
+runs on CUDA cores ("words" form: a bf16 row on int8 weights, a float8 row on float8 weights, both read as int32
+words of four): one-byte weights at HBM rate are bound by the work of converting them, which this form keeps to
+about one or two instructions per weight.
 
 The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_linear`` take the canonical
 quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
@@ -123,12 +124,20 @@ def _quant_gemv_kernel(
 
 
 @triton.jit
-def _scale_bias(acc, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``acc [BLOCK_N] * w_scale (+ bias)``: the epilogue of the one-row words kernels."""
+def _scale_bias(acc, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ASM: tl.constexpr):
+    """``acc [BLOCK_N] * w_scale (+ bias)``: the epilogue of the one-row words kernels, each step rounded as the
+    reference rounds it. With ASM (compiled for NVIDIA) the product is a ``mul.rn``, which ptxas never contracts
+    with the bias add into an FMA (one rounding instead of the reference's two)."""
     if PER_CHANNEL:
-        acc *= tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
+        ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     else:
-        acc *= tl.load(ws_ptr)
+        ws = tl.load(ws_ptr) + tl.zeros_like(acc)
+    if HAS_BIAS and ASM:
+        acc = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [acc, ws], dtype=tl.float32,
+                                        is_pure=True, pack=1)
+    else:
+        acc = acc * ws
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     return acc
@@ -176,29 +185,77 @@ def _load_words(w_rows, k, n_ok, K4, EVEN_K: tl.constexpr, OFFSET: tl.constexpr)
 
 
 @triton.jit
-def _int8_words_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K4, stride_wn,
+def _words_tile(lanes, w, x_ptr, k, K4, EVEN_K: tl.constexpr, FP8: tl.constexpr, ASM: tl.constexpr):
+    if FP8:
+        return _fp8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K, ASM)
+    return _int8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K, ASM)
+
+
+@triton.jit
+def _words_kernel(
+    x_ptr, xs_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, N, K4, stride_wn,
     BLOCK_N: tl.constexpr, BLOCK_K4: tl.constexpr, HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr,
-    EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr, FP8: tl.constexpr,
 ):
-    """One bf16 activation row against int8 weights read as int32 words (``stride_wn`` in words), each lane
-    summing its own products until one reduction at the end. ``int8_to_f32``'s trick per byte, with less
-    integer work: one XOR offsets a word's four weights, and with ASM (compiled for NVIDIA) one byte permute
-    per weight places it into 2^23's mantissa, where compiled tensor code spends two or three instructions.
-    The integer pipe is what limits one-byte weights at HBM rate. PDL as in ``_quant_gemv_kernel``."""
+    """One activation row against one-byte weights read as int32 words (``stride_wn`` in words), each lane
+    summing its own exact products until one reduction at the end; the integer/conversion pipe is what limits
+    one-byte weights at HBM rate. int8 weights (weight-only, a bf16 row): ``int8_to_f32``'s trick per byte with
+    less integer work: one XOR offsets a word's four weights, and with ASM (compiled for NVIDIA) one byte permute
+    per weight places it into 2^23's mantissa. FP8 (W8A8, a float8 row and its scale at ``xs_ptr``): E4M3 words
+    converted exactly (``_e4m3_word_to_f32``), then ``(acc * x_scale) * w_scale`` as the reference orders it.
+    PDL as in ``_quant_gemv_kernel``."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K4)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K, True)
+    w0 = _load_words(w_rows, offs_k, n_ok, K4, EVEN_K, not FP8)  # int8: offset to unsigned
     pdl_wait(PDL)
-    lanes = _int8_words_tile(tl.zeros([BLOCK_N, BLOCK_K4], dtype=tl.float32), w0, x_ptr, offs_k, K4, EVEN_K, ASM)
+    lanes = _words_tile(tl.zeros([BLOCK_N, BLOCK_K4], dtype=tl.float32), w0, x_ptr, offs_k, K4, EVEN_K, FP8, ASM)
     for k0 in range(BLOCK_K4, K4, BLOCK_K4):
         k = k0 + offs_k
-        lanes = _int8_words_tile(lanes, _load_words(w_rows, k, n_ok, K4, EVEN_K, True), x_ptr, k, K4, EVEN_K,
-                                 ASM)
-    acc = _scale_bias(tl.sum(lanes, 1), ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+        lanes = _words_tile(lanes, _load_words(w_rows, k, n_ok, K4, EVEN_K, not FP8), x_ptr, k, K4, EVEN_K, FP8,
+                            ASM)
+    acc = tl.sum(lanes, 1)
+    if FP8:
+        acc = acc * tl.load(xs_ptr)
+    acc = _scale_bias(acc, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS, ASM)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _e4m3_word_to_f32(w, ASM: tl.constexpr):
+    """The four E4M3 values of an int32 word (byte 0 first) as exact fp32. ASM: two ``cvt.rn.f16x2.e4m3x2``
+    (E4M3 converts to fp16 exactly) and four fp16 -> fp32 conversions; otherwise the bits are rebuilt with
+    integer ops (the subnormals, exponent field 0, scaled by 2^-6 / 8 as E4M3 defines them)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b16 lo, hi, h0, h1, h2, h3; .reg .b32 a, b; mov.b32 {lo, hi}, $4; "
+                "cvt.rn.f16x2.e4m3x2 a, lo; cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {h0, h1}, a; mov.b32 {h2, h3}, b; "
+                "cvt.f32.f16 $0, h0; cvt.f32.f16 $1, h1; cvt.f32.f16 $2, h2; cvt.f32.f16 $3, h3; }",
+            constraints="=f,=f,=f,=f,r", args=[w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+            is_pure=True, pack=1)
+    out = ()
+    for j in tl.static_range(4):
+        b = (w >> (8 * j)) & 0xFF
+        mag = ((b & 0x7F) << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36  # 2^120: the bias gap
+        mag = tl.where((b & 0x7F) == 0x7F, float("nan"), mag)
+        out = out + (tl.where((b & 0x80) != 0, -mag, mag),)
+    return out
+
+
+@triton.jit
+def _fp8_words_tile(lanes, w, x_ptr, k, K4, EVEN_K: tl.constexpr, ASM: tl.constexpr):
+    """lanes += products of one ``[BLOCK_N, BLOCK_K4]`` tile of int32 words of E4M3 weights with the float8
+    activation row's words (converted once per tile, shared by the tile's rows)."""
+    if EVEN_K:
+        xw = tl.load(x_ptr + k)
+    else:
+        xw = tl.load(x_ptr + k, mask=k < K4, other=0)
+    ws = _e4m3_word_to_f32(w, ASM)
+    xs = _e4m3_word_to_f32(xw, ASM)
+    for j in tl.static_range(4):
+        lanes += ws[j] * xs[j][None, :]
+    return lanes
 
 
 @triton.jit
@@ -244,7 +301,7 @@ def _int8_w8a8_words_kernel(
         k = k0 + offs_k
         acc = _w8a8_tile(acc, _load_words(w_rows, k, n_ok, K4, EVEN_K, False), x_row, k, K4, EVEN_K, ASM)
     out = tl.sum(acc, 1).to(tl.float32) * tl.load(xs_ptr + row)
-    out = _scale_bias(out, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS)
+    out = _scale_bias(out, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL, HAS_BIAS, ASM)
     tl.store(y_ptr + row * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
@@ -327,7 +384,8 @@ def _asm_ok(kernel, x: Tensor) -> bool:
 
 
 # (form, BLOCK_N, BLOCK_K, num_warps, num_stages); form: "tc" the tensor-core kernel, "cc" the CUDA-core one,
-# "words" the CUDA-core one for a bf16 row on int8 weights read as int32 words (others fall back to "cc")
+# "words" the CUDA-core one for one row read as int32 words: bf16 on int8 weights, float8 on float8 weights
+# (others fall back to "cc")
 QConfig = tuple[str, int, int, int, int]
 FORMS = ("tc", "cc", "words")
 
@@ -335,26 +393,27 @@ FORMS = ("tc", "cc", "words")
 @functools.lru_cache(maxsize=None)
 def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: int = 0) -> QConfig:
     """The launch for a ``[m, k]`` activation and ``n`` outputs, picked on an H200 over Llama-8B's shapes
-    (benchmarks/bench_quant_gemv.py, docs/quantization.md): the tensor-core form wherever K is a multiple of its
-    K tile. FP8 takes wide weight tiles (warpgroup MMAs, whose FP8 accumulation is coarser than fp32: about 1e-3
-    relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs. One bf16 row on int8
-    weights takes the "words" form with ``[4, 2048]`` tiles on 4 warps (faster at every shape than the
-    tensor-core form, whose converted bf16 operands go through shared memory); 2-4 int8 rows take 32-row
-    tensor-core tiles. Otherwise the CUDA-core form, fewer K with more rows so the ``[M, N, K]`` product
-    stays in registers."""
+    (benchmarks/bench_quant_gemv.py, docs/quantization.md). One row takes the "words" form with ``[4, 2048]``
+    tiles on 4 warps, int8 and FP8 weights alike: for int8 faster at every shape than the tensor-core form
+    (whose converted bf16 operands go through shared memory), for FP8 within half a microsecond of the best
+    form at every shape and well ahead on the narrow ones. 2-4 rows take the tensor-core form wherever K is a
+    multiple of its K tile: FP8 with wide weight tiles (warpgroup MMAs, whose FP8 accumulation is coarser than
+    fp32: about 1e-3 relative, against the FP8 quantization's own 3e-2), 256 rows for the widest GEMMs; int8
+    32-row tiles. Otherwise the CUDA-core form, fewer K with more rows so the ``[M, N, K]`` product stays in
+    registers."""
     env = os.environ.get("AUTODEPLOY_QGEMV_CONFIG")  # tuning (benchmarks): "<form>/BLOCK_N/BLOCK_K/warps/stages"
     if env:
         kind, *nums = env.split("/")
         cfg = (kind, *map(int, nums))
         if kind != "tc" or k % cfg[2] == 0:
             return cfg  # type: ignore[return-value]
+    if m <= 1:
+        return "words", 4, max(32, min(2048, triton.next_power_of_2(k))), 4, 3
     if dtype == quant.FP8_DTYPE:
         if n >= 16384 and k % 256 == 0:
             return "tc", 256, 256, 8, 3
         if k % 512 == 0:
             return "tc", 64, 512, 4, 4
-    elif m <= 1:
-        return "words", 4, max(32, min(2048, triton.next_power_of_2(k))), 4, 3
     elif k % 512 == 0:
         return "tc", 32, 512, 4, 4
     block_k = min(4096 // triton.next_power_of_2(max(m, 1)), triton.next_power_of_2(k))
@@ -362,10 +421,14 @@ def quant_gemv_config(k: int, m: int, dtype: torch.dtype = quant.FP8_DTYPE, n: i
 
 
 def _words_apply(a2: Tensor, weight: Tensor, block_k: int) -> bool:
-    """Whether the "words" form takes this call: one bf16 row and int8 weights, both viewable as 4-byte words."""
-    return (a2.shape[0] == 1 and a2.dtype == torch.bfloat16 and weight.dtype == torch.int8 and block_k % 4 == 0
-            and a2.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0 and weight.data_ptr() % 4 == 0
-            and a2.data_ptr() % 8 == 0)
+    """Whether the "words" form takes this call: one row, bf16 on int8 weights or float8 on float8 weights,
+    both viewable as 4-byte words (a bf16 row as 8-byte words of four)."""
+    if weight.dtype == torch.int8:
+        row_ok = a2.dtype == torch.bfloat16 and a2.data_ptr() % 8 == 0
+    else:
+        row_ok = a2.dtype == quant.FP8_DTYPE and a2.data_ptr() % 4 == 0
+    return (a2.shape[0] == 1 and row_ok and block_k % 4 == 0 and a2.shape[1] % 4 == 0 and weight.stride(0) % 4 == 0
+            and weight.data_ptr() % 4 == 0)
 
 
 def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optional[Tensor] = None,
@@ -402,13 +465,17 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     form, block_n, block_k, warps, stages = config or quant_gemv_config(k, m, weight.dtype, n)
     if form not in FORMS:
         raise ValueError(f"unknown quant_gemv form {form!r}; one of {FORMS}")
+    if form == "words" and weight.dtype == quant.FP8_DTYPE and not (_words_apply(a2, weight, block_k) and a_s is not None):
+        form, block_n, block_k, warps, stages = quant_gemv_config(k, 2, weight.dtype, n)  # not word-aligned
     pdl = pdl_enabled(a.device, "gemv") if pdl is None else pdl
-    if form == "words" and _words_apply(a2, weight, block_k):
-        wv, xv = weight.view(torch.int32), a2.view(torch.int64)
-        _int8_words_kernel[(triton.cdiv(n, block_n),)](
-            xv, wv, ws, bias if bias is not None else ws, y, n, k // 4, wv.stride(0), BLOCK_N=block_n,
-            BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel, EVEN_K=k % block_k == 0,
-            PDL=pdl, ASM=_asm_ok(_int8_words_kernel, a), num_warps=warps, num_stages=stages, **launch_options(pdl))
+    if form == "words" and _words_apply(a2, weight, block_k):  # (FP8 without a scale fell back above)
+        fp8 = weight.dtype == quant.FP8_DTYPE
+        wv, xv = weight.view(torch.int32), a2.view(torch.int32 if fp8 else torch.int64)
+        _words_kernel[(triton.cdiv(n, block_n),)](
+            xv, a_s if fp8 else ws, wv, ws, bias if bias is not None else ws, y, n, k // 4, wv.stride(0),
+            BLOCK_N=block_n, BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel,
+            EVEN_K=k % block_k == 0, PDL=pdl, ASM=_asm_ok(_words_kernel, a), FP8=fp8, num_warps=warps,
+            num_stages=stages, **launch_options(pdl))
         return y.reshape(*a.shape[:-1], n)
     args = (a2, weight, ws, a_s if a_s is not None else ws, bias if bias is not None else ws, y, m, n, k,
             a2.stride(0), weight.stride(0), y.stride(0))
@@ -562,8 +629,9 @@ def _int8_kernels_agree(device: torch.device) -> bool:
         ws, smooth, b = (torch.rand(40, generator=g).to(device) + 0.5, torch.rand(k, generator=g).to(device) + 0.5,
                          torch.randn(40, generator=g).to(device))
         xq, xs = quantize_int8_rows(x, smooth)
-        ok = bool(torch.equal(int8_gemv(xq, xs, w, ws, b, out_dtype=x.dtype),
-                              quant.int8_linear_reference(x, w, ws, smooth, b)))
+        # compared in fp32: a bf16 output would round away a difference in the last bits of the sums
+        ok = bool(torch.equal(int8_gemv(xq, xs, w, ws, b, out_dtype=torch.float32),
+                              quant.int8_linear_reference(x.float(), w, ws, smooth, b)))
         if not ok:
             log.error("the W8A8 int8 Triton kernels disagree with the reference on %s; int8_linear uses the "
                       "reference op there", device)
