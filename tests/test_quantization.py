@@ -498,6 +498,14 @@ def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
         got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws)
         assert rel_rms(got, quant.int8_weight_linear_reference(x, wq, ws)) < 1e-6
     assert calls == [one.shape]
+    # int8-weight: 5-16 rows take the tensor-core form where K is a multiple of its K tile (512)
+    wide_q, wide_s = quant.quantize_int8_weight(torch.randn(32, 512, device=TRITON_DEVICE))
+    for rows, routed in ((9, True), (16, True), (17, False)):
+        x = torch.randn(rows, 512, device=TRITON_DEVICE)
+        calls.clear()
+        got = torch.ops.autodeploy.triton_int8_weight_linear(x, wide_q, wide_s)
+        assert rel_rms(got, quant.int8_weight_linear_reference(x, wide_q, wide_s)) < 1e-6
+        assert calls == ([x.shape] if routed else []), rows
     gemv_calls = []
     real_int8 = quant_gemm.int8_gemv
     monkeypatch.setattr(quant_gemm, "_INT8_CHECKED", {str(one.device): True})  # the device check: below

@@ -36,11 +36,14 @@ from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_toke
 from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
-           "QGEMV_MAX_M", "QConfig"]
+           "int8_weight_rows_ok", "QGEMV_MAX_M", "INT8W_TC_MAX_M", "QConfig"]
 
 log = logging.getLogger(__name__)
 
 QGEMV_MAX_M = 4
+# int8 weight-only rows the tensor-core form also takes (the MMA's N side is padded to 16 rows anyway): the
+# weights still stream once, where the canonical op on CUDA would dequantize the whole weight before a bf16 GEMM.
+INT8W_TC_MAX_M = 16
 
 
 # How ``a`` reaches the products: as it is (weight-only int8), or float8 with a per-row scale at ``as_ptr``.
@@ -339,13 +342,13 @@ def _quant_gemv_dot_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """The same GEMM on the tensor cores, operands swapped (``W x^T``: the weight rows are the MMA's M side, the
-    few activation rows padded to 16 its N side), so float8 weights and activations enter the MMA as they are
-    stored (W8A8 FP8); int8 weights (weight-only) are converted to the activation dtype (exact). K must be a
-    multiple of BLOCK_K. UPCAST: fp32 operands (the Triton interpreter's low-precision dot is wrong); IEEE: fp32
-    activations multiply in true fp32."""
-    BLOCK_M: tl.constexpr = 16
+    few activation rows padded to BLOCK_M >= 16 its N side), so float8 weights and activations enter the MMA as
+    they are stored (W8A8 FP8); int8 weights (weight-only) are converted to the activation dtype (exact). K must
+    be a multiple of BLOCK_K. UPCAST: fp32 operands (the Triton interpreter's low-precision dot is wrong); IEEE:
+    fp32 activations multiply in true fp32."""
     offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, 16]
@@ -434,15 +437,17 @@ def _words_apply(a2: Tensor, weight: Tensor, block_k: int) -> bool:
 def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
                config: Optional[QConfig] = None, pdl: Optional[bool] = None) -> Tensor:
-    """``(a [..., K] @ weight[N, K].T) * weight_scale * a_scale (+ bias)`` for at most QGEMV_MAX_M rows.
+    """``(a [..., K] @ weight[N, K].T) * weight_scale * a_scale (+ bias)`` for at most QGEMV_MAX_M rows (int8
+    weights: INT8W_TC_MAX_M rows in the tensor-core form, see ``int8_weight_rows_ok``).
 
     ``a`` is used as it is: the model dtype with int8 weights (weight-only), float8 rows with float8 weights,
     scaled by their per-row ``a_scale`` (``[..., 1]``, or one static ``[]`` scale)."""
     k, n = a.shape[-1], weight.shape[0]
     a2 = a.reshape(-1, k)
     m = a2.shape[0]
-    if m > QGEMV_MAX_M:
-        raise ValueError(f"quant_gemv takes at most {QGEMV_MAX_M} rows, got {m}")
+    if m > QGEMV_MAX_M and not (weight.dtype == torch.int8 and int8_weight_rows_ok(m, k, n, config)):
+        raise ValueError(f"quant_gemv takes at most {QGEMV_MAX_M} rows (int8 weights: {INT8W_TC_MAX_M} in the "
+                         f"tensor-core form), got {m}")
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with a unit last stride, got {tuple(weight.shape)}")
     if weight.dtype not in (torch.int8, quant.FP8_DTYPE):
@@ -486,7 +491,8 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
         _quant_gemv_dot_kernel[grid](*args, UPCAST=_interpreted(_quant_gemv_dot_kernel),
-                                     IEEE=a.dtype == torch.float32 and a_scale is None, **common)
+                                     IEEE=a.dtype == torch.float32 and a_scale is None,
+                                     BLOCK_M=max(16, triton.next_power_of_2(m)), **common)
     else:
         _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,
                                  **common)
@@ -595,17 +601,32 @@ def int8_words_ok(x2: Tensor, weight: Tensor) -> bool:
             and x2.data_ptr() % 4 == 0 and (x2.shape[0] <= 1 or x2.stride(0) % 4 == 0))
 
 
-def _skinny(x: Tensor) -> bool:
-    """Rows few enough for the skinny kernel, on a device that runs Triton (CPU only under the interpreter)."""
-    rows = x.numel() // max(1, x.shape[-1])
+def _device_rows(x: Tensor) -> int:
+    """``x``'s rows on a device that runs Triton (CPU only under the interpreter), else 0."""
     on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and 0 < rows <= QGEMV_MAX_M
+    return x.numel() // max(1, x.shape[-1]) if on_device else 0
+
+
+def _skinny(x: Tensor) -> bool:
+    """Rows few enough for the skinny kernel, on a device that runs Triton."""
+    return 0 < _device_rows(x) <= QGEMV_MAX_M
+
+
+def int8_weight_rows_ok(m: int, k: int, n: int, config: Optional[QConfig] = None) -> bool:
+    """Whether ``quant_gemv`` takes ``m`` rows on int8 weights: up to QGEMV_MAX_M in any form, up to
+    INT8W_TC_MAX_M where the launch is the tensor-core form (K a multiple of its K tile)."""
+    if m <= QGEMV_MAX_M:
+        return True
+    form, _, block_k, _, _ = config or quant_gemv_config(k, m, torch.int8, n)
+    return m <= INT8W_TC_MAX_M and form == "tc" and k % block_k == 0
 
 
 @torch.library.custom_op("autodeploy::triton_int8_weight_linear", mutates_args=())
 def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``autodeploy::int8_weight_linear`` with its decode rows on the skinny quantized GEMM."""
-    if _skinny(x) and weight.stride(-1) == 1:
+    """``autodeploy::int8_weight_linear`` with its decode rows (up to INT8W_TC_MAX_M where K allows the
+    tensor-core form) on the skinny quantized GEMM."""
+    rows = _device_rows(x)
+    if rows > 0 and weight.stride(-1) == 1 and int8_weight_rows_ok(rows, x.shape[-1], weight.shape[0]):
         return quant_gemv(x, weight, weight_scale, None, bias)
     return torch.ops.autodeploy.int8_weight_linear(x, weight, weight_scale, bias)
 
