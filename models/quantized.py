@@ -135,7 +135,8 @@ def _modelopt(qc: dict, path: Path) -> CheckpointPlan:
         raise UnsupportedModelError(f"{path}: ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported "
                                     f"({sorted(_MODELOPT_ALGOS)})")
     if qc.get("kv_cache_quant_algo"):
-        log.warning("%s: kv_cache_quant_algo=%s is ignored (the KV cache stays in the model dtype)", path,
+        log.warning("%s: kv_cache_quant_algo=%s is ignored: the KV cache follows compile(kv_cache_dtype=...) "
+                    "(default the model dtype; 'fp8' keeps its own per-row scales, not the checkpoint's)", path,
                     qc["kv_cache_quant_algo"])
     exclude = list(qc.get("exclude_modules") or qc.get("ignore") or [])
     scheme = _MODELOPT_ALGOS[algo]
