@@ -25,7 +25,8 @@ from bench_triton_attention import copy_bandwidth, time_cuda  # noqa: E402
 
 # (form, BLOCK_N, BLOCK_K, num_warps, num_stages), as quant_gemv_config returns them
 CONFIGS = [("cc", 8, 2048, 4, 3), ("words", 4, 2048, 4, 3), ("words", 8, 2048, 4, 3), ("tc", 32, 256, 4, 6),
-           ("tc", 64, 256, 4, 4), ("tc", 32, 512, 4, 4), ("tc", 64, 512, 4, 3), ("tc", 64, 512, 4, 4), ("tc", 64, 512, 4, 5),
+           ("tc", 64, 256, 4, 4), ("tc", 32, 512, 4, 4), ("tc", 64, 512, 4, 3), ("tc", 64, 512, 4, 4),
+           ("tc", 64, 512, 4, 5),
            ("tc", 128, 256, 4, 4), ("tc", 128, 512, 8, 3), ("tc", 256, 256, 8, 3), ("tc", 256, 256, 8, 4)]
 
 

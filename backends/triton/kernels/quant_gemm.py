@@ -470,8 +470,9 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     form, block_n, block_k, warps, stages = config or quant_gemv_config(k, m, weight.dtype, n)
     if form not in FORMS:
         raise ValueError(f"unknown quant_gemv form {form!r}; one of {FORMS}")
-    if form == "words" and weight.dtype == quant.FP8_DTYPE and not (_words_apply(a2, weight, block_k) and a_s is not None):
-        form, block_n, block_k, warps, stages = quant_gemv_config(k, 2, weight.dtype, n)  # not word-aligned
+    fp8_words = form == "words" and weight.dtype == quant.FP8_DTYPE
+    if fp8_words and not (_words_apply(a2, weight, block_k) and a_s is not None):  # not word-aligned
+        form, block_n, block_k, warps, stages = quant_gemv_config(k, 2, weight.dtype, n)
     pdl = pdl_enabled(a.device, "gemv") if pdl is None else pdl
     if form == "words" and _words_apply(a2, weight, block_k):  # (FP8 without a scale fell back above)
         fp8 = weight.dtype == quant.FP8_DTYPE
