@@ -351,7 +351,7 @@ def _quant_gemv_dot_kernel(
     fp32 activations multiply in true fp32."""
     offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, 16]
+    a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, BLOCK_M]
     pdl_wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
