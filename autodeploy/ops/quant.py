@@ -134,8 +134,9 @@ def _int_matmul(a: Tensor, b_t: Tensor) -> Tensor:
     """int8 ``a [..., K]`` x int8 ``b_t [N, K]``^T -> int32 (exact)."""
     a2 = a.reshape(-1, a.shape[-1])
     m = a2.shape[0]
-    # CUDA _int_mm (cuBLASLt) needs M > 16, K and N multiples of 8 and aligned operands
-    cublas = (a2.shape[1] % 8 == 0 and b_t.shape[0] % 8 == 0 and b_t.stride(1) == 1 and b_t.stride(0) % 16 == 0
+    # CUDA _int_mm (cuBLASLt) needs M > 16, K and N multiples of 8 and 16-byte aligned rows (K % 16: the padded
+    # copy below is contiguous)
+    cublas = (a2.shape[1] % 16 == 0 and b_t.shape[0] % 8 == 0 and b_t.stride(1) == 1 and b_t.stride(0) % 16 == 0
               and b_t.data_ptr() % 16 == 0)
     if a2.device.type == "cpu" or (m > 16 and cublas and a2.data_ptr() % 16 == 0 and a2.stride(0) % 16 == 0):
         out = torch._int_mm(a2, b_t.t())

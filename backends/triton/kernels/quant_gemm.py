@@ -41,8 +41,8 @@ __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int
 log = logging.getLogger(__name__)
 
 QGEMV_MAX_M = 4
-# int8 weight-only rows the tensor-core form also takes (the MMA's N side is padded to 16 rows anyway): the
-# weights still stream once, where the canonical op on CUDA would dequantize the whole weight before a bf16 GEMM.
+# int8 weight-only rows the tensor-core form also takes (its MMA's N side is 16 rows, padded): the weights still
+# stream once, where the canonical op on CUDA would dequantize the whole weight before a bf16 GEMM.
 INT8W_TC_MAX_M = 16
 
 
@@ -342,16 +342,16 @@ def _quant_gemv_dot_kernel(
     a_ptr, w_ptr, ws_ptr, as_ptr, b_ptr, y_ptr, M, N, K, stride_am, stride_wn, stride_ym,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, A_MODE: tl.constexpr,
     PER_CHANNEL: tl.constexpr, PDL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
 ):
     """The same GEMM on the tensor cores, operands swapped (``W x^T``: the weight rows are the MMA's M side, the
-    few activation rows padded to BLOCK_M >= 16 its N side), so float8 weights and activations enter the MMA as
+    activation rows, at most 16, padded to 16 its N side), so float8 weights and activations enter the MMA as
     they are stored (W8A8 FP8); int8 weights (weight-only) are converted to the activation dtype (exact). K must
     be a multiple of BLOCK_K. UPCAST: fp32 operands (the Triton interpreter's low-precision dot is wrong); IEEE:
     fp32 activations multiply in true fp32."""
+    BLOCK_M: tl.constexpr = 16
     offs_n, n_ok, offs_m, m_ok, offs_k = _tile(N, M, BLOCK_N, BLOCK_M, BLOCK_K)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, BLOCK_M]
+    a_cols = a_ptr + offs_m[None, :] * stride_am + offs_k[:, None]  # x^T: [BLOCK_K, 16]
     pdl_wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -492,8 +492,7 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
         _quant_gemv_dot_kernel[grid](*args, UPCAST=_interpreted(_quant_gemv_dot_kernel),
-                                     IEEE=a.dtype == torch.float32 and a_scale is None,
-                                     BLOCK_M=max(16, triton.next_power_of_2(m)), **common)
+                                     IEEE=a.dtype == torch.float32 and a_scale is None, **common)
     else:
         _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,
                                  **common)

@@ -1,8 +1,8 @@
 """Triton backend: quantized linears (``int8_weight_linear``, ``int8_linear``, ``fp8_linear``) run their decode
 rows (at most ``QGEMV_MAX_M``; ``INT8W_TC_MAX_M`` for int8 weight-only where K allows the tensor-core form) on
 the skinny quantized GEMM (``kernels/quant_gemm.py``), which streams the one-byte weights once; more rows keep
-the canonical op (its device fast paths, e.g. ``torch._scaled_mm``). The
-replacement op takes the same arguments by name and decides per call from the row count."""
+the canonical op (its device fast paths, e.g. ``torch._scaled_mm``). The replacement op takes the same arguments
+by name and decides per call from the row count."""
 
 from __future__ import annotations
 
