@@ -4,7 +4,7 @@ the split kernel's partition size (waves of programs) and tile config swept for 
 Every call is a CUDA-graph replay after an L2 flush; bandwidth is the cache bytes read (values plus scales) over
 the time. The FP8 output is checked against attention over the dequantized cache first.
 Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--kinds bf16,fp8]
-[--configs 64/4/5,64/8/5] [--gather] [--json out.json]
+[--configs 64/4/5,64/8/5/128] [--gather] [--json out.json]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--waves", default="1,2")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--kinds", default="bf16,fp8")
-    p.add_argument("--configs", default=CONFIGS, help="BLOCK_N/warps/stages,...")
+    p.add_argument("--configs", default=CONFIGS, help="BLOCK_N/warps/stages[/maxnreg],...")
     p.add_argument("--gather", action="store_true", help="gathered key tiles of BLOCK_N (not one page per tile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()

@@ -412,6 +412,33 @@ def test_decode_softcap_sinks(target):
     run_decode([2, 45, 100], softcap=4.0, sinks=True, target=target, seed=150 + target)
 
 
+def run_decode_fp8(lens, dtype, page_size, target, align, seed=0):
+    """The split kernel on an E4M3 cache (per-row scales) against attention over the dequantized cache. Unused
+    rows hold NaN, so their scales are NaN too: a masked key's scale must never reach a score or a weight."""
+    from autodeploy.ops.kv_quant import dequantize_kv, quantize_kv
+
+    c = make_case([(L - 1, 1) for L in lens], 8, 2, 64, page_size, dtype, seed)
+    (k8, ks), (v8, vs) = quantize_kv(c["k_cache"]), quantize_kv(c["v_cache"])
+    ref_case = dict(c, k_cache=dequantize_kv(k8, ks, dtype), v_cache=dequantize_kv(v8, vs, dtype))
+    out = torch.full_like(c["q"], float("nan"))
+    part = decode_partition(c["seq_lens_kv"], c["cu_seqlens_q"], target=target, align=align)
+    decode_attention(c["q"], k8, v8, c["seq_lens_kv"], c["page_table"], out, scale=64**-0.5, sliding_window=None,
+                     logit_softcap=None, sinks=None, cu_seqlens_q=c["cu_seqlens_q"], partition=part, k_scale=ks,
+                     v_scale=vs)  # fmt: skip
+    _check(out, _ref(ref_case, scale=64**-0.5, sliding_window=None, logit_softcap=None), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_decode_fp8_cache_page_ranges(dtype, page_size):
+    """Whole-page loop with its scales loaded a page ahead: ranges of no, one, two and many whole pages, splits
+    that start and end inside a page (align 8 < page), ranges inside one page."""
+    lens = [1, 5, page_size, page_size + 1, 2 * page_size, 2 * page_size + 3, 3 * page_size, 7 * page_size + 5, 300]
+    run_decode_fp8(lens, dtype, page_size, target=target_work_items(2, attn_mod.device_sms(torch.device(DEVICE))),
+                   align=page_size)
+    run_decode_fp8(lens, dtype, page_size, target=3 * len(lens), align=8, seed=1)
+
+
 def test_decode_many_splits():
     # more work items than tiles: one-tile splits (and idle items) must merge correctly, sinks included
     run_decode([1, 9, 40], sinks=True, target=16, align=8, seed=160)

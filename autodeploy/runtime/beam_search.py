@@ -95,7 +95,8 @@ class BeamSearchState:
         return [list(b) for b in self._running] if not self._done else []
 
     def step(self, logprobs: torch.Tensor) -> list[tuple[int, int]]:
-        """Advance one token given ``logprobs`` [num_live_beams, V] (log_softmax of fp32 logits).
+        """Advance one token given ``logprobs`` [num_live_beams, V] (log_softmax of fp32 logits), on any device:
+        the vocabulary-wide top-k runs there, the bookkeeping on the host.
 
         Returns one ``(parent_beam_index, token)`` per new live beam (empty once done),
         where ``parent_beam_index`` indexes the rows just passed in. Apply any logits
@@ -122,10 +123,12 @@ class BeamSearchState:
             parent_rows = list(range(live))
             running = self._running
 
-        # (c) top-K continuations over all beams x vocab (HF shapes: [batch=1, k * V]).
-        acc = (logprobs + running_scores[:, None]).reshape(1, -1)
+        # (c) top-K continuations over all beams x vocab (HF shapes: [batch=1, k * V]), where the log-probs
+        # live: only the 2k candidates reach the host, in one copy (float64 holds both exactly).
+        acc = (logprobs + running_scores.to(logprobs.device)[:, None]).reshape(1, -1)
         topk_scores, topk_idx = torch.topk(acc, k=self._beams_to_keep)
-        topk_scores, topk_idx = topk_scores[0], topk_idx[0]
+        cand = torch.stack((topk_scores[0].double(), topk_idx[0].double())).cpu()
+        topk_scores, topk_idx = cand[0].float(), cand[1].long()
         cand_beam = (topk_idx // vocab).tolist()
         cand_tok = (topk_idx % vocab).tolist()
 

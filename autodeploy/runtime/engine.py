@@ -713,7 +713,7 @@ class Engine:
         """Advance the beam search state; None when the request failed instead."""
         idx = torch.tensor([r for _, r in group], device=logits.device)
         rows = logits.index_select(0, idx).float()
-        logprobs = torch.log_softmax(rows, dim=-1).cpu()
+        logprobs = torch.log_softmax(rows, dim=-1)  # stays on the device: BeamSearchState.step copies 2k values
         if not bool(torch.isfinite(rows).all()):
             self._fail_decided(req, f"{MODEL_NON_FINITE} at output token {req.metrics.num_generated}", journal)
             return None

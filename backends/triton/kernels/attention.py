@@ -88,7 +88,7 @@ def _pv(acc, alpha, p, v, v_s, UPCAST: tl.constexpr, IEEE: tl.constexpr, KV_FP8:
     weights keep their range in a 16-bit dot whatever the V magnitudes."""
     if KV_FP8:
         v_max = tl.maximum(tl.max(v_s, 0), 1.1754943508222875e-38)
-        p = p * (v_s / v_max)[None, :]
+        p = p * (v_s * (1.0 / v_max))[None, :]  # powers of two: exact
         return acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE) * v_max
     return acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
 
@@ -204,26 +204,33 @@ def _attn_tiles(
 
 
 @triton.jit
+def _page_scales(ks_base, vs_base, page, stride_sp, stride_sr, PAGE_SIZE: tl.constexpr):
+    """An FP8 page's per-key K and V scales (fp32), as in :func:`_attn_tiles`."""
+    s_off = page.to(tl.int64) * stride_sp + tl.arange(0, PAGE_SIZE) * stride_sr
+    return tl.load(ks_base + s_off).to(tl.float32), tl.load(vs_base + s_off).to(tl.float32)
+
+
+@triton.jit
 def _page_step(
-    acc, m_i, l_i, q, pg, k_lo, k_hi, k_base, v_base, pt_row, k_off, v_off, stride_kp, stride_vp,
-    qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+    acc, m_i, l_2d, q, pg, k_lo, k_hi, k_base, v_base, pt_row, k_off, v_off, stride_kp, stride_vp,
+    qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
     PAGE_SIZE: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, NEED_DMASK: tl.constexpr,
     MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr,
     IEEE: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     """Online-softmax update with one whole page as the KV tile (BLOCK_N == PAGE_SIZE): one scalar page-table
     load, then K and V rows at loop-invariant offsets from the page base (both loads issued before any math).
-    MASK: only keys in ``[k_lo, k_hi)`` of the page count (the range's first/last page)."""
+    MASK: only keys in ``[k_lo, k_hi)`` of the page count (the range's first/last page). ``l_2d`` ``[M, PAGE]``
+    holds the softmax denominator unreduced (its row sums are the denominator), which keeps a cross-warp
+    reduction out of every page. KV_FP8: ``k_s``/``v_s`` are the page's key scales (loaded by the caller,
+    ahead of time: their loads are too narrow for the asynchronous-copy pipeline)."""
     page = tl.load(pt_row + pg).to(tl.int64)
     j = pg * PAGE_SIZE + tl.arange(0, PAGE_SIZE)
     j_ok = (j >= k_lo) & (j < k_hi)
     d_ok = tl.arange(0, BLOCK_D) < HEAD_D
     kt = _load2d(k_base + page * stride_kp + k_off, j_ok[None, :], d_ok[:, None], MASK, NEED_DMASK)
     v = _load2d(v_base + page * stride_vp + v_off, j_ok[:, None], d_ok[None, :], MASK, NEED_DMASK)
-    if KV_FP8:  # scales as in _attn_tiles
-        s_off = page * stride_sp + tl.arange(0, PAGE_SIZE) * stride_sr
-        k_s = tl.load(ks_base + s_off).to(tl.float32)
-        v_s = tl.load(vs_base + s_off).to(tl.float32)
+    if KV_FP8:
         if MASK:  # rows outside [k_lo, k_hi) hold other sequences' (or no) scales: keep them out of _pv's max
             v_s = tl.where(j_ok, v_s, 0.0)
         kt = kt.to(q.dtype)
@@ -242,9 +249,9 @@ def _page_step(
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
+    l_2d = l_2d * alpha[:, None] + p
     acc = _pv(acc, alpha, p, v, v_s if KV_FP8 else alpha, UPCAST, IEEE, KV_FP8)
-    return acc, m_new, l_i
+    return acc, m_new, l_2d
 
 
 @triton.jit
@@ -255,36 +262,60 @@ def _attn_pages(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     KV_FP8: tl.constexpr,
 ):
-    """Keys ``[lo, hi)`` page by page: partial first/last pages masked, whole pages on the unmasked path."""
+    """Keys ``[lo, hi)`` page by page: partial first/last pages masked, whole pages on the unmasked path.
+
+    KV_FP8: the whole pages' scales are loaded one page ahead (the page-table entry two ahead), so their
+    latency overlaps the previous page's math instead of stalling each page."""
     offs_n = tl.arange(0, PAGE_SIZE)
     offs_d = tl.arange(0, BLOCK_D)
     k_off = offs_n[None, :] * stride_kr + offs_d[:, None]  # [D, PAGE]: K^T rows of one page
     v_off = offs_n[:, None] * stride_vr + offs_d[None, :]  # [PAGE, D]
+    l_2d = tl.where(offs_n[None, :] == 0, l_i[:, None], 0.0)  # the incoming sum, in column 0
+    k_s = tl.zeros([PAGE_SIZE], dtype=tl.float32)  # placeholders without KV_FP8
+    v_s = k_s
     first_full = (lo + PAGE_SIZE - 1) // PAGE_SIZE
     last_full = hi // PAGE_SIZE  # whole pages: [first_full, last_full)
     if first_full > last_full:  # the range lies inside one page
         if lo < hi:
-            acc, m_i, l_i = _page_step(
-                acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            if KV_FP8:
+                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + lo // PAGE_SIZE), stride_sp, stride_sr,
+                                        PAGE_SIZE)
+            acc, m_i, l_2d = _page_step(
+                acc, m_i, l_2d, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
                 PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
     else:
         if lo % PAGE_SIZE != 0:
-            acc, m_i, l_i = _page_step(
-                acc, m_i, l_i, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            if KV_FP8:
+                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + lo // PAGE_SIZE), stride_sp, stride_sr,
+                                        PAGE_SIZE)
+            acc, m_i, l_2d = _page_step(
+                acc, m_i, l_2d, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
                 PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+        last = tl.maximum(last_full - 1, first_full)  # prefetch indices are clamped into the range
+        page_next = first_full * 0
+        if KV_FP8 and first_full < last_full:
+            k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + first_full), stride_sp, stride_sr, PAGE_SIZE)
+            page_next = tl.load(pt_row + tl.minimum(first_full + 1, last))
         for pg in range(first_full, last_full):
-            acc, m_i, l_i = _page_step(
-                acc, m_i, l_i, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            if KV_FP8:
+                page_after = tl.load(pt_row + tl.minimum(pg + 2, last))
+                k_s_next, v_s_next = _page_scales(ks_base, vs_base, page_next, stride_sp, stride_sr, PAGE_SIZE)
+            acc, m_i, l_2d = _page_step(
+                acc, m_i, l_2d, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
                 PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+            if KV_FP8:
+                k_s, v_s, page_next = k_s_next, v_s_next, page_after
         if hi % PAGE_SIZE != 0:
-            acc, m_i, l_i = _page_step(
-                acc, m_i, l_i, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, ks_base, vs_base, stride_sp, stride_sr,
+            if KV_FP8:
+                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + last_full), stride_sp, stride_sr, PAGE_SIZE)
+            acc, m_i, l_2d = _page_step(
+                acc, m_i, l_2d, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
                 PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
-    return acc, m_i, l_i
+    return acc, m_i, tl.sum(l_2d, 1)
 
 
 @triton.jit
@@ -788,7 +819,7 @@ def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.devi
     """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining)."""
     if _interpreting():
         return 32, 4, 1
-    env = os.environ.get("AUTODEPLOY_DECODE_CONFIG")  # tuning (benchmarks): "BLOCK_N,warps,stages"
+    env = os.environ.get("AUTODEPLOY_DECODE_CONFIG")  # tuning (benchmarks): "BLOCK_N,warps,stages[,maxnreg]"
     if env:
         return tuple(int(v) for v in env.split(","))
     if dtype == torch.float32 or block_d > 128:
@@ -925,7 +956,7 @@ def decode_attention(
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
-    block_n, num_warps, num_stages = _decode_config(block_d, q.dtype, q.device)
+    block_n, num_warps, num_stages, *cap = _decode_config(block_d, q.dtype, q.device)  # cap: [maxnreg] (tuning)
     page_tiles = DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
     if page_tiles:
         block_n = page_size
@@ -952,7 +983,7 @@ def decode_attention(
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
         PDL=pdl, KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl), **({"maxnreg": cap[0]} if cap else {}),
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)
