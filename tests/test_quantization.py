@@ -199,7 +199,11 @@ def test_router_gates_stay_full_precision():
         cm = autodeploy.compile(model, quantization="int8-weight", **KW)
     except UnsupportedModelError as exc:  # MoE export may not be supported yet
         pytest.skip(f"MoE does not compile here: {exc}")
-    assert any("router gate" in n for n in record(cm).notes)
+    notes = record(cm).notes
+    assert any("router gate" in n for n in notes)
+    # the experts layer is matched to moe_experts, kept in full precision, and explain() says so
+    assert any("MoE experts (moe_experts weights are not quantized" in n for n in notes), notes
+    assert "1 of them MoE experts layers, kept in full precision" in cm.report.quantization
 
 
 def test_smoothquant_calibration_tames_activation_outliers():
