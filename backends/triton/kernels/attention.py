@@ -274,47 +274,38 @@ def _attn_pages(
     k_s = tl.zeros([PAGE_SIZE], dtype=tl.float32)  # placeholders without KV_FP8
     v_s = k_s
     first_full = (lo + PAGE_SIZE - 1) // PAGE_SIZE
-    last_full = hi // PAGE_SIZE  # whole pages: [first_full, last_full)
-    if first_full > last_full:  # the range lies inside one page
-        if lo < hi:
+    last_full = hi // PAGE_SIZE  # whole pages: [first_full, last_full); first_full > last_full: inside one page
+    for part in tl.static_range(2):  # the masked head page (the whole range when it lies inside one page), tail page
+        if part == 0:
+            pg_m = lo // PAGE_SIZE
+            run = (lo < hi) & (lo % PAGE_SIZE != 0)
+        else:
+            pg_m = last_full
+            run = (first_full <= last_full) & (hi % PAGE_SIZE != 0)
+        if run:
             if KV_FP8:
-                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + lo // PAGE_SIZE), stride_sp, stride_sr,
+                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + pg_m), stride_sp, stride_sr, PAGE_SIZE)
+            acc, m_i, l_2d = _page_step(
+                acc, m_i, l_2d, q, pg_m, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
+                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+        if part == 0:  # the whole pages, between the two
+            last = tl.maximum(last_full - 1, first_full)  # prefetch indices are clamped into the range
+            page_next = first_full * 0
+            if KV_FP8 and first_full < last_full:
+                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + first_full), stride_sp, stride_sr,
                                         PAGE_SIZE)
-            acc, m_i, l_2d = _page_step(
-                acc, m_i, l_2d, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
-                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
-    else:
-        if lo % PAGE_SIZE != 0:
-            if KV_FP8:
-                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + lo // PAGE_SIZE), stride_sp, stride_sr,
-                                        PAGE_SIZE)
-            acc, m_i, l_2d = _page_step(
-                acc, m_i, l_2d, q, lo // PAGE_SIZE, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
-                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
-        last = tl.maximum(last_full - 1, first_full)  # prefetch indices are clamped into the range
-        page_next = first_full * 0
-        if KV_FP8 and first_full < last_full:
-            k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + first_full), stride_sp, stride_sr, PAGE_SIZE)
-            page_next = tl.load(pt_row + tl.minimum(first_full + 1, last))
-        for pg in range(first_full, last_full):
-            if KV_FP8:
-                page_after = tl.load(pt_row + tl.minimum(pg + 2, last))
-                k_s_next, v_s_next = _page_scales(ks_base, vs_base, page_next, stride_sp, stride_sr, PAGE_SIZE)
-            acc, m_i, l_2d = _page_step(
-                acc, m_i, l_2d, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
-                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
-            if KV_FP8:
-                k_s, v_s, page_next = k_s_next, v_s_next, page_after
-        if hi % PAGE_SIZE != 0:
-            if KV_FP8:
-                k_s, v_s = _page_scales(ks_base, vs_base, tl.load(pt_row + last_full), stride_sp, stride_sr, PAGE_SIZE)
-            acc, m_i, l_2d = _page_step(
-                acc, m_i, l_2d, q, last_full, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
-                stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
-                PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+                page_next = tl.load(pt_row + tl.minimum(first_full + 1, last))
+            for pg in range(first_full, last_full):
+                if KV_FP8:
+                    page_after = tl.load(pt_row + tl.minimum(pg + 2, last))
+                    k_s_next, v_s_next = _page_scales(ks_base, vs_base, page_next, stride_sp, stride_sr, PAGE_SIZE)
+                acc, m_i, l_2d = _page_step(
+                    acc, m_i, l_2d, q, pg, lo, hi, k_base, v_base, pt_row, k_off, v_off, stride_kp,
+                    stride_vp, qk_scale, softcap_scale, softcap_log2, alibi, apos, k_s, v_s,
+                    PAGE_SIZE, HEAD_D, BLOCK_D, NEED_DMASK, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+                if KV_FP8:
+                    k_s, v_s, page_next = k_s_next, v_s_next, page_after
     return acc, m_i, tl.sum(l_2d, 1)
 
 
