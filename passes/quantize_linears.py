@@ -26,7 +26,7 @@ from torch import Tensor, fx
 from autodeploy.errors import ConfigError, UnsupportedModelError
 from autodeploy.graph.passes import PassResult, register_pass
 from autodeploy.graph.utils import DERIVED_META, arg, aten, getattr_path, is_op, storage_id, val
-from autodeploy.ops import quant
+from autodeploy.ops import moe as moe_ops, quant
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,26 @@ def rebuild(tensors: list[Tensor], mode: str, part: str, alpha: float, absmax: O
     return MODES[mode].quantize(w, a, alpha)[part]
 
 
-DERIVE_OPS = {RECIPE: rebuild}
+MOE_RECIPE = "quantize_moe"  # DERIVED_META op name of a quantized expert tensor (rebuilt by :func:`rebuild_moe`)
+
+
+def quantize_experts(w: Tensor, mode: str) -> dict[str, Tensor]:
+    """``w [E, N, K]`` -> {"weight": int8 / E4M3 ``[E, N, K]``, "scale": fp32 ``[E, N]``}: the mode's weight
+    quantizer on every (expert, output channel) row, as for a linear."""
+    E, N, K = w.shape
+    parts = MODES[mode].quantize(w.reshape(E * N, K), None, 0.0)
+    return {"weight": parts["weight"].reshape(E, N, K), "scale": parts["weight_scale"].reshape(E, N)}
+
+
+def rebuild_moe(tensors: list[Tensor], steps: list, mode: str, part: str) -> Tensor:
+    """Compile-cache recipe: ``part`` of the quantized expert tensor that ``steps`` view out of the model's stacked
+    tensor (``match_moe.moe_view``)."""
+    from autodeploy.passes.match_moe import moe_view
+
+    return quantize_experts(moe_view(tensors, steps), mode)[part]
+
+
+DERIVE_OPS = {RECIPE: rebuild, MOE_RECIPE: rebuild_moe}
 
 
 def _attach(gm: fx.GraphModule, name: str, tensor: Tensor, recipe: tuple, like: fx.Node, before: fx.Node) -> fx.Node:
@@ -346,6 +365,86 @@ def _prequantized_report(gm: fx.GraphModule, ctx: Any, cfg: QuantizationConfig) 
     return PassResult(0, [summary])
 
 
+_MOE_WEIGHTS = (("w_gate", "s_gate"), ("w_up", "s_up"), ("w_down", "s_down"))
+
+
+def _moe_source(gm: fx.GraphModule, w_node: Any) -> Optional[tuple[str, list]]:
+    """(model tensor, view steps) an experts weight get_attr is, when it is one as the model holds it (not cut for
+    tensor parallelism, not computed)."""
+    if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+        return None
+    recipe = w_node.meta.get(DERIVED_META)
+    if recipe is None:
+        source, steps = w_node.target, []
+    elif recipe[0] == "moe_view":
+        source, steps = recipe[1][0], recipe[2]
+    else:
+        return None
+    if not source.startswith("m."):
+        return None
+    from autodeploy.passes.match_moe import moe_view
+
+    try:
+        whole = moe_view([getattr_path(gm, source)], steps)
+    except (AttributeError, RuntimeError):
+        return None
+    return (source, steps) if tuple(whole.shape) == tuple(getattr_path(gm, w_node.target).shape) else None
+
+
+def _moe_skip_reason(gm: fx.GraphModule, node: fx.Node, cfg: QuantizationConfig) -> Optional[str]:
+    """Why a ``moe_experts`` layer keeps float experts, or None to quantize it."""
+    if cfg.mode not in moe_ops.QUANT_MODES:
+        return (f"{cfg.mode!r} has no quantized-experts form (experts take {sorted(moe_ops.QUANT_MODES)}); "
+                "the experts stay in full precision")
+    args = moe_ops.moe_inputs(node)
+    for name, _ in _MOE_WEIGHTS:
+        w_node = args[name]
+        src = _moe_source(gm, w_node)
+        if src is None:
+            return f"{name} is not a model tensor as the model holds it (computed, or cut for tensor parallelism)"
+        w = getattr_path(gm, w_node.target)
+        if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"{name} is not a float tensor ({w.dtype})"
+        hit = next((p for p in cfg.ignore if re.search(p, src[0])), None)
+        if hit is not None:
+            return f"{name} matches ignore pattern {hit!r}"
+        if any(u is not node for u in w_node.users):
+            return f"{name} is also read elsewhere (quantizing would keep both copies)"
+    return None
+
+
+def _quantize_moe(gm: fx.GraphModule, node: fx.Node, mode: str) -> tuple[int, int]:
+    """Replace one ``moe_experts`` node by ``moe_experts_quant`` on quantized expert weights (arguments by name);
+    returns (float bytes, quantized bytes)."""
+    args = moe_ops.moe_inputs(node)
+    kwargs = {k: v for k, v in args.items() if k not in dict(_MOE_WEIGHTS)}
+    before = after = 0
+    for name, scale_name in _MOE_WEIGHTS:
+        w_node = args[name]
+        source, steps = _moe_source(gm, w_node)
+        w = getattr_path(gm, w_node.target)
+        parts = quantize_experts(w, mode)
+        for part, arg_name in (("weight", name), ("scale", scale_name)):
+            t = parts[part].to(w.device)
+            recipe = (MOE_RECIPE, [source], [list(x) for x in steps], mode, part)
+            kwargs[arg_name] = _attach(gm, f"quant_{_stem(source)}_{name}_{part}", t, recipe, args["hidden"], node)
+            after += _nbytes(t)
+        before += _nbytes(w)
+    kwargs["mode"] = mode
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(torch.ops.autodeploy.moe_experts_quant.default, (), kwargs)
+    new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace", "val")})
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for name, _ in _MOE_WEIGHTS:
+        w_node = args[name]
+        if w_node in gm.graph.nodes and not w_node.users:
+            target = w_node.target
+            gm.graph.erase_node(w_node)
+            _drop_attr(gm, target)
+    return before, after
+
+
 @register_pass("quantize_linears")
 def quantize_linears(gm: fx.GraphModule, ctx: Any) -> PassResult:
     cfg: Optional[QuantizationConfig] = getattr(ctx, "quantization", None)
@@ -390,16 +489,21 @@ def quantize_linears(gm: fx.GraphModule, ctx: Any) -> PassResult:
             gm.graph.erase_node(w_node)
             _drop_attr(gm, w_node.target)
         done += 1
-    experts = [n for n in gm.graph.nodes if is_op(n, torch.ops.autodeploy.moe_experts)]
-    for n in experts:  # the bulk of an MoE model's weights: say so rather than leave them out of the count
-        skipped.append((n.name, "MoE experts (moe_experts weights are not quantized: no quantized grouped GEMM yet)"))
-    if done == 0 and not skipped:
+    moe_done = 0
+    for node in [n for n in gm.graph.nodes if is_op(n, torch.ops.autodeploy.moe_experts)]:
+        why = _moe_skip_reason(gm, node, cfg)
+        if why is not None:
+            skipped.append((node.name, f"MoE experts: {why}"))
+            continue
+        b, a = _quantize_moe(gm, node, cfg.mode)
+        before_bytes, after_bytes, moe_done = before_bytes + b, after_bytes + a, moe_done + 1
+    if done == 0 and moe_done == 0 and not skipped:
         raise UnsupportedModelError(f"quantization={cfg.mode!r}: the graph has no linear layers to quantize")
     calib = f", SmoothQuant from {len(cfg.calibration)} calibration prompts" if cfg.act_absmax else ""
-    moe = f" ({len(experts)} of them MoE experts layers, kept in full precision)" if experts else ""
-    summary = (f"{mode.name}: {done} linears quantized ({mode.summary}{calib}), {len(skipped)} skipped{moe}; weights "
+    moe = f" and {moe_done} MoE experts layers" if moe_done else ""
+    summary = (f"{mode.name}: {done} linears{moe} quantized ({mode.summary}{calib}), {len(skipped)} skipped; weights "
                f"{_mib(before_bytes)} -> {_mib(after_bytes)} (saved {_mib(before_bytes - after_bytes)})")
     ctx.report.quantization = summary
     notes = [summary] + [f"kept {name}: {why}" for name, why in skipped]
     log.info("%s", summary)
-    return PassResult(done, notes)
+    return PassResult(done + moe_done, notes)

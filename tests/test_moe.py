@@ -280,6 +280,28 @@ def test_kernel_biases_clamped_swiglu_and_strided_views(fused):
     assert rel_rms(fused(x, ids, w, *views, **kw), ref) < 1e-5
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_int8_weight_experts_match_the_quantized_reference(fused, dtype):
+    """int8-weight experts on the kernels: int8 weights converted as loaded, per-(expert, channel) scales on the
+    sums, biases after them, against ``moe_experts_quant``'s reference; strided int8 views too."""
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    x, ids, w, ws, bs = _inputs(11, 32, 48, 4, 2, bias=True, dtype=dtype)
+    parts = [quantize_experts(t.float(), "int8-weight") for t in ws]
+    q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
+    kw = dict(b_gate=bs[0], b_up=bs[1], b_down=bs[2])
+    ref = moe_quant_reference(x, ids, w, *q, *sc, mode="int8-weight", **kw)
+    got = fused(x, ids, w, *q, scales=sc, **kw)
+    assert got.dtype == dtype
+    assert rel_rms(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    wg_t = q[0].transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided along H
+    assert rel_rms(fused(x, ids, w, wg_t, q[1], q[2], scales=sc, **kw), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    wrong = fused(x, ids, w, *q, scales=[sc[0] * 1.05, sc[1], sc[2]], **kw)  # the gate scale reaches the output
+    assert rel_rms(wrong, ref) > 1e-3
+
+
 def test_kernel_align_layout():
     pytest.importorskip("triton")
     from autodeploy.backends.triton.kernels.moe import align_by_expert
@@ -316,6 +338,30 @@ def test_triton_kernel_pass_end_to_end():
         for i, s in enumerate(seqs):
             ref = model(torch.tensor([s], device=KERNEL_DEVICE)).logits[0]
             assert rel_rms(got[i].to(ref.device), ref) < 1e-4, f"seq {i}"
+
+
+@needs_kernels
+def test_triton_kernel_pass_runs_int8_weight_experts():
+    """quantization='int8-weight' with kernels=['triton']: the quantized experts run the fused kernel and match the
+    torch reference's quantized experts; fp8 experts stay on the reference, and the note says why."""
+    pytest.importorskip("triton")
+    model = _family("gpt_oss").to(KERNEL_DEVICE)
+    kw = dict(max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48, backend="torch")
+    ref = autodeploy.compile(model, quantization="int8-weight", **kw)
+    cm = autodeploy.compile(model, quantization="int8-weight", kernels=["triton"], **kw)
+    nodes = cm.graph_module.graph.nodes
+    assert sum(n.target is torch.ops.autodeploy.triton_moe_experts_quant.default for n in nodes) == 2
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
+    got, want = mixed_batch_logits(cm, seqs), mixed_batch_logits(ref, seqs)
+    for i in range(len(seqs)):
+        assert rel_rms(got[i], want[i]) < 1e-4, f"seq {i}"
+    from autodeploy.ops.quant import fp8_support
+
+    if fp8_support(torch.device(KERNEL_DEVICE))[0]:
+        fp8 = autodeploy.compile(model, quantization="fp8", kernels=["triton"], **kw)
+        notes = next(p for p in fp8.ctx.report.passes if p.name == "moe_kernel").notes
+        assert any("quantized experts 'fp8' have no kernel" in n for n in notes), notes
 
 
 @pytest.mark.gpu

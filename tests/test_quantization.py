@@ -187,23 +187,89 @@ def test_odd_shapes_are_skipped():
     assert rel_rms(logits(cm), hf_logits(model)) < 0.08
 
 
-def test_router_gates_stay_full_precision():
+def _qwen2_moe(seed: int = 0):
     from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = Qwen2MoeConfig(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                         shared_expert_intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, max_position_embeddings=128)
-    model = Qwen2MoeForCausalLM(cfg).eval()
-    try:
-        cm = autodeploy.compile(model, quantization="int8-weight", **KW)
-    except UnsupportedModelError as exc:  # MoE export may not be supported yet
-        pytest.skip(f"MoE does not compile here: {exc}")
-    notes = record(cm).notes
-    assert any("router gate" in n for n in notes)
-    # the experts layer is matched to moe_experts, kept in full precision, and explain() says so
-    assert any("MoE experts (moe_experts weights are not quantized" in n for n in notes), notes
-    assert "1 of them MoE experts layers, kept in full precision" in cm.report.quantization
+    return Qwen2MoeForCausalLM(cfg).eval()
+
+
+def _nodes(cm, op):
+    return [n for n in cm.graph_module.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+MOE_Q = torch.ops.autodeploy.moe_experts_quant.default
+
+
+def test_router_gates_stay_full_precision():
+    cm = autodeploy.compile(_qwen2_moe(), quantization="int8-weight", **KW)
+    assert any("router gate" in n for n in record(cm).notes)
+
+
+@pytest.mark.parametrize("mode, tol", [("int8-weight", 0.02), ("fp8", 0.08)])
+def test_moe_experts_quantized(mode, tol):
+    """The experts layers become moe_experts_quant on int8 / E4M3 experts with per-(expert, channel) scales;
+    explain() counts them and the logits stay near HF's."""
+    model = _qwen2_moe()
+    ref = hf_logits(model)
+    cm = autodeploy.compile(model, quantization=mode, **KW)
+    nodes = _nodes(cm, MOE_Q)
+    assert len(nodes) == 2 and not _nodes(cm, torch.ops.autodeploy.moe_experts.default)
+    gm = cm.graph_module
+    want = torch.int8 if mode == "int8-weight" else torch.float8_e4m3fn
+    for n in nodes:
+        assert n.kwargs["mode"] == mode
+        for w, sc in (("w_gate", "s_gate"), ("w_up", "s_up"), ("w_down", "s_down")):
+            t, scale = getattr_path(gm, n.kwargs[w].target), getattr_path(gm, n.kwargs[sc].target)
+            assert t.dtype == want and scale.dtype == torch.float32 and tuple(scale.shape) == tuple(t.shape[:2])
+    assert "2 MoE experts layers quantized" in cm.report.quantization
+    assert rel_rms(logits(cm), ref) < tol
+    # the float experts are gone from the graph module, not kept beside the quantized copies
+    assert not any(t.dtype == torch.float32 and t.dim() == 3 for _, t in gm.named_buffers())
+
+
+def test_moe_experts_quant_op_matches_dequantized_experts():
+    """int8-weight experts compute the float op on the dequantized weights (per-channel scale after the dot);
+    a wrong scale or mode is refused by name."""
+    from autodeploy.ops.moe import MoEError
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    g = torch.Generator().manual_seed(3)
+    E, I, H, T, K = 4, 32, 48, 9, 2
+    w = [torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)]
+    x, ids = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g)
+    tw = torch.rand(T, K, generator=g)
+    parts = [quantize_experts(t, "int8-weight") for t in w]
+    q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
+    deq = [p["weight"].float() * p["scale"][..., None] for p in parts]
+    out = torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="int8-weight")
+    ref = torch.ops.autodeploy.moe_experts(x, ids, tw, *deq)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert rel_rms(torch.ops.autodeploy.moe_experts(x, ids, tw, *w), out) < 0.02
+    with pytest.raises(MoEError, match="s_down must be a float"):
+        torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, sc[0], sc[1], sc[0], mode="int8-weight")
+    with pytest.raises(MoEError, match="mode 'fp8' takes torch.float8_e4m3fn weights"):
+        torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="fp8")
+
+
+def test_w8a8_int8_keeps_float_experts_with_the_reason():
+    cm = autodeploy.compile(_qwen2_moe(), quantization="int8", **KW)
+    assert _nodes(cm, torch.ops.autodeploy.moe_experts.default) and not _nodes(cm, MOE_Q)
+    assert any("MoE experts: 'int8' has no quantized-experts form" in n for n in record(cm).notes)
+
+
+def test_compile_cache_rebuilds_quantized_experts(tmp_path):
+    kw = dict(KW, quantization="int8-weight", cache_dir=tmp_path)
+    cold = autodeploy.compile(_qwen2_moe(seed=1), **kw)
+    warm = autodeploy.compile(_qwen2_moe(seed=1), **kw)
+    assert not cold.report.cache_hit and warm.report.cache_hit
+    assert torch.equal(logits(cold), logits(warm))
+    other = autodeploy.compile(_qwen2_moe(seed=2), **kw)
+    fresh = autodeploy.compile(_qwen2_moe(seed=2), **dict(kw, cache_dir=None))
+    assert other.report.cache_hit and torch.equal(logits(other), logits(fresh))
 
 
 def test_smoothquant_calibration_tames_activation_outliers():

@@ -150,6 +150,21 @@ def test_moe_op_sharded_by_argument_name():
     assert all(any("all_reduce" in str(u.target) for u in n.users) for n in moe)
 
 
+def test_quantization_keeps_sharded_experts_in_float_with_the_reason():
+    """A rank's experts are cuts of the model's tensors: their quantization recipes would rebuild the whole
+    tensor, so the experts stay in full precision (linears are still quantized) and explain() says why."""
+    from autodeploy.passes.quantize_linears import QuantizationConfig
+
+    gm, ctx = shard(_model("mixtral"), world=2, rank=1)
+    ctx.quantization = QuantizationConfig("int8-weight")
+    PassManager(["quantize_linears"], ctx.report).run(gm, ctx)
+    assert [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts.default]
+    assert not [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts_quant.default]
+    notes = next(p for p in ctx.report.passes if p.name == "quantize_linears").notes
+    assert any("MoE experts: w_gate is not a model tensor as the model holds it" in n for n in notes), notes
+    assert [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.int8_weight_linear.default]
+
+
 def test_refuses_a_norm_over_all_heads():
     """OLMo2 normalizes q over the whole projection: a rank holds half the heads, so its norm would be wrong."""
     with pytest.raises(TensorParallelError, match=r"rms_norm.*q_norm.*normalizes over the sharded dim"):

@@ -114,14 +114,10 @@ def _combine_dtype(hidden: Tensor, topk_weights: Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(hidden.dtype, topk_weights.dtype), torch.float32)
 
 
-def moe_reference_grouped(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate=None, b_up=None,
-                          b_down=None, activation="silu", activation_args=None) -> Tensor:
-    """Tokens grouped by expert, one GEMM triple per expert that has tokens. Reads the per-expert counts on the
-    host (one sync), so it is the reference outside CUDA-graph capture."""
-    check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    act = activation_fn(activation, activation_args)
+def _grouped(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int, expert) -> Tensor:
+    """Tokens grouped by expert, ``expert(rows, e)`` on each expert that has tokens; one host sync (the counts)."""
     T, K = topk_ids.shape
-    E = w_gate.shape[0]
+    E = num_experts
     out = torch.zeros(hidden.shape, dtype=_combine_dtype(hidden, topk_weights), device=hidden.device)
     flat = topk_ids.reshape(-1).long()
     if T == 0:
@@ -137,10 +133,33 @@ def moe_reference_grouped(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, 
         pairs = order[start:start + n]
         start += n
         tok = pairs // K
-        y = _expert(hidden[tok], e, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
+        y = expert(hidden[tok], e)
         w = topk_weights.reshape(-1)[pairs].to(out.dtype)
         out.index_add_(0, tok, y.to(out.dtype) * w[:, None])
     return out.to(hidden.dtype)
+
+
+def _dense(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, num_experts: int, expert) -> Tensor:
+    """Every expert on every token, masked by the routing: no host sync, ``E / K`` times the work."""
+    out = torch.zeros(hidden.shape, dtype=_combine_dtype(hidden, topk_weights), device=hidden.device)
+    for e in range(num_experts):
+        w = (topk_weights.to(out.dtype) * (topk_ids == e)).sum(-1, keepdim=True)
+        out += expert(hidden, e).to(out.dtype) * w
+    return out.to(hidden.dtype)
+
+
+def _capturing(hidden: Tensor) -> bool:
+    return hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def moe_reference_grouped(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate=None, b_up=None,
+                          b_down=None, activation="silu", activation_args=None) -> Tensor:
+    """Tokens grouped by expert, one GEMM triple per expert that has tokens. Reads the per-expert counts on the
+    host (one sync), so it is the reference outside CUDA-graph capture."""
+    check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    act = activation_fn(activation, activation_args)
+    return _grouped(hidden, topk_ids, topk_weights, w_gate.shape[0],
+                    lambda x, e: _expert(x, e, w_gate, w_up, w_down, b_gate, b_up, b_down, act))
 
 
 def moe_reference_dense(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None,
@@ -149,19 +168,14 @@ def moe_reference_dense(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_
     ``E / K`` times the work. Same roundings as :func:`moe_reference_grouped`."""
     check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
     act = activation_fn(activation, activation_args)
-    out = torch.zeros(hidden.shape, dtype=_combine_dtype(hidden, topk_weights), device=hidden.device)
-    for e in range(w_gate.shape[0]):
-        w = (topk_weights.to(out.dtype) * (topk_ids == e)).sum(-1, keepdim=True)
-        y = _expert(hidden, e, w_gate, w_up, w_down, b_gate, b_up, b_down, act)
-        out += y.to(out.dtype) * w
-    return out.to(hidden.dtype)
+    return _dense(hidden, topk_ids, topk_weights, w_gate.shape[0],
+                  lambda x, e: _expert(x, e, w_gate, w_up, w_down, b_gate, b_up, b_down, act))
 
 
 def moe_reference(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None,
                   activation="silu", activation_args=None) -> Tensor:
     """The torch reference: grouped, except while a CUDA graph is being captured (then dense, no sync)."""
-    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    fn = moe_reference_dense if capturing else moe_reference_grouped
+    fn = moe_reference_dense if _capturing(hidden) else moe_reference_grouped
     return fn(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
               activation_args)
 
@@ -191,6 +205,94 @@ def moe_inputs(node) -> dict:
     values.update(node.kwargs)
     defaults = {"b_gate": None, "b_up": None, "b_down": None, "activation": "silu", "activation_args": None}
     return {name: values.get(name, defaults.get(name)) for name in MOE_ARG_NAMES}
+
+
+# -- quantized experts: ``compile(quantization="int8-weight" | "fp8")`` ---------------------------------------------
+# ``moe_experts_quant`` is ``moe_experts`` on int8 / E4M3 expert weights with one fp32 scale per (expert, output
+# channel): ``s_gate[E,I]``, ``s_up[E,I]``, ``s_down[E,H]``. Each projection is the mode's quantized linear
+# (ops/quant.py: ``int8_weight_linear``, or ``fp8_linear`` with its dynamic per-token activation scales), its output
+# in the model dtype as the float op's are; the activation and the weighted combine are the float op's. A separate
+# op (not optional arguments of ``moe_experts``): a pass or kernel written for float experts never meets int8
+# weights.
+
+
+def _int8_weight_proj(x: Tensor, w: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:
+    return torch.ops.autodeploy.int8_weight_linear(x, w, s, b)
+
+
+def _fp8_proj(x: Tensor, w: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:
+    return torch.ops.autodeploy.fp8_linear(x, w, s, None, b)
+
+
+# mode -> (weight dtype, projection(x, weight [N, K], scale [N], bias [N] or None) -> [rows, N] in x's dtype)
+QUANT_MODES: dict[str, tuple[torch.dtype, Callable]] = {
+    "int8-weight": (torch.int8, _int8_weight_proj),
+    "fp8": (torch.float8_e4m3fn, _fp8_proj),
+}
+
+
+def check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate, b_up,
+                       b_down, mode: str) -> None:
+    """:func:`check_inputs` plus the mode, the weights' storage dtype and the scales' shapes, each named."""
+    check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    if mode not in QUANT_MODES:
+        raise MoEError(f"moe_experts_quant: unknown mode {mode!r} (known: {sorted(QUANT_MODES)})")
+    if w_gate.dtype != QUANT_MODES[mode][0]:
+        raise MoEError(f"moe_experts_quant: mode {mode!r} takes {QUANT_MODES[mode][0]} weights, got {w_gate.dtype}")
+    E, I, H = w_gate.shape
+    for name, sc, n in (("s_gate", s_gate, I), ("s_up", s_up, I), ("s_down", s_down, H)):
+        if tuple(sc.shape) != (E, n) or not sc.is_floating_point():
+            raise MoEError(f"moe_experts_quant: {name} must be a float [E, {n}] = [{E}, {n}] tensor, got "
+                           f"{sc.dtype} {tuple(sc.shape)}")
+
+
+def _expert_quant(x, e, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate, b_up, b_down, act, proj) -> Tensor:
+    pick = lambda b: None if b is None else b[e]  # noqa: E731
+    g = proj(x, w_gate[e], s_gate[e], pick(b_gate))
+    u = proj(x, w_up[e], s_up[e], pick(b_up))
+    return proj(act(g, u), w_down[e], s_down[e], pick(b_down))
+
+
+def moe_quant_reference(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate=None,
+                        b_up=None, b_down=None, mode="int8-weight", activation="silu",
+                        activation_args=None) -> Tensor:
+    """The torch reference of ``moe_experts_quant``: grouped by expert, dense while a CUDA graph is captured."""
+    check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate, b_up,
+                       b_down, mode)
+    act = activation_fn(activation, activation_args)
+    proj = QUANT_MODES[mode][1]
+    fn = _dense if _capturing(hidden) else _grouped
+    return fn(hidden, topk_ids, topk_weights, w_gate.shape[0],
+              lambda x, e: _expert_quant(x, e, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate, b_up, b_down,
+                                         act, proj))
+
+
+@torch.library.custom_op("autodeploy::moe_experts_quant", mutates_args=())
+def moe_experts_quant(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, w_gate: Tensor, w_up: Tensor,
+                      w_down: Tensor, s_gate: Tensor, s_up: Tensor, s_down: Tensor, b_gate: Optional[Tensor] = None,
+                      b_up: Optional[Tensor] = None, b_down: Optional[Tensor] = None, mode: str = "int8-weight",
+                      activation: str = "silu", activation_args: Optional[list[float]] = None) -> Tensor:
+    return moe_quant_reference(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate,
+                               b_up, b_down, mode, activation, activation_args)
+
+
+@moe_experts_quant.register_fake
+def _moe_experts_quant_fake(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate=None,
+                            b_up=None, b_down=None, mode="int8-weight", activation="silu", activation_args=None):
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
+MOE_QUANT_ARG_NAMES = ("hidden", "topk_ids", "topk_weights", "w_gate", "w_up", "w_down", "s_gate", "s_up", "s_down",
+                       "b_gate", "b_up", "b_down", "mode", "activation", "activation_args")
+
+
+def moe_quant_inputs(node) -> dict:
+    """A ``moe_experts_quant`` call node's arguments by name (defaults filled in)."""
+    values = dict(zip(MOE_QUANT_ARG_NAMES, node.args))
+    values.update(node.kwargs)
+    defaults = {"b_gate": None, "b_up": None, "b_down": None, "mode": "int8-weight", "activation": "silu",
+                "activation_args": None}
+    return {name: values.get(name, defaults.get(name)) for name in MOE_QUANT_ARG_NAMES}
 
 
 # -- export: experts modules whose HF forward torch.export cannot trace -----------------------------------------

@@ -26,9 +26,9 @@ import triton
 import triton.language as tl
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
-from autodeploy.ops.moe import MoEError, check_inputs
+from autodeploy.ops.moe import MoEError, check_inputs, check_quant_inputs
 
-__all__ = ["fused_moe", "align_by_expert", "KERNEL_ACTIVATIONS", "kernel_supports"]
+__all__ = ["fused_moe", "align_by_expert", "KERNEL_ACTIVATIONS", "KERNEL_QUANT_MODES", "kernel_supports"]
 
 # op activation name -> the kernels' ACT constant
 KERNEL_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3, "swiglu_clamped": 4}
@@ -36,9 +36,16 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-def kernel_supports(activation: str, dtype: torch.dtype) -> tuple[bool, str]:
+KERNEL_QUANT_MODES = ("int8-weight",)  # moe_experts_quant modes the kernels run (fp8 experts: the reference)
+
+
+def kernel_supports(activation: str, dtype: torch.dtype, mode: Optional[str] = None) -> tuple[bool, str]:
+    """Whether the kernels run a layer: ``dtype`` is the weights' (float experts) or the model's (``mode``, a
+    ``moe_experts_quant`` mode)."""
     if activation not in KERNEL_ACTIVATIONS:
         return False, f"activation {activation!r} has no kernel epilogue (kernels run {sorted(KERNEL_ACTIVATIONS)})"
+    if mode is not None and mode not in KERNEL_QUANT_MODES:
+        return False, f"quantized experts {mode!r} have no kernel (kernels run {list(KERNEL_QUANT_MODES)})"
     if dtype not in _DTYPES:
         return False, f"dtype {dtype} not supported"
     return True, "supported"
@@ -102,13 +109,15 @@ def _act(g, u, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, inter_ptr, row_pair_ptr, tile_expert_ptr,
-                    P, E, TOPK, H, I,
+def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_ptr, inter_ptr, row_pair_ptr,
+                    tile_expert_ptr, P, E, TOPK, H, I,
                     sx_t, sx_h, sg_e, sg_i, sg_h, su_e, su_i, su_h, sbg_e, sbg_i, sbu_e, sbu_i, s_inter,
                     alpha, limit,
                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr,
+                    IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr, INT8W: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """INT8W: int8 expert weights (exact in the activation dtype) with fp32 per-(expert, channel) scales
+    ``[E, I]`` (contiguous), applied to the fp32 sums before the bias, as ``int8_weight_linear`` does."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -133,9 +142,16 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, inter_ptr, row_pair_p
         wmask = k_ok[:, None] & n_ok[None, :]
         bg = tl.load(wg_base + offs_k[:, None] * sg_h, mask=wmask, other=0.0)
         bu = tl.load(wu_base + offs_k[:, None] * su_h, mask=wmask, other=0.0)
-        a = a.to(bg.dtype)
+        if INT8W:  # int8 values are exact in the activation dtype (fp32 under the interpreter, whose bf16 casts fail)
+            bg = bg.to(tl.float32 if UPCAST else OUT_TY)
+            bu = bu.to(tl.float32 if UPCAST else OUT_TY)
+        else:
+            a = a.to(bg.dtype)
         acc_g += _dot(a, bg, UPCAST, IEEE)
         acc_u += _dot(a, bu, UPCAST, IEEE)
+    if INT8W:
+        acc_g = acc_g * tl.load(wsg_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
+        acc_u = acc_u * tl.load(wsu_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc_g += tl.load(bg_ptr + e64 * sbg_e + offs_n * sbg_i, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(bu_ptr + e64 * sbu_e + offs_n * sbu_i, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -148,10 +164,11 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, inter_ptr, row_pair_p
 
 
 @triton.jit
-def _down_kernel(inter_ptr, wd_ptr, bd_ptr, y_ptr, row_pair_ptr, tile_expert_ptr,
+def _down_kernel(inter_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr, tile_expert_ptr,
                  P, E, H, I, s_inter, sd_e, sd_h, sd_i, sbd_e, sbd_h, s_y,
                  HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 EMULATE_RNE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EMULATE_RNE: tl.constexpr, INT8W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -171,7 +188,11 @@ def _down_kernel(inter_ptr, wd_ptr, bd_ptr, y_ptr, row_pair_ptr, tile_expert_ptr
         k_ok = offs_k < I
         a = tl.load(a_base + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         b = tl.load(w_base + offs_k[:, None] * sd_i, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if INT8W:
+            b = b.to(tl.float32 if UPCAST else OUT_TY)
         acc += _dot(a, b, UPCAST, IEEE)
+    if INT8W:  # scales [E, H] (contiguous), before the rounding and the bias as in int8_weight_linear
+        acc = acc * tl.load(wsd_ptr + e64 * H + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc = cast_rn(acc, OUT_TY, EMULATE_RNE).to(tl.float32)
         acc += tl.load(bd_ptr + e64 * sbd_e + offs_n * sbd_h, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -205,10 +226,17 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
               b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
               activation: str = "silu", activation_args: Optional[Sequence[float]] = None,
               block_m: Optional[int] = None, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
-              num_stages: int = 3) -> torch.Tensor:
-    """``moe_experts`` semantics (autodeploy/ops/moe.py) in two grouped-GEMM launches plus the combine."""
-    check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
-    ok, why = kernel_supports(activation, w_gate.dtype)
+              num_stages: int = 3, scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """``moe_experts`` semantics (autodeploy/ops/moe.py) in two grouped-GEMM launches plus the combine.
+    ``scales`` ``(s_gate, s_up, s_down)``: the weights are int8, ``moe_experts_quant(mode="int8-weight")``."""
+    if scales is not None:
+        check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, *scales, b_gate, b_up, b_down,
+                           "int8-weight")
+        scales = [sc.float().contiguous() for sc in scales]
+    else:
+        check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
+    ok, why = kernel_supports(activation, hidden.dtype if scales is not None else w_gate.dtype,
+                              "int8-weight" if scales is not None else None)
     if not ok:
         raise MoEError(f"fused_moe: {why}")
     args = list(activation_args or ())
@@ -220,7 +248,7 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     T, H = hidden.shape
     K = topk_ids.shape[1]
     E, I, _ = w_gate.shape
-    dtype = w_gate.dtype
+    dtype = hidden.dtype if scales is not None else w_gate.dtype  # the projections' output dtype
     out = torch.empty((T, H), dtype=hidden.dtype, device=hidden.device)
     if T == 0:
         return out
@@ -236,18 +264,20 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     has_bias = b_gate is not None
     grid1 = (rows // bm, triton.cdiv(I, block_n))
     rne1 = emulate_rne(_gate_up_kernel, dtype)
+    sg, su, sd = scales if scales is not None else (hidden, hidden, hidden)
     _gate_up_kernel[grid1](
-        hidden, w_gate, w_up, b_gate if has_bias else w_gate, b_up if has_bias else w_up, inter, row_pair,
+        hidden, w_gate, w_up, b_gate if has_bias else w_gate, b_up if has_bias else w_up, sg, su, inter, row_pair,
         tile_expert, P, E, K, H, I, hidden.stride(0), hidden.stride(1), *w_gate.stride(), *w_up.stride(),
         *_strides(b_gate, 2), *_strides(b_up, 2), inter.stride(0), alpha, limit,
         ACT=KERNEL_ACTIVATIONS[activation], HAS_BIAS=has_bias, OUT_TY=tl_ty, UPCAST=upcast, IEEE=ieee,
-        EMULATE_RNE=rne1, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        EMULATE_RNE=rne1, INT8W=scales is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps, num_stages=num_stages)
     grid2 = (rows // bm, triton.cdiv(H, block_n))
     _down_kernel[grid2](
-        inter, w_down, b_down if b_down is not None else w_down, y, row_pair, tile_expert, P, E, H, I,
+        inter, w_down, b_down if b_down is not None else w_down, sd, y, row_pair, tile_expert, P, E, H, I,
         inter.stride(0), *w_down.stride(), *_strides(b_down, 2), y.stride(0),
         HAS_BIAS=b_down is not None, OUT_TY=tl_ty, UPCAST=upcast, IEEE=ieee, EMULATE_RNE=rne1,
-        BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        INT8W=scales is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](
         y, topk_weights, out, H, K, y.stride(0), topk_weights.stride(0), topk_weights.stride(1), out.stride(0),
@@ -270,4 +300,24 @@ def triton_moe_experts(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weight
 @triton_moe_experts.register_fake
 def _triton_moe_fake(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate=None, b_up=None, b_down=None,
                      activation="silu", activation_args=None):
+    return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+
+
+# ``autodeploy::moe_experts_quant`` on the kernels (int8-weight experts), same schema argument by argument.
+@torch.library.custom_op("autodeploy::triton_moe_experts_quant", mutates_args=())
+def triton_moe_experts_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                             w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, s_gate: torch.Tensor,
+                             s_up: torch.Tensor, s_down: torch.Tensor, b_gate: Optional[torch.Tensor] = None,
+                             b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
+                             mode: str = "int8-weight", activation: str = "silu",
+                             activation_args: Optional[list[float]] = None) -> torch.Tensor:
+    if mode not in KERNEL_QUANT_MODES:
+        raise MoEError(f"triton_moe_experts_quant: mode {mode!r} has no kernel (kernels run {list(KERNEL_QUANT_MODES)})")
+    return fused_moe(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
+                     activation_args, scales=(s_gate, s_up, s_down))
+
+
+@triton_moe_experts_quant.register_fake
+def _triton_moe_quant_fake(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down, b_gate=None,
+                           b_up=None, b_down=None, mode="int8-weight", activation="silu", activation_args=None):
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)

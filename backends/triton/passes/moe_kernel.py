@@ -1,4 +1,6 @@
-"""Triton backend: ``autodeploy::moe_experts`` runs on the fused grouped-GEMM kernel (kernels/moe.py).
+"""Triton backend: ``autodeploy::moe_experts`` runs on the fused grouped-GEMM kernel (kernels/moe.py), and so does
+``autodeploy::moe_experts_quant`` with int8-weight experts (int8 weights converted as loaded, the scales applied
+to the sums).
 
 The torch reference runs one GEMM triple per expert with a host sync for the per-expert counts (or, inside a
 CUDA-graph capture, every expert on every token); the kernel runs all experts in two launches with no sync. Layers
@@ -12,7 +14,7 @@ from torch import fx
 
 from autodeploy.graph.passes import PassResult, register_pass
 from autodeploy.graph.utils import getattr_path, is_op, val
-from autodeploy.ops.moe import moe_inputs
+from autodeploy.ops.moe import moe_inputs, moe_quant_inputs
 
 
 @register_pass("moe_kernel")
@@ -22,17 +24,20 @@ def moe_kernel(gm: fx.GraphModule, ctx) -> PassResult:
     result = PassResult()
     kept = []
     for node in list(gm.graph.nodes):
-        if not is_op(node, torch.ops.autodeploy.moe_experts):
+        quantized = is_op(node, torch.ops.autodeploy.moe_experts_quant)
+        if not (quantized or is_op(node, torch.ops.autodeploy.moe_experts)):
             continue
-        args = moe_inputs(node)
-        w = val(args["w_gate"])
-        if w is None and getattr(args["w_gate"], "op", None) == "get_attr":
+        args = moe_quant_inputs(node) if quantized else moe_inputs(node)
+        w = val(args["hidden"] if quantized else args["w_gate"])
+        if w is None and not quantized and getattr(args["w_gate"], "op", None) == "get_attr":
             w = getattr_path(gm, args["w_gate"].target)
-        ok, why = moe.kernel_supports(args["activation"], w.dtype if w is not None else None)
+        ok, why = moe.kernel_supports(args["activation"], w.dtype if w is not None else None,
+                                      args["mode"] if quantized else None)
         if not ok:
             kept.append(why)
             continue
-        node.target = torch.ops.autodeploy.triton_moe_experts.default
+        node.target = (torch.ops.autodeploy.triton_moe_experts_quant.default if quantized
+                       else torch.ops.autodeploy.triton_moe_experts.default)
         result.num_matches += 1
     if result.num_matches:
         result.notes.append(f"{result.num_matches} MoE experts layers run the fused Triton kernel")
