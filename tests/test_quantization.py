@@ -602,6 +602,67 @@ def test_triton_quant_ops_route_decode_rows_only(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_weight_gemm_matches_the_reference(dtype):
+    """The tiled weight-only GEMM (more rows than the skinny GEMM): ragged M, N and K, several row and column
+    tiles (the grouped program order), per-channel and per-tensor scales, with and without a bias. Products are
+    exact in fp32, so only the order of the fp32 sums differs from the reference (one rounding in bf16/fp16)."""
+    from autodeploy.backends.triton.kernels.int8w_gemm import int8_weight_gemm
+
+    dev = TRITON_DEVICE
+    torch.manual_seed(0)
+    n, k = 100, 200
+    wq, ws = quant.quantize_int8_weight(torch.randn(n, k, device=dev))
+    wq[0, :128] = torch.arange(-128, 128, 2, dtype=torch.int8)  # every even int8 value, the extremes included
+    b = torch.randn(n, device=dev)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for m, cfg in ((17, None), (70, None), (70, (16, 32, 32, 4, 2)), (150, (32, 64, 64, 4, 2))):
+        x = torch.randn(m, k, device=dev).to(dtype)
+        for scale, bias in ((ws, b), (ws[:1].reshape(()), None)):
+            got = int8_weight_gemm(x, wq, scale, bias, config=cfg)
+            want = quant.int8_weight_linear_reference(x, wq, scale, bias)
+            assert got.dtype == dtype and got.shape == (m, n)
+            assert rel_rms(got, want) < tol, (m, cfg, bias is None, rel_rms(got, want))
+    x3 = torch.randn(2, 9, k, device=dev).to(dtype)  # leading dims and a strided (non-contiguous) row view
+    got = int8_weight_gemm(x3[:, ::2], wq, ws, b)
+    assert got.shape == (2, 5, n) and rel_rms(got, quant.int8_weight_linear_reference(x3[:, ::2], wq, ws, b)) < tol
+    with pytest.raises(ValueError, match="int8_weight_gemm takes an int8"):
+        int8_weight_gemm(x, wq.t().contiguous(), ws)
+    with pytest.raises(ValueError, match="weight_scale must have"):
+        int8_weight_gemm(x, wq, ws[:3])
+
+
+@needs_triton
+def test_int8_weight_rows_beyond_the_skinny_gemm_take_the_tiled_gemm(monkeypatch):
+    """17..INT8W_GEMM_MAX_M rows on int8 weights run the tiled GEMM (not dequantize + a float GEMM), more rows the
+    canonical op; a device whose tiled GEMM disagrees with the reference never uses it."""
+    from autodeploy.backends.triton.kernels import quant_gemm
+
+    calls = []
+    real = quant_gemm.int8_weight_gemm
+    monkeypatch.setattr(quant_gemm, "int8_weight_gemm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(quant_gemm, "INT8W_GEMM_MAX_M", 40)
+    monkeypatch.setattr(quant_gemm, "_INT8W_GEMM_CHECKED", {})
+    wq, ws = quant.quantize_int8_weight(torch.randn(24, 64, device=TRITON_DEVICE))
+    b = torch.randn(24, device=TRITON_DEVICE)
+    for rows, routed in ((3, False), (5, True), (17, True), (40, True), (41, False)):
+        x = torch.randn(rows, 64, device=TRITON_DEVICE)
+        calls.clear()
+        got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws, b)
+        assert rel_rms(got, quant.int8_weight_linear_reference(x, wq, ws, b)) < 1e-6
+        assert [c for c in calls if c == x.shape] == ([x.shape] if routed else []), rows
+    assert quant_gemm._INT8W_GEMM_CHECKED == {str(torch.device(TRITON_DEVICE)): True}
+    # a kernel off by one on this device: the check says so, and the canonical op serves
+    monkeypatch.setattr(quant_gemm, "_INT8W_GEMM_CHECKED", {})
+    monkeypatch.setattr(quant_gemm, "int8_weight_gemm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k) + 1)
+    x = torch.randn(20, 64, device=TRITON_DEVICE)
+    calls.clear()
+    got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws, b)
+    assert torch.equal(got, quant.int8_weight_linear(x, wq, ws, b)) and x.shape not in calls
+    assert quant_gemm._INT8W_GEMM_CHECKED == {str(torch.device(TRITON_DEVICE)): False}
+
+
+@needs_triton
 @pytest.mark.parametrize("mode", ["int8-weight", "fp8", "int8"])
 def test_quant_skinny_gemm_pass_end_to_end(mode):
     from autodeploy.backends.triton.passes import quant_skinny_gemm  # noqa: F401  (registers the pass)

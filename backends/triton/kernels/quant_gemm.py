@@ -14,8 +14,9 @@ about one or two instructions per weight.
 
 The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_linear`` take the canonical
 quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
-``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8 tensor cores: there one launch quantizes
-the activation rows (``quantize_fp8_rows``, unless the producer did) and ``torch._scaled_mm`` multiplies.
+``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8 tensor cores (there one launch quantizes
+the activation rows, ``quantize_fp8_rows`` unless the producer did, and ``torch._scaled_mm`` multiplies) and
+int8 weight-only up to ``INT8W_GEMM_MAX_M`` rows (the tiled GEMM of kernels/int8w_gemm.py).
 ``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -33,6 +34,7 @@ from torch import Tensor
 
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
+from autodeploy.backends.triton.kernels.int8w_gemm import INT8W_GEMM_MAX_M, int8_weight_gemm
 from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
@@ -624,25 +626,41 @@ def int8_weight_rows_ok(m: int, k: int, n: int, config: Optional[QConfig] = None
 @torch.library.custom_op("autodeploy::triton_int8_weight_linear", mutates_args=())
 def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::int8_weight_linear`` with its decode rows (up to INT8W_TC_MAX_M where K allows the
-    tensor-core form) on the skinny quantized GEMM."""
+    tensor-core form) on the skinny quantized GEMM, and up to INT8W_GEMM_MAX_M rows on the tiled weight-only
+    GEMM (kernels/int8w_gemm.py), both reading each int8 weight once."""
     rows = _device_rows(x)
-    if rows > 0 and weight.stride(-1) == 1 and int8_weight_rows_ok(rows, x.shape[-1], weight.shape[0]):
-        return quant_gemv(x, weight, weight_scale, None, bias)
+    if rows > 0 and weight.stride(-1) == 1:
+        if int8_weight_rows_ok(rows, x.shape[-1], weight.shape[0]):
+            return quant_gemv(x, weight, weight_scale, None, bias)
+        if rows <= INT8W_GEMM_MAX_M and _int8w_gemm_agrees(x.device):
+            return int8_weight_gemm(x, weight, weight_scale, bias)
     return torch.ops.autodeploy.int8_weight_linear(x, weight, weight_scale, bias)
 
 
+def _agrees(checked: dict[str, bool], device: torch.device, what: str, op: str, check: Callable[[], bool]) -> bool:
+    """Whether kernels ``what`` reproduce the reference on ``device``: ``check()`` once per device at first use,
+    before any model output depends on them. On a disagreement the reference op ``op`` serves instead, with an
+    error logged. While a CUDA graph is being captured the check cannot synchronise, so an unchecked device uses
+    the reference op for that call."""
+    key = str(device)
+    if key not in checked:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+        ok = bool(check())
+        if not ok:
+            log.error("the %s Triton kernels disagree with the reference on %s; %s uses the reference op there",
+                      what, device, op)
+        checked[key] = ok
+    return checked[key]
+
+
 _INT8_CHECKED: dict[str, bool] = {}
+_INT8W_GEMM_CHECKED: dict[str, bool] = {}
 
 
 def _int8_kernels_agree(device: torch.device) -> bool:
-    """Whether the W8A8 int8 kernels reproduce the reference exactly on this device, checked once per device
-    at first use (every int8 value, smoothing, a bias, a ragged K) before any model output depends on them. On a
-    disagreement the reference op serves instead, with an error logged. While a CUDA graph is being captured the
-    check cannot synchronise, so an unchecked device uses the reference op for that call."""
-    key = str(device)
-    if key not in _INT8_CHECKED:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return False
+    """The W8A8 int8 kernels against the reference, exactly: every int8 value, smoothing, a bias, a ragged K."""
+    def check() -> bool:
         g = torch.Generator().manual_seed(0)
         k = 2 * quant_gemv_config(4096, 1, torch.int8)[2] + 68
         x = (torch.randn(2, k, generator=g) * torch.logspace(-3, 3, k)).to(device=device, dtype=torch.bfloat16)
@@ -651,13 +669,32 @@ def _int8_kernels_agree(device: torch.device) -> bool:
                          torch.randn(40, generator=g).to(device))
         xq, xs = quantize_int8_rows(x, smooth)
         # compared in fp32: a bf16 output would round away a difference in the last bits of the sums
-        ok = bool(torch.equal(int8_gemv(xq, xs, w, ws, b, out_dtype=torch.float32),
-                              quant.int8_linear_reference(x.float(), w, ws, smooth, b)))
-        if not ok:
-            log.error("the W8A8 int8 Triton kernels disagree with the reference on %s; int8_linear uses the "
-                      "reference op there", device)
-        _INT8_CHECKED[key] = ok
-    return _INT8_CHECKED[key]
+        return torch.equal(int8_gemv(xq, xs, w, ws, b, out_dtype=torch.float32),
+                           quant.int8_linear_reference(x.float(), w, ws, smooth, b))
+
+    return _agrees(_INT8_CHECKED, device, "W8A8 int8", "int8_linear", check)
+
+
+def _int8w_gemm_agrees(device: torch.device) -> bool:
+    """The tiled weight-only GEMM against the reference, over every int8 value, ragged M, N and K, several row
+    and column tiles, a bias, and two row counts (two launch configurations): fp32 rows (true fp32 products, so
+    only the order of the fp32 sums differs) and bf16 rows (exact products; the outputs within a rounding)."""
+    def check() -> bool:
+        g = torch.Generator().manual_seed(0)
+        n, k = 136, 3 * 128 + 36
+        w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
+        ws, b = torch.rand(n, generator=g).to(device) + 0.5, torch.randn(n, generator=g).to(device)
+        for m, dtype, out_rtol in ((70, torch.float32, 0.0), (40, torch.float32, 0.0), (70, torch.bfloat16, 2 ** -7)):
+            x = (torch.randn(m, k, generator=g) * torch.logspace(-2, 2, k)).to(device=device, dtype=dtype)
+            got = int8_weight_gemm(x, w, ws, b).float()
+            want = quant.int8_weight_linear_reference(x, w, ws, b).float()
+            # fp32 sums in another order: within 1e-5 of the sum of |products|, plus the output's rounding
+            bound = (x.float().abs() @ w.float().abs().t()) * ws
+            if not bool(((got - want).abs() <= 1e-5 * bound + out_rtol * want.abs()).all()):
+                return False
+        return True
+
+    return _agrees(_INT8W_GEMM_CHECKED, device, "int8 weight-only GEMM", "int8_weight_linear", check)
 
 
 @torch.library.custom_op("autodeploy::triton_int8_linear", mutates_args=())

@@ -1,0 +1,144 @@
+"""Weight-only int8 GEMM for more rows than the skinny GEMM takes (decode batches above 16, chunked prefill).
+
+``y[m, n] = (sum_k x[m, k] * w[n, k]) * w_scale[n] (+ b[n])`` with W ``[N, K]`` int8. Each weight tile is converted
+to the activation dtype as it is loaded (exact: int8 values are exact in bf16, fp16 and fp32) and multiplied on
+the tensor cores with fp32 sums; the per-channel fp32 scale multiplies the sums, then the bias is added, in the
+order of ``int8_weight_linear_reference``. So the weights stream as one byte each. The canonical op on CUDA
+instead dequantizes the whole weight to the model dtype every call (one byte read and two written per weight),
+then cuBLAS reads two bytes per weight: five bytes against one, which is what bounds a decode step.
+
+Programs walk the output tiles in groups of ``GROUP_M`` row tiles per weight column tile, so a weight tile read by
+one program is still in L2 for the next row tiles. Under ``TRITON_INTERPRET=1`` the interpreter's low-precision
+``tl.dot`` is wrong, so the operands are upcast to fp32 there only; fp32 activations use IEEE products (no TF32).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
+
+__all__ = ["int8_weight_gemm", "int8w_gemm_config", "INT8W_GEMM_MAX_M", "GemmConfig"]
+
+# Rows up to which the kernel replaces dequantize + cuBLAS. Above it a GEMM is compute-bound and the one-time
+# dequantization (3 bytes per weight) is small beside the FLOPs, while cuBLAS runs nearer the tensor cores' peak
+# than this kernel; the crossover estimate is in docs/quantization.md.
+INT8W_GEMM_MAX_M = 512
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+GemmConfig = tuple[int, int, int, int, int]
+
+
+@triton.jit
+def _int8w_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+                       HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                       EVEN_K: tl.constexpr, EMULATE_RNE: tl.constexpr, GROUP_M: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0)
+        else:
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+        if UPCAST:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        elif IEEE:
+            acc += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if PER_CHANNEL:
+        acc *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+    else:
+        acc *= tl.load(s_ptr)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :],
+             cast_rn(acc, y_ptr.dtype.element_ty, EMULATE_RNE), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _sms(device: torch.device) -> int:
+    from autodeploy.backends.triton.partition import device_sms
+
+    return device_sms(device)
+
+
+@functools.lru_cache(maxsize=None)
+def int8w_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """The launch for ``m`` rows, ``n`` outputs and ``k`` inputs on ``sms`` SMs: row tiles as small as the rows
+    allow (padding rows cost tensor-core FLOPs and registers), and output tiles narrow enough that every SM gets
+    a program (a decode GEMM is weight-bound: idle SMs are unread weight bandwidth). ``AUTODEPLOY_INT8W_GEMM_CONFIG``
+    ("BLOCK_M/BLOCK_N/BLOCK_K/warps/stages") overrides it for tuning."""
+    env = os.environ.get("AUTODEPLOY_INT8W_GEMM_CONFIG")
+    if env:
+        bm, bn, bk, warps, stages = map(int, env.split("/"))
+        return bm, bn, bk, warps, stages
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles_m = triton.cdiv(m, bm)
+    bn = 128
+    while bn > 32 and tiles_m * triton.cdiv(n, bn) < sms:
+        bn //= 2
+    bk = 128 if bm <= 64 else 64
+    bk = max(16, min(bk, triton.next_power_of_2(k)))
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return bm, bn, bk, warps, 4 if bm <= 64 else 3
+
+
+def _interpreted() -> bool:
+    return type(_int8w_gemm_kernel).__name__ == "InterpretedFunction"
+
+
+def int8_weight_gemm(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
+                     config: Optional[GemmConfig] = None) -> Tensor:
+    """``int8_weight_linear`` for any number of rows of ``x [..., K]`` (float16/bfloat16/float32) on an int8
+    ``weight [N, K]`` with a unit last stride and a per-channel (``[N]``) or per-tensor fp32 ``weight_scale``."""
+    k, n = x.shape[-1], weight.shape[0]
+    if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
+        raise ValueError(f"int8_weight_gemm takes an int8 [N, {k}] weight with a unit last stride, got "
+                         f"{weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"int8_weight_gemm takes float16/bfloat16/float32 activations, got {x.dtype}")
+    ws = weight_scale.float().reshape(-1).contiguous()
+    if ws.numel() not in (1, n):
+        raise ValueError(f"weight_scale must have 1 or {n} elements, got {ws.numel()}")
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y.reshape(*x.shape[:-1], n)
+    bm, bn, bk, warps, stages = config or int8w_gemm_config(m, n, k, _sms(x.device))
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _int8w_gemm_kernel[grid](
+        x2, weight, ws, bias if bias is not None else ws, y, m, n, k, x2.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, PER_CHANNEL=ws.numel() != 1, UPCAST=_interpreted() and x.dtype != torch.float32,
+        IEEE=x.dtype == torch.float32, EVEN_K=k % bk == 0, EMULATE_RNE=emulate_rne(_int8w_gemm_kernel, x.dtype),
+        GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return y.reshape(*x.shape[:-1], n)
