@@ -6,7 +6,9 @@ Routing is Mixtral's (softmax over random router logits, top-2, renormalised). T
 experts the batch touches (3 matrices each) over the measured copy bandwidth. The fused kernel is also timed
 replayed from a CUDA graph (no host sync inside, so a compiled step captures it). ``--sweep`` also times a few
 kernel tile configurations and reports the best. Prints a table and writes JSON (``--json``).
-Usage: TRITON_INTERPRET=0 python benchmarks/bench_moe.py [--batches 1,64,256] [--sweep] [--json out.json]
+``--quant int8-weight,fp8`` adds the quantized experts (one byte per weight: half the floor).
+Usage: TRITON_INTERPRET=0 python benchmarks/bench_moe.py [--batches 1,64,256] [--sweep] [--quant int8-weight,fp8]
+[--json out.json]
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--quant", default="", help="also time quantized experts: int8-weight,fp8 (the reference and "
+                                                "the fused kernels; errors are against HF's bf16 layer)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if not torch.cuda.is_available():
@@ -88,6 +92,13 @@ def main() -> None:
     m = hf["eager"]
     hf["grouped_mm"].load_state_dict(m.state_dict())
     w_gate, w_up, w_down = m.gate_up_proj[:, :I], m.gate_up_proj[:, I:], m.down_proj
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    quantized = {}
+    for mode in filter(None, a.quant.split(",")):
+        parts = [quantize_experts(t.float(), mode) for t in (w_gate, w_up, w_down)]
+        quantized[mode] = ([p["weight"] for p in parts], [p["scale"] for p in parts])
     rows = []
     for T in (int(b) for b in a.batches.split(",")):
         x, ids, w = routing(T, H, E, K, seed=T)
@@ -102,6 +113,11 @@ def main() -> None:
                 "fused triton": lambda: fused_moe(x, ids, w, w_gate, w_up, w_down),
                 "fused triton, CUDA graph": graphed(lambda: fused_moe(x, ids, w, w_gate, w_up, w_down)),
             }
+            for mode, (q, sc) in quantized.items():
+                fns[f"{mode} torch reference"] = lambda q=q, sc=sc, mode=mode: moe_quant_reference(
+                    x, ids, w, *q, *sc, mode=mode)
+                fns[f"{mode} fused triton, CUDA graph"] = graphed(
+                    lambda q=q, sc=sc, mode=mode: fused_moe(x, ids, w, *q, scales=sc, mode=mode))
             errs, times = {}, {}
             for name, fn in fns.items():
                 try:
@@ -124,7 +140,8 @@ def main() -> None:
                     if best_cfg is None or ms < best_cfg[1]:
                         best_cfg = (cfg, ms)
         unrolled, fused = times["unrolled (HF eager loop)"], times["fused triton"]
-        row = {"batch": T, "active_experts": active, "floor_ms": floor_ms, "ms": times, "rel_rms_vs_hf": errs,
+        row = {"batch": T, "active_experts": active, "floor_ms": floor_ms, "floor_ms_8bit": floor_ms / 2,
+               "ms": times, "rel_rms_vs_hf": errs,
                "fused_speedup_vs_unrolled": unrolled / fused,
                "fused_speedup_vs_grouped_mm": times["HF grouped_mm"] / fused,
                "fused_pct_of_floor": 100 * floor_ms / fused}

@@ -67,6 +67,15 @@ def _read_json(path: Path) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- formats
+def _kv_cache_ignored(path: Path, key: str, value: Any) -> None:
+    """A checkpoint's KV-cache quantization (and its stored k/v scales) is not applied: the KV cache follows
+    ``compile(kv_cache_dtype=...)``, whose ``"fp8"`` derives a scale per (token, head) row, finer than the
+    checkpoint's calibrated per-tensor scales."""
+    if value:
+        log.warning("%s: %s=%s is ignored: the KV cache follows compile(kv_cache_dtype=...) (default the model "
+                    "dtype; 'fp8' keeps its own per-row scales, not the checkpoint's)", path, key, value)
+
+
 def _ct_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None or re.search(pattern[3:], name) is not None
@@ -111,6 +120,7 @@ def _compressed_tensors(qc: dict, path: Path) -> CheckpointPlan:
     if len(modes) != 1:
         raise UnsupportedModelError(f"{path}: mixed quantization modes {sorted(modes)} in one checkpoint")
     ignore = list(qc.get("ignore") or [])
+    _kv_cache_ignored(path, "kv_cache_scheme", qc.get("kv_cache_scheme"))
 
     def scheme_for(name: str) -> Optional[LayerScheme]:
         if any(_ct_matches(p, name) for p in ignore):
@@ -134,10 +144,7 @@ def _modelopt(qc: dict, path: Path) -> CheckpointPlan:
     if algo not in _MODELOPT_ALGOS:
         raise UnsupportedModelError(f"{path}: ModelOpt quant_algo {qc.get('quant_algo')!r} is not supported "
                                     f"({sorted(_MODELOPT_ALGOS)})")
-    if qc.get("kv_cache_quant_algo"):
-        log.warning("%s: kv_cache_quant_algo=%s is ignored: the KV cache follows compile(kv_cache_dtype=...) "
-                    "(default the model dtype; 'fp8' keeps its own per-row scales, not the checkpoint's)", path,
-                    qc["kv_cache_quant_algo"])
+    _kv_cache_ignored(path, "kv_cache_quant_algo", qc.get("kv_cache_quant_algo"))
     exclude = list(qc.get("exclude_modules") or qc.get("ignore") or [])
     scheme = _MODELOPT_ALGOS[algo]
 

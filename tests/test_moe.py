@@ -302,6 +302,62 @@ def test_kernel_int8_weight_experts_match_the_quantized_reference(fused, dtype):
     assert rel_rms(wrong, ref) > 1e-3
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_fp8_experts_match_the_quantized_reference(fused, dtype):
+    """fp8 experts on the kernels: token rows and intermediate rows quantized to E4M3 per row, E4M3 operands in the
+    MMAs (upcast under the interpreter), both scales on the sums, biases after them, against
+    ``moe_experts_quant``'s reference (``fp8_linear`` per projection); a K tail that is not a whole tile, and
+    strided E4M3 views."""
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    x, ids, w, ws, bs = _inputs(11, 96, 40, 4, 2, bias=True, dtype=dtype)  # H=96, I=40: ragged K tiles
+    parts = [quantize_experts(t.float(), "fp8") for t in ws]
+    q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
+    assert q[0].dtype == torch.float8_e4m3fn
+    kw = dict(b_gate=bs[0], b_up=bs[1], b_down=bs[2])
+    ref = moe_quant_reference(x, ids, w, *q, *sc, mode="fp8", **kw)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    got = fused(x, ids, w, *q, scales=sc, mode="fp8", **kw)
+    assert got.dtype == dtype and rel_rms(got, ref) < tol, rel_rms(got, ref)
+    wd_t = q[2].transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided along I
+    assert rel_rms(fused(x, ids, w, q[0], q[1], wd_t, scales=sc, mode="fp8", **kw), ref) < tol
+    wrong = fused(x, ids, w, *q, scales=[sc[0], sc[1], sc[2] * 1.05], mode="fp8", **kw)  # the down scale counts
+    assert rel_rms(wrong, ref) > 1e-2
+    with pytest.raises(AutoDeployError, match="mode 'fp8' takes"):
+        fused(x, ids, w, *[t.to(torch.int8) for t in ws], scales=sc, mode="fp8", **kw)
+
+
+@needs_kernels
+def test_quantized_expert_kernels_are_checked_on_each_device(monkeypatch, caplog):
+    """The quantized experts' kernels check themselves against the reference once per device: a kernel that is
+    wrong there, or fails to run there, is never used (the reference answers), and an error names it."""
+    pytest.importorskip("triton")
+    from autodeploy.backends.triton.kernels import moe
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    x, ids, w, ws, _ = _inputs(7, 32, 48, 4, 2)
+    dev = torch.device(KERNEL_DEVICE)
+    parts = [quantize_experts(t, "int8-weight") for t in ws]
+    args = [t.to(dev) for t in (x, ids, w, *[p["weight"] for p in parts], *[p["scale"] for p in parts])]
+    want = moe_quant_reference(*args, mode="int8-weight")
+    monkeypatch.setattr(moe, "_QUANT_CHECKED", {"int8-weight": {}, "fp8": {}})
+    op = torch.ops.autodeploy.triton_moe_experts_quant
+    assert rel_rms(op(*args, mode="int8-weight"), want) < 1e-5
+    assert moe._QUANT_CHECKED["int8-weight"] == {str(dev): True}
+    real = moe.fused_moe
+    for broken, why in ((lambda *a, **k: real(*a, **k) * 1.1, "disagree"),
+                        (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no such instruction")), "failed")):
+        monkeypatch.setattr(moe, "_QUANT_CHECKED", {"int8-weight": {}, "fp8": {}})
+        monkeypatch.setattr(moe, "fused_moe", broken)
+        caplog.clear()
+        assert torch.equal(op(*args, mode="int8-weight"), want)  # the reference answered
+        assert moe._QUANT_CHECKED["int8-weight"] == {str(dev): False}
+        assert any(why in r.getMessage() and "int8-weight MoE experts" in r.getMessage() for r in caplog.records)
+
+
 def test_kernel_align_layout():
     pytest.importorskip("triton")
     from autodeploy.backends.triton.kernels.moe import align_by_expert
@@ -341,27 +397,28 @@ def test_triton_kernel_pass_end_to_end():
 
 
 @needs_kernels
-def test_triton_kernel_pass_runs_int8_weight_experts():
-    """quantization='int8-weight' with kernels=['triton']: the quantized experts run the fused kernel and match the
-    torch reference's quantized experts; fp8 experts stay on the reference, and the note says why."""
+@pytest.mark.parametrize("mode,tol", [("int8-weight", 1e-4), ("fp8", 1e-3)])
+def test_triton_kernel_pass_runs_quantized_experts(mode, tol):
+    """quantization=mode with kernels=['triton']: the quantized experts run the fused kernel and match the torch
+    reference's quantized experts over a mixed prefill/decode batch."""
     pytest.importorskip("triton")
+    from autodeploy.ops.quant import fp8_support
+
+    if mode == "fp8" and not fp8_support(torch.device(KERNEL_DEVICE))[0]:
+        pytest.skip("no FP8 on this device")
     model = _family("gpt_oss").to(KERNEL_DEVICE)
     kw = dict(max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48, backend="torch")
-    ref = autodeploy.compile(model, quantization="int8-weight", **kw)
-    cm = autodeploy.compile(model, quantization="int8-weight", kernels=["triton"], **kw)
+    ref = autodeploy.compile(model, quantization=mode, **kw)
+    cm = autodeploy.compile(model, quantization=mode, kernels=["triton"], **kw)
     nodes = cm.graph_module.graph.nodes
     assert sum(n.target is torch.ops.autodeploy.triton_moe_experts_quant.default for n in nodes) == 2
+    notes = next(p for p in cm.ctx.report.passes if p.name == "moe_kernel").notes
+    assert any("2 MoE experts layers run the fused Triton kernel" in n for n in notes), notes
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 13, 7)]
     got, want = mixed_batch_logits(cm, seqs), mixed_batch_logits(ref, seqs)
     for i in range(len(seqs)):
-        assert rel_rms(got[i], want[i]) < 1e-4, f"seq {i}"
-    from autodeploy.ops.quant import fp8_support
-
-    if fp8_support(torch.device(KERNEL_DEVICE))[0]:
-        fp8 = autodeploy.compile(model, quantization="fp8", kernels=["triton"], **kw)
-        notes = next(p for p in fp8.ctx.report.passes if p.name == "moe_kernel").notes
-        assert any("quantized experts 'fp8' have no kernel" in n for n in notes), notes
+        assert rel_rms(got[i], want[i]) < tol, f"seq {i}: {rel_rms(got[i], want[i])}"
 
 
 @pytest.mark.gpu
@@ -379,6 +436,36 @@ def test_kernel_matches_reference_on_gpu():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_rms(out, ref) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["int8-weight", "fp8"])
+def test_quantized_kernels_match_reference_on_gpu(mode):
+    """The quantized experts' kernels compiled for the GPU (E4M3 MMAs for fp8), Mixtral-like shapes at a few
+    loads, against the reference; the per-device check passes; a CUDA graph replays them."""
+    from autodeploy.backends.triton.kernels import moe
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.ops.quant import fp8_support
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    if mode == "fp8" and not fp8_support(torch.device("cuda"))[0]:
+        pytest.skip("no FP8 on this GPU")
+    assert moe._quant_kernels_agree(torch.device("cuda"), mode)
+    for T in (1, 64, 512):
+        x, ids, w, ws, _ = _inputs(T, 1024, 1536, 8, 2, dtype=torch.bfloat16)
+        parts = [quantize_experts(t.float().cuda(), mode) for t in ws]
+        q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
+        x, ids, w = x.cuda(), ids.cuda(), w.cuda()
+        ref = moe_quant_reference(x, ids, w, *q, *sc, mode=mode)
+        assert rel_rms(moe.fused_moe(x, ids, w, *q, scales=sc, mode=mode), ref) < 2e-2, T
+    out = moe.fused_moe(x, ids, w, *q, scales=sc, mode=mode)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe(x, ids, w, *q, scales=sc, mode=mode)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_rms(out, ref) < 2e-2
 
 
 def test_compile_cache_rebuilds_expert_views_instead_of_storing_them(tmp_path):

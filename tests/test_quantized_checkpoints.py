@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -48,7 +49,8 @@ def _input_absmax(model) -> dict[str, torch.Tensor]:
 
 
 def write_checkpoint(path: Path, model, fmt: str, *, per_channel: bool = True, static: bool = False,
-                     mode: str = "fp8", ignore=("lm_head",), edit=None, hf_quant_file: bool = False) -> Path:
+                     mode: str = "fp8", ignore=("lm_head",), edit=None, hf_quant_file: bool = False,
+                     qc_extra: Optional[dict] = None) -> Path:
     """Quantize ``model``'s linears (all but ``ignore``) and save them the way ``fmt`` stores them."""
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     absmax = _input_absmax(model) if static else {}
@@ -89,6 +91,7 @@ def write_checkpoint(path: Path, model, fmt: str, *, per_channel: bool = True, s
     else:
         qc = {"quant_method": "modelopt", "quant_algo": "FP8" if static else "FP8_PER_CHANNEL_PER_TOKEN",
               "kv_cache_quant_algo": None, "exclude_modules": list(ignore)}
+    qc.update(qc_extra or {})
     if hf_quant_file:
         (path / "hf_quant_config.json").write_text(json.dumps(
             {"producer": {"name": "modelopt"}, "quantization": {k: v for k, v in qc.items() if k != "quant_method"}}))
@@ -135,6 +138,33 @@ def test_prequantized_checkpoint_compiles_with_its_scales(tmp_path, case):
     text = cm.explain()
     assert "pre-quantized" in text and f"14 linears quantized" in cm.report.quantization
     assert kw["fmt"] in cm.report.quantization
+
+
+@pytest.mark.parametrize("fmt,kv", [("compressed-tensors", {"kv_cache_scheme": {
+    "num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "strategy": "tensor"}}),
+                                    ("modelopt", {"kv_cache_quant_algo": "FP8"})])
+def test_checkpoint_kv_cache_quantization_is_reported_not_applied(tmp_path, caplog, fmt, kv):
+    """A checkpoint that declares a quantized KV cache (with stored per-tensor k/v scales) loads and answers as
+    the same checkpoint without it; the warning says the KV cache follows compile(kv_cache_dtype=...)."""
+    model = make_model("llama")
+    layers = model.config.num_hidden_layers
+
+    def kv_scales(sd):
+        for i in range(layers):  # where each format keeps them
+            attn = f"model.layers.{i}.self_attn."
+            k, v = (attn, attn) if fmt == "compressed-tensors" else (attn + "k_proj.", attn + "v_proj.")
+            sd[k + "k_scale"], sd[v + "v_scale"] = torch.tensor(0.05), torch.tensor(0.04)
+
+    plain = write_checkpoint(tmp_path / "plain", model, fmt=fmt)
+    with_kv = write_checkpoint(tmp_path / "kv", model, fmt=fmt, edit=kv_scales, qc_extra=kv)
+    caplog.clear()
+    cm = autodeploy.compile(with_kv, **KW)
+    key = next(iter(kv))
+    assert any(f"{key}=" in r.getMessage() and "is ignored" in r.getMessage() and "kv_cache_dtype" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert torch.equal(logits(cm), logits(autodeploy.compile(plain, **KW)))
+    fp8_kv = autodeploy.compile(with_kv, kv_cache_dtype="fp8", **KW)  # what the user asks for holds
+    assert rel_rms(logits(fp8_kv), logits(cm)) < 0.05
 
 
 def getattr_tensor(gm, target):

@@ -26,7 +26,9 @@ import triton
 import triton.language as tl
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
-from autodeploy.ops.moe import MoEError, check_inputs, check_quant_inputs
+from autodeploy.backends.triton.kernels.device_check import kernels_agree
+from autodeploy.backends.triton.kernels.quant_gemm import quantize_fp8_rows
+from autodeploy.ops.moe import MoEError, check_inputs, check_quant_inputs, moe_quant_reference
 
 __all__ = ["fused_moe", "align_by_expert", "KERNEL_ACTIVATIONS", "KERNEL_QUANT_MODES", "kernel_supports"]
 
@@ -36,7 +38,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
-KERNEL_QUANT_MODES = ("int8-weight",)  # moe_experts_quant modes the kernels run (fp8 experts: the reference)
+# moe_experts_quant mode -> the kernels' QUANT constant (0: float experts)
+_QUANT = {"int8-weight": 1, "fp8": 2}
+KERNEL_QUANT_MODES = tuple(_QUANT)
 
 
 def kernel_supports(activation: str, dtype: torch.dtype, mode: Optional[str] = None) -> tuple[bool, str]:
@@ -90,6 +94,30 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_a(ptrs, mask, QUANT: tl.constexpr):
+    """A tile of token (or intermediate) rows; E4M3 rows are passed as bytes, so masked lanes read a zero byte
+    (+0.0) and then are viewed as E4M3 (a float ``other`` cannot be cast to float8)."""
+    if QUANT == 2:  # (one return: compiled Triton types every return of a function alike)
+        a = tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    else:
+        a = tl.load(ptrs, mask=mask, other=0.0)
+    return a
+
+
+@triton.jit
+def _load_w(ptrs, mask, QUANT: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr):
+    """A weight tile as the MMA takes it: float weights as stored, int8 converted to the activation dtype (exact;
+    fp32 under the interpreter, whose bf16 casts fail), E4M3 as stored (bytes viewed as E4M3)."""
+    if QUANT == 2:
+        w = tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    else:
+        w = tl.load(ptrs, mask=mask, other=0.0)
+        if QUANT == 1:
+            w = w.to(tl.float32 if UPCAST else OUT_TY)
+    return w
+
+
+@triton.jit
 def _act(g, u, ACT: tl.constexpr, alpha, limit):
     """The gated activation on fp32 values (ops/moe.py ACTIVATIONS)."""
     if ACT == 0:
@@ -109,15 +137,17 @@ def _act(g, u, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_ptr, inter_ptr, row_pair_ptr,
+def _gate_up_kernel(x_ptr, xs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_ptr, inter_ptr, row_pair_ptr,
                     tile_expert_ptr, P, E, TOPK, H, I,
                     sx_t, sx_h, sg_e, sg_i, sg_h, su_e, su_i, su_h, sbg_e, sbg_i, sbu_e, sbu_i, s_inter,
                     alpha, limit,
                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr, INT8W: tl.constexpr,
+                    IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr, QUANT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """INT8W: int8 expert weights (exact in the activation dtype) with fp32 per-(expert, channel) scales
-    ``[E, I]`` (contiguous), applied to the fp32 sums before the bias, as ``int8_weight_linear`` does."""
+    """QUANT (``_QUANT``): float weights; int8 weights (exact in the activation dtype); or E4M3 weights with the
+    token rows already quantized to E4M3 (``x_ptr``, bytes) and their per-token scales at ``xs_ptr``. Quantized
+    weights carry fp32 per-(expert, channel) scales ``[E, I]`` (contiguous), applied to the fp32 sums (after the
+    token scale) before the bias, as ``int8_weight_linear`` / ``fp8_linear`` do."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -137,19 +167,19 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_ptr, int
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < H
-        a = tl.load(x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h, mask=valid[:, None] & k_ok[None, :],
-                    other=0.0)
+        a = _load_a(x_ptr + tok[:, None] * sx_t + offs_k[None, :] * sx_h, valid[:, None] & k_ok[None, :], QUANT)
         wmask = k_ok[:, None] & n_ok[None, :]
-        bg = tl.load(wg_base + offs_k[:, None] * sg_h, mask=wmask, other=0.0)
-        bu = tl.load(wu_base + offs_k[:, None] * su_h, mask=wmask, other=0.0)
-        if INT8W:  # int8 values are exact in the activation dtype (fp32 under the interpreter, whose bf16 casts fail)
-            bg = bg.to(tl.float32 if UPCAST else OUT_TY)
-            bu = bu.to(tl.float32 if UPCAST else OUT_TY)
-        else:
+        bg = _load_w(wg_base + offs_k[:, None] * sg_h, wmask, QUANT, OUT_TY, UPCAST)
+        bu = _load_w(wu_base + offs_k[:, None] * su_h, wmask, QUANT, OUT_TY, UPCAST)
+        if QUANT == 0:
             a = a.to(bg.dtype)
         acc_g += _dot(a, bg, UPCAST, IEEE)
         acc_u += _dot(a, bu, UPCAST, IEEE)
-    if INT8W:
+    if QUANT == 2:  # the reference's order: (sums * token scale) * channel scale
+        x_scale = tl.load(xs_ptr + tok)[:, None]
+        acc_g = acc_g * x_scale
+        acc_u = acc_u * x_scale
+    if QUANT != 0:
         acc_g = acc_g * tl.load(wsg_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
         acc_u = acc_u * tl.load(wsu_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
@@ -164,11 +194,13 @@ def _gate_up_kernel(x_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_ptr, int
 
 
 @triton.jit
-def _down_kernel(inter_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr, tile_expert_ptr,
+def _down_kernel(inter_ptr, is_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr, tile_expert_ptr,
                  P, E, H, I, s_inter, sd_e, sd_h, sd_i, sbd_e, sbd_h, s_y,
                  HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-                 EMULATE_RNE: tl.constexpr, INT8W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 EMULATE_RNE: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
+    """QUANT as in ``_gate_up_kernel``; E4M3 experts read the intermediate rows quantized per row (``inter_ptr``,
+    bytes, scales at ``is_ptr``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -186,15 +218,16 @@ def _down_kernel(inter_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr, tile_e
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
-        a = tl.load(a_base + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        b = tl.load(w_base + offs_k[:, None] * sd_i, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if INT8W:
-            b = b.to(tl.float32 if UPCAST else OUT_TY)
+        a = _load_a(a_base + offs_k[None, :], k_ok[None, :], QUANT)
+        b = _load_w(w_base + offs_k[:, None] * sd_i, k_ok[:, None] & n_ok[None, :], QUANT, OUT_TY, UPCAST)
         acc += _dot(a, b, UPCAST, IEEE)
-    if INT8W:  # scales [E, H] (contiguous), before the rounding and the bias as in int8_weight_linear
+    if QUANT == 2:
+        acc = acc * tl.load(is_ptr + rows)[:, None]
+    if QUANT != 0:  # scales [E, H] (contiguous), then the bias, then one rounding, as the quantized linears do
         acc = acc * tl.load(wsd_ptr + e64 * H + offs_n, mask=n_ok, other=0.0)[None, :]
-    if HAS_BIAS:
+    elif HAS_BIAS:  # float experts: the projection rounded before the bias, as the reference's GEMM
         acc = cast_rn(acc, OUT_TY, EMULATE_RNE).to(tl.float32)
+    if HAS_BIAS:
         acc += tl.load(bd_ptr + e64 * sbd_e + offs_n * sbd_h, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * s_y + offs_n[None, :],
              cast_rn(acc, OUT_TY, EMULATE_RNE), mask=valid[:, None] & n_ok[None, :])
@@ -225,20 +258,28 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
               w_up: torch.Tensor, w_down: torch.Tensor, b_gate: Optional[torch.Tensor] = None,
               b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
               activation: str = "silu", activation_args: Optional[Sequence[float]] = None,
-              block_m: Optional[int] = None, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
-              num_stages: int = 3, scales: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+              block_m: Optional[int] = None, block_n: int = 64, block_k: int = 64, num_warps: Optional[int] = None,
+              num_stages: int = 3, scales: Optional[Sequence[torch.Tensor]] = None,
+              mode: str = "int8-weight") -> torch.Tensor:
     """``moe_experts`` semantics (autodeploy/ops/moe.py) in two grouped-GEMM launches plus the combine.
-    ``scales`` ``(s_gate, s_up, s_down)``: the weights are int8, ``moe_experts_quant(mode="int8-weight")``."""
+    ``scales`` ``(s_gate, s_up, s_down)``: the weights are quantized, ``moe_experts_quant(mode=mode)``. For
+    ``"fp8"`` one launch quantizes the token rows to E4M3 per token before the first GEMM and one the
+    intermediate rows before the second (``fp8_linear``'s dynamic activation scales), and the MMAs take E4M3
+    operands as stored. ``num_warps`` None: 4 for float experts (measured, docs/performance.md), 8 for quantized
+    ones (compiled for sm_90, their gate/up kernel spills registers on 4 warps at every tile height, on 8 at
+    none; not yet timed)."""
     if scales is not None:
         check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, *scales, b_gate, b_up, b_down,
-                           "int8-weight")
+                           mode)
         scales = [sc.float().contiguous() for sc in scales]
     else:
         check_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down)
     ok, why = kernel_supports(activation, hidden.dtype if scales is not None else w_gate.dtype,
-                              "int8-weight" if scales is not None else None)
+                              mode if scales is not None else None)
     if not ok:
         raise MoEError(f"fused_moe: {why}")
+    quant = _QUANT[mode] if scales is not None else 0
+    num_warps = num_warps or (8 if quant else 4)
     args = list(activation_args or ())
     alpha, limit = (float(args[0]), float(args[1])) if activation == "swiglu_clamped" else (0.0, 0.0)
     if activation == "swiglu_clamped" and len(args) != 2:
@@ -258,31 +299,77 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     rows = row_pair.numel()
     inter = torch.empty((rows, I), dtype=dtype, device=hidden.device)
     y = torch.empty((P, H), dtype=dtype, device=hidden.device)
-    upcast = _interpreting() and dtype != torch.float32
-    ieee = dtype == torch.float32
+    fp32_operands = dtype == torch.float32 and quant != 2  # E4M3 experts multiply E4M3 operands
+    upcast = _interpreting() and not fp32_operands
+    ieee = fp32_operands
     tl_ty = _TL[dtype]
     has_bias = b_gate is not None
     grid1 = (rows // bm, triton.cdiv(I, block_n))
     rne1 = emulate_rne(_gate_up_kernel, dtype)
     sg, su, sd = scales if scales is not None else (hidden, hidden, hidden)
+    x_in, x_scale = hidden, hidden
+    wg, wu, wd = w_gate, w_up, w_down
+    if quant == 2:  # E4M3 operands travel as bytes (the kernels view them as E4M3)
+        xq, xs = quantize_fp8_rows(hidden)
+        x_in, x_scale = xq.view(torch.uint8), xs.reshape(-1).contiguous()
+        wg, wu, wd = w_gate.view(torch.uint8), w_up.view(torch.uint8), w_down.view(torch.uint8)
     _gate_up_kernel[grid1](
-        hidden, w_gate, w_up, b_gate if has_bias else w_gate, b_up if has_bias else w_up, sg, su, inter, row_pair,
-        tile_expert, P, E, K, H, I, hidden.stride(0), hidden.stride(1), *w_gate.stride(), *w_up.stride(),
+        x_in, x_scale, wg, wu, b_gate if has_bias else w_gate, b_up if has_bias else w_up, sg, su, inter, row_pair,
+        tile_expert, P, E, K, H, I, x_in.stride(0), x_in.stride(1), *w_gate.stride(), *w_up.stride(),
         *_strides(b_gate, 2), *_strides(b_up, 2), inter.stride(0), alpha, limit,
         ACT=KERNEL_ACTIVATIONS[activation], HAS_BIAS=has_bias, OUT_TY=tl_ty, UPCAST=upcast, IEEE=ieee,
-        EMULATE_RNE=rne1, INT8W=scales is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
+        EMULATE_RNE=rne1, QUANT=quant, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)
+    a_in, a_scale = inter, inter
+    if quant == 2:  # every row of the layout, padding included (padding rows are never stored)
+        iq, i_s = quantize_fp8_rows(inter)
+        a_in, a_scale = iq.view(torch.uint8), i_s.reshape(-1).contiguous()
     grid2 = (rows // bm, triton.cdiv(H, block_n))
     _down_kernel[grid2](
-        inter, w_down, b_down if b_down is not None else w_down, sd, y, row_pair, tile_expert, P, E, H, I,
-        inter.stride(0), *w_down.stride(), *_strides(b_down, 2), y.stride(0),
+        a_in, a_scale, wd, b_down if b_down is not None else w_down, sd, y, row_pair, tile_expert, P, E, H, I,
+        a_in.stride(0), *w_down.stride(), *_strides(b_down, 2), y.stride(0),
         HAS_BIAS=b_down is not None, OUT_TY=tl_ty, UPCAST=upcast, IEEE=ieee, EMULATE_RNE=rne1,
-        INT8W=scales is not None, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        QUANT=quant, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
     block_h = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, block_h))](
         y, topk_weights, out, H, K, y.stride(0), topk_weights.stride(0), topk_weights.stride(1), out.stride(0),
         OUT_TY=_TL[hidden.dtype], EMULATE_RNE=emulate_rne(_combine_kernel, hidden.dtype), BLOCK_H=block_h)
     return out
+
+
+_QUANT_CHECKED: dict[str, dict[str, bool]] = {mode: {} for mode in _QUANT}
+
+
+def _quant_kernels_agree(device: torch.device, mode: str) -> bool:
+    """The quantized experts' kernels against ``moe_quant_reference`` on a small layer, once per device and mode:
+    ragged H and I against the 64-wide tiles, several tiles per expert, biases; fp32 and bf16 tokens. The bound
+    is loose on purpose (the float-rounding differences can move an E4M3 activation by one step), far below what a
+    wrong layout, scale or conversion gives."""
+    def check() -> bool:
+        from autodeploy.ops import quant
+
+        g = torch.Generator().manual_seed(0)
+        T, H, I, E, K = 40, 96, 80, 4, 2
+        quantize = quant.quantize_int8_weight if mode == "int8-weight" else quant.quantize_fp8_weight
+        weights, scales = [], []
+        for shape in ((E, I, H), (E, I, H), (E, H, I)):
+            q, sc = quantize(torch.randn(shape[0] * shape[1], shape[2], generator=g) * 0.3)
+            weights.append(q.reshape(shape).to(device))
+            scales.append(sc.reshape(shape[:2]).to(device))
+        biases = [(torch.randn(*s, generator=g) * 0.3).to(device) for s in ((E, I), (E, I), (E, H))]
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
+        routing = torch.rand(T, K, generator=g).to(device)
+        for dtype, bound in ((torch.float32, 1e-2 if mode == "fp8" else 1e-4), (torch.bfloat16, 3e-2)):
+            x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+            bs = [b.to(dtype) for b in biases]
+            want = moe_quant_reference(x, ids, routing, *weights, *scales, *bs, mode=mode).float()
+            got = fused_moe(x, ids, routing, *weights, *bs, scales=scales, mode=mode).float()
+            err = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp(min=1e-30))
+            if not err < bound:
+                return False
+        return True
+
+    return kernels_agree(_QUANT_CHECKED[mode], device, f"{mode} MoE experts", "moe_experts_quant", check)
 
 
 # The op the Triton backend's model pass (passes/moe_kernel.py) puts in place of ``autodeploy::moe_experts``: the
@@ -313,8 +400,11 @@ def triton_moe_experts_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_
                              activation_args: Optional[list[float]] = None) -> torch.Tensor:
     if mode not in KERNEL_QUANT_MODES:
         raise MoEError(f"triton_moe_experts_quant: mode {mode!r} has no kernel (kernels run {list(KERNEL_QUANT_MODES)})")
+    if not _quant_kernels_agree(hidden.device, mode):
+        return moe_quant_reference(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, s_gate, s_up, s_down,
+                                   b_gate, b_up, b_down, mode, activation, activation_args)
     return fused_moe(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gate, b_up, b_down, activation,
-                     activation_args, scales=(s_gate, s_up, s_down))
+                     activation_args, scales=(s_gate, s_up, s_down), mode=mode)
 
 
 @triton_moe_experts_quant.register_fake
