@@ -94,16 +94,16 @@ def int8w_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """The launch for ``m`` rows, ``n`` outputs and ``k`` inputs on ``sms`` SMs: row tiles as small as the rows
     allow (padding rows cost tensor-core FLOPs and registers), and output tiles narrowed until every SM gets a
     program (a GEMM of few rows is weight-bound: an idle SM is unread weight bandwidth). 8 warps and 64-wide K
-    tiles: compiled for sm_90 (Triton 3.6), every tile here fits in registers that way, where 4 warps spill from
-    ``BLOCK_M * BLOCK_N >= 2048`` (128 x 32) up (docs/quantization.md). ``AUTODEPLOY_INT8W_GEMM_CONFIG``
-    ("BLOCK_M/BLOCK_N/BLOCK_K/warps/stages") overrides it for tuning."""
+    tiles: not yet timed on a GPU; compiled for sm_90 they need 37-80 registers and no spills
+    (docs/quantization.md). ``AUTODEPLOY_INT8W_GEMM_CONFIG`` ("BLOCK_M/BLOCK_N/BLOCK_K/warps/stages") overrides
+    it for tuning (benchmarks/bench_int8w_gemm.py --configs)."""
     env = os.environ.get("AUTODEPLOY_INT8W_GEMM_CONFIG")
     if env:
         bm, bn, bk, warps, stages = map(int, env.split("/"))
         return bm, bn, bk, warps, stages
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles_m = triton.cdiv(m, bm)
-    bn = 128 if bm <= 64 else 64  # 128 x 128 spills even on 8 warps
+    bn = 128 if bm <= 64 else 64
     while bn > 32 and tiles_m * triton.cdiv(n, bn) < sms:
         bn //= 2
     bk = max(16, min(64, triton.next_power_of_2(k)))

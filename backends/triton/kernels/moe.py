@@ -258,16 +258,14 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
               w_up: torch.Tensor, w_down: torch.Tensor, b_gate: Optional[torch.Tensor] = None,
               b_up: Optional[torch.Tensor] = None, b_down: Optional[torch.Tensor] = None,
               activation: str = "silu", activation_args: Optional[Sequence[float]] = None,
-              block_m: Optional[int] = None, block_n: int = 64, block_k: int = 64, num_warps: Optional[int] = None,
+              block_m: Optional[int] = None, block_n: int = 64, block_k: int = 64, num_warps: int = 4,
               num_stages: int = 3, scales: Optional[Sequence[torch.Tensor]] = None,
               mode: str = "int8-weight") -> torch.Tensor:
     """``moe_experts`` semantics (autodeploy/ops/moe.py) in two grouped-GEMM launches plus the combine.
     ``scales`` ``(s_gate, s_up, s_down)``: the weights are quantized, ``moe_experts_quant(mode=mode)``. For
     ``"fp8"`` one launch quantizes the token rows to E4M3 per token before the first GEMM and one the
     intermediate rows before the second (``fp8_linear``'s dynamic activation scales), and the MMAs take E4M3
-    operands as stored. ``num_warps`` None: 4 for float experts (measured, docs/performance.md), 8 for quantized
-    ones (compiled for sm_90, their gate/up kernel spills registers on 4 warps at every tile height, on 8 at
-    none; not yet timed)."""
+    operands as stored."""
     if scales is not None:
         check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, *scales, b_gate, b_up, b_down,
                            mode)
@@ -279,7 +277,6 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     if not ok:
         raise MoEError(f"fused_moe: {why}")
     quant = _QUANT[mode] if scales is not None else 0
-    num_warps = num_warps or (8 if quant else 4)
     args = list(activation_args or ())
     alpha, limit = (float(args[0]), float(args[1])) if activation == "swiglu_clamped" else (0.0, 0.0)
     if activation == "swiglu_clamped" and len(args) != 2:

@@ -1,0 +1,235 @@
+"""Compile the Triton backend's kernels for sm_90 without a GPU: whether they compile, and their registers, spills
+and shared memory.
+
+The interpreter (how the tests run the kernels on CPU) checks what a kernel computes, not whether it compiles:
+it accepts code the compiler refuses (two returns of different types, an fp8 dot shape the MMA lowering lacks)
+and cannot show register pressure. Triton's bundled ptxas and cuobjdump can, with no GPU and no device time.
+Each case is a kernel with the constexprs and launch options its launcher picks for a representative shape;
+pointers and strides are marked 16-divisible, as launches specialise them (without that Triton cannot prove
+alignment, does not vectorise, and every kernel looks register-bound).
+
+Run it with the interpreter off: ``python -m autodeploy.backends.triton.compile_check [--cases PATTERN]
+[--json out.json]`` (``benchmarks/kernel_resources.py`` runs it too); ``tests/test_compile_check.py`` runs it in a
+subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Callable
+
+__all__ = ["resources", "CASES", "run"]
+
+# name -> () -> (kernel, signature {arg: type}, constexprs, num_warps, num_stages, extra 16-divisible int args)
+Case = Callable[[], tuple[Any, dict, dict, int, int, tuple]]
+CASES: dict[str, Case] = {}
+
+
+def case(name: str) -> Callable[[Case], Case]:
+    def register(fn: Case) -> Case:
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+              div16: tuple = (), capability: int = 90) -> dict:
+    """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>``: {'regs', 'stack', 'smem', 'mma'}.
+    ``stack`` > 0 means spills to local memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
+             if name not in constexprs and (ty.startswith("*") or name.startswith("stride") or name in div16)}
+    src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                       options=dict(num_warps=num_warps, num_stages=num_stages))
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+        path = f.name
+    try:
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([os.path.join(tools, "cuobjdump"), "-sass", path], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+    reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
+    return {"regs": int(reg.group(1)) if reg else -1, "stack": int(stack.group(1)) if stack else -1,
+            "smem": k.metadata.shared, "mma": sorted(m for m in ("HMMA", "HGMMA", "QGMMA", "IMMA") if m + "." in sass)}
+
+
+# -- int8 weight-only GEMM --------------------------------------------------------------------------------------
+def _int8w(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: bool = False):
+    from autodeploy.backends.triton.kernels.int8w_gemm import _int8w_gemm_kernel, int8w_gemm_config
+
+    bm, bn, bk, warps, stages = int8w_gemm_config(m, n, k, 132)
+    sig = dict(x_ptr=f"*{dtype}", w_ptr="*i8", s_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", M="i32",
+               N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
+    consts = dict(HAS_BIAS=bias, PER_CHANNEL=True, UPCAST=False, IEEE=False, EVEN_K=even_k, EMULATE_RNE=False,
+                  GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    return _int8w_gemm_kernel, sig, consts, warps, stages, ("K",) if even_k else ()
+
+
+for _m, _dt, _even in ((17, "bf16", True), (64, "fp16", False), (512, "bf16", True)):
+    case(f"int8w_gemm/m{_m}/{_dt}{'' if _even else '/ragged_k'}")(
+        lambda m=_m, dt=_dt, even=_even: _int8w(m, 4096, 4096, dt, even, bias=not even))
+
+
+# -- skinny quantized GEMMs (decode rows): the words forms (inline PTX) and the tensor-core form ------------------
+def _words(fp8: bool):
+    from autodeploy.backends.triton.kernels import quant_gemm as qg
+
+    form, bn, bk, warps, stages = qg.quant_gemv_config(4096, 1, qg.quant.FP8_DTYPE if fp8 else qg.torch.int8, 4096)
+    sig = dict(x_ptr="*i32" if fp8 else "*i64", xs_ptr="*fp32", w_ptr="*i32", ws_ptr="*fp32", b_ptr="*bf16",
+               y_ptr="*bf16", N="i32", K4="i32", stride_wn="i32")
+    consts = dict(BLOCK_N=bn, BLOCK_K4=bk // 4, HAS_BIAS=True, PER_CHANNEL=True, EVEN_K=True, PDL=True, ASM=True,
+                  FP8=fp8)
+    return qg._words_kernel, sig, consts, warps, stages, ("K4",)
+
+
+def _w8a8_words():
+    from autodeploy.backends.triton.kernels import quant_gemm as qg
+
+    _, bn, bk, warps, stages = qg.quant_gemv_config(4096, 1, qg.torch.int8, 4096)
+    sig = dict(xq_ptr="*i32", xs_ptr="*fp32", w_ptr="*i32", ws_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", N="i32",
+               K4="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
+    consts = dict(BLOCK_N=bn, BLOCK_K4=bk // 4, HAS_BIAS=True, PER_CHANNEL=True, EVEN_K=True, PDL=True, ASM=True)
+    return qg._int8_w8a8_words_kernel, sig, consts, warps, stages, ("K4",)
+
+
+def _gemv_tc(fp8: bool, m: int):
+    from autodeploy.backends.triton.kernels import quant_gemm as qg
+
+    dtype = qg.quant.FP8_DTYPE if fp8 else qg.torch.int8
+    _, bn, bk, warps, stages = qg.quant_gemv_config(4096, m, dtype, 4096)
+    sig = dict(a_ptr="*fp8e4nv" if fp8 else "*bf16", w_ptr="*fp8e4nv" if fp8 else "*i8", ws_ptr="*fp32",
+               as_ptr="*fp32", b_ptr="*bf16", y_ptr="*bf16", M="i32", N="i32", K="i32", stride_am="i32",
+               stride_wn="i32", stride_ym="i32")
+    consts = dict(BLOCK_N=bn, BLOCK_K=bk, HAS_BIAS=False, A_MODE=qg.A_PREQUANTIZED if fp8 else qg.A_PLAIN,
+                  PER_CHANNEL=True, PDL=True, UPCAST=False, IEEE=False)
+    return qg._quant_gemv_dot_kernel, sig, consts, warps, stages, ("K",)
+
+
+case("quant_gemv/words/fp8")(lambda: _words(True))
+case("quant_gemv/words/int8-weight")(lambda: _words(False))
+case("quant_gemv/words/w8a8-int8")(_w8a8_words)
+case("quant_gemv/tc/fp8/m4")(lambda: _gemv_tc(True, 4))
+case("quant_gemv/tc/int8-weight/m16")(lambda: _gemv_tc(False, 16))
+
+
+# -- MoE experts (float, int8-weight, fp8) ----------------------------------------------------------------------
+_MOE_DIV = ("H", "I", "sx_t", "sg_e", "sg_i", "su_e", "su_i", "sbg_e", "sbu_e", "s_inter", "sd_e", "sd_h", "sbd_e",
+            "s_y")
+
+
+def _moe(kernel_name: str, mode: str, block_m: int):
+    import triton.language as tl
+
+    from autodeploy.backends.triton.kernels import moe
+
+    quant = moe._QUANT.get(mode, 0)
+    act, w = ("u8", "u8") if quant == 2 else ("bf16", "i8" if quant == 1 else "bf16")
+    consts = dict(HAS_BIAS=True, OUT_TY=tl.bfloat16, UPCAST=False, IEEE=False, EMULATE_RNE=False, QUANT=quant,
+                  BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
+    if kernel_name == "gate_up":
+        sig = {n: "i32" for n in "P E TOPK H I sx_t sg_e sg_i su_e su_i sbg_e sbu_e s_inter".split()}
+        sig.update(x_ptr=f"*{act}", xs_ptr="*fp32", wg_ptr=f"*{w}", wu_ptr=f"*{w}", bg_ptr="*bf16", bu_ptr="*bf16",
+                   wsg_ptr="*fp32", wsu_ptr="*fp32", inter_ptr="*bf16", row_pair_ptr="*i32", tile_expert_ptr="*i32",
+                   alpha="fp32", limit="fp32")
+        consts.update(ACT=0, sx_h=1, sg_h=1, su_h=1, sbg_i=1, sbu_i=1)  # unit strides specialise to constants
+        kernel = moe._gate_up_kernel
+    else:
+        sig = {n: "i32" for n in "P E H I s_inter sd_e sd_h sbd_e s_y".split()}
+        sig.update(inter_ptr=f"*{act}", is_ptr="*fp32", wd_ptr=f"*{w}", bd_ptr="*bf16", wsd_ptr="*fp32",
+                   y_ptr="*bf16", row_pair_ptr="*i32", tile_expert_ptr="*i32")
+        consts.update(sd_i=1, sbd_h=1)
+        kernel = moe._down_kernel
+    return kernel, sig, consts, 4, 3, _MOE_DIV
+
+
+for _mode in ("float", "int8-weight", "fp8"):
+    for _bm in (16, 64):  # mma.sync and warpgroup MMAs
+        for _k in ("gate_up", "down"):
+            case(f"moe/{_mode}/{_k}/m{_bm}")(lambda k=_k, mode=_mode, bm=_bm: _moe(k, mode, bm))
+
+
+# -- decode attention (bf16 and fp8 KV pages) -------------------------------------------------------------------
+def _decode(kv_fp8: bool):
+    from autodeploy.backends.triton.kernels import attention as attn
+
+    kernel = attn._decode_kernel
+    ints = {"qk_scale": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32"}
+    ptrs = {"cu_seqlens_q": "*i32", "seq_lens_kv": "*i32", "page_table": "*i32", "work_ptr": "*i32",
+            "split_start": "*i32", "slot_ptr": "*i64", "mid_o": "*fp32", "mid_lse": "*fp32", "sinks_ptr": "*fp32",
+            "alibi_ptr": "*fp32"}
+    if kv_fp8:
+        ptrs.update(k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scale="*bf16", v_scale="*bf16")
+    sig = {}
+    for name in kernel.arg_names:
+        if name.startswith("stride"):
+            sig[name] = "i32"
+        else:
+            sig[name] = ints.get(name) or ptrs.get(name) or "*bf16"
+    block_n, warps, stages = 64, 4, 3
+    consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, NEED_DMASK=False,
+                  HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=False, ROPE=False, ROT=0,
+                  PAGE_TILES=True, EMULATE_RNE=False, UPCAST=False, IEEE=False, PDL=True, KV_FP8=kv_fp8,
+                  F16_DOT=kv_fp8)
+    return kernel, sig, consts, warps, stages, ()
+
+
+case("decode/bf16_kv")(lambda: _decode(False))
+case("decode/fp8_kv")(lambda: _decode(True))
+
+
+def run(patterns: list[str]) -> dict[str, dict]:
+    """Compile the cases matching ``patterns`` (fnmatch; all when empty): name -> resources, or {'error'}."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    out = {}
+    for name, build in CASES.items():
+        if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
+            continue
+        try:
+            fn, sig, consts, warps, stages, div16 = build()
+            out[name] = resources(fn, sig, consts, warps, stages, div16)
+        except Exception as exc:  # noqa: BLE001 - reported per case
+            root = exc
+            while root.__cause__ is not None:  # a CompilationError's own text is the source line; its cause says why
+                root = root.__cause__
+            lines = [line for line in str(root).strip().splitlines() if line.strip()] or [""]
+            out[name] = {"error": f"{type(root).__name__}: {lines[-1][:300]}"}
+    return out
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels must be real @triton.jit functions
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", __name__, *(argv if argv is not None else sys.argv[1:])],
+                               env=env)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", action="append", default=[], help="fnmatch pattern of case names (repeatable)")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    results = run(args.cases)
+    for name, r in results.items():
+        print(f"{name:32s} " + (r["error"] if "error" in r else
+                                f"regs {r['regs']:3d}  spill stack {r['stack']:5d} B  smem {r['smem']:6d} B  "
+                                f"{','.join(r['mma']) or '-'}"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

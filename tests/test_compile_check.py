@@ -1,0 +1,52 @@
+"""The Triton kernels compile for sm_90 (Hopper) with the installed Triton, with no GPU: what the interpreter, which
+runs every other kernel test on CPU, cannot show (code the compiler refuses, register spills, which MMA the dots
+lower to). backends/triton/compile_check.py holds the cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+triton = pytest.importorskip("triton")
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(TOOLS, "ptxas")),
+                                reason="this Triton has no bundled ptxas")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "resources.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "autodeploy.backends.triton.compile_check", "--json", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), proc.stdout + proc.stderr
+    return json.loads(out.read_text()), proc
+
+
+def test_every_kernel_case_compiles_without_spills(compiled):
+    from autodeploy.backends.triton.compile_check import CASES
+
+    results, proc = compiled
+    assert sorted(results) == sorted(CASES)
+    failed = {name: r["error"] for name, r in results.items() if "error" in r}
+    assert not failed and proc.returncode == 0, failed
+    spilled = {name: r["stack"] for name, r in results.items() if r["stack"] != 0}
+    assert not spilled, spilled
+    assert all(0 < r["regs"] <= 255 for r in results.values())
+
+
+def test_dots_lower_to_the_intended_mma(compiled):
+    """fp8 operands reach the warpgroup MMA as E4M3 (QGMMA: no conversion to 16-bit) where the tile allows it;
+    64-row tiles use warpgroup MMAs; the one-row words forms use no MMA at all."""
+    results, _ = compiled
+    assert results["moe/fp8/gate_up/m64"]["mma"] == ["QGMMA"]
+    assert results["moe/fp8/down/m64"]["mma"] == ["QGMMA"]
+    assert results["quant_gemv/tc/fp8/m4"]["mma"] == ["QGMMA"]
+    for name in ("moe/float/gate_up/m64", "moe/int8-weight/gate_up/m64", "int8w_gemm/m512/bf16"):
+        assert results[name]["mma"] == ["HGMMA"], name
+    for name in ("quant_gemv/words/fp8", "quant_gemv/words/int8-weight", "quant_gemv/words/w8a8-int8"):
+        assert results[name]["mma"] == [], name
