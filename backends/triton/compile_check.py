@@ -192,6 +192,45 @@ case("decode/bf16_kv")(lambda: _decode(False))
 case("decode/fp8_kv")(lambda: _decode(True))
 
 
+# -- FP8 producers: the quantizing norm and gated activation, the fused RoPE + FP8 KV-cache write ---------------
+def _rms_norm_fp8():
+    from autodeploy.backends.triton.kernels import rms_norm
+
+    sig = dict(x_ptr="*bf16", res_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", res_out_ptr="*bf16",
+               q_ptr="*fp8e4nv", s_ptr="*fp32", stride_x="i32", stride_r="i32", stride_o="i32", stride_ro="i32",
+               stride_q="i32", N="i32", eps="fp32")
+    consts = dict(HAS_RES=True, HAS_W=True, BLOCK_N=4096, SINGLE_PASS=True, EMULATE_RNE=False, PDL=True, QUANT=True,
+                  EMULATE_E4M3=False)
+    return rms_norm._rms_norm_kernel, sig, consts, 16, 3, ("N",)
+
+
+def _gated_act_fp8():
+    from autodeploy.backends.triton.kernels import gated_act
+
+    sig = dict(gate_ptr="*bf16", up_ptr="*bf16", q_ptr="*fp8e4nv", s_ptr="*fp32", stride_g="i32", stride_u="i32",
+               stride_q="i32", N="i32")
+    consts = dict(ACT=gated_act.ACTIVATIONS["silu"], BLOCK=4096, EMULATE_RNE=False, EMULATE_E4M3=False, PDL=True)
+    return gated_act._gated_act_fp8_kernel, sig, consts, 4, 3, ("N",)
+
+
+def _rope_cache_fp8():
+    from autodeploy.backends.triton.kernels import rope_cache
+
+    kernel = rope_cache._rope_cache_kernel
+    ptrs = dict(slot_ptr="*i64", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv", k_scale_ptr="*bf16",
+                v_scale_ptr="*bf16", cos_ptr="*fp32", sin_ptr="*fp32")
+    consts = dict(D=128, ROT=128, BLOCK_H=8, BLOCK_D=128, DO_Q=True, DO_KV=True, ROTATE_K=True, NEED_ROT=True,
+                  EMULATE_RNE=False, KV_FP8=True)
+    sig = {n: ("i32" if n.startswith("stride") or n in ("HQ", "HKV", "page_size") else ptrs.get(n, "*bf16"))
+           for n in kernel.arg_names if n not in consts}
+    return kernel, sig, consts, 4, 3, ()
+
+
+case("fp8_producer/rms_norm")(_rms_norm_fp8)
+case("fp8_producer/gated_act")(_gated_act_fp8)
+case("fp8_producer/rope_cache_write")(_rope_cache_fp8)
+
+
 def run(patterns: list[str]) -> dict[str, dict]:
     """Compile the cases matching ``patterns`` (fnmatch; all when empty): name -> resources, or {'error'}."""
     os.environ.pop("TRITON_INTERPRET", None)
