@@ -339,9 +339,9 @@ def test_quantized_expert_kernels_are_checked_on_each_device(monkeypatch, caplog
     from autodeploy.passes.quantize_linears import quantize_experts
 
     x, ids, w, ws, _ = _inputs(7, 32, 48, 4, 2)
-    dev = torch.device(KERNEL_DEVICE)
     parts = [quantize_experts(t, "int8-weight") for t in ws]
-    args = [t.to(dev) for t in (x, ids, w, *[p["weight"] for p in parts], *[p["scale"] for p in parts])]
+    args = [t.to(KERNEL_DEVICE) for t in (x, ids, w, *[p["weight"] for p in parts], *[p["scale"] for p in parts])]
+    dev = args[0].device
     want = moe_quant_reference(*args, mode="int8-weight")
     monkeypatch.setattr(moe, "_QUANT_CHECKED", {"int8-weight": {}, "fp8": {}})
     op = torch.ops.autodeploy.triton_moe_experts_quant
@@ -419,6 +419,8 @@ def test_triton_kernel_pass_runs_quantized_experts(mode, tol):
     got, want = mixed_batch_logits(cm, seqs), mixed_batch_logits(ref, seqs)
     for i in range(len(seqs)):
         assert rel_rms(got[i], want[i]) < tol, f"seq {i}: {rel_rms(got[i], want[i])}"
+    dev = str(next(model.parameters()).device)
+    assert f"{mode} MoE experts on {dev}: passed" in cm.explain()  # the device check ran before the kernels served
 
 
 @pytest.mark.gpu

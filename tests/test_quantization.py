@@ -652,7 +652,7 @@ def test_int8_weight_rows_beyond_the_skinny_gemm_take_the_tiled_gemm(monkeypatch
         got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws, b)
         assert rel_rms(got, quant.int8_weight_linear_reference(x, wq, ws, b)) < (1e-6 if routed else 1e-2)
         assert [c for c in calls if c == x.shape] == ([x.shape] if routed else []), rows
-    assert quant_gemm._INT8W_GEMM_CHECKED == {str(torch.device(TRITON_DEVICE)): True}
+    assert quant_gemm._INT8W_GEMM_CHECKED == {str(x.device): True}
     # a kernel off by one on this device: the check says so, and the canonical op serves
     monkeypatch.setattr(quant_gemm, "_INT8W_GEMM_CHECKED", {})
     monkeypatch.setattr(quant_gemm, "int8_weight_gemm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k) + 1)
@@ -660,7 +660,10 @@ def test_int8_weight_rows_beyond_the_skinny_gemm_take_the_tiled_gemm(monkeypatch
     calls.clear()
     got = torch.ops.autodeploy.triton_int8_weight_linear(x, wq, ws, b)
     assert torch.equal(got, quant.int8_weight_linear(x, wq, ws, b)) and x.shape not in calls
-    assert quant_gemm._INT8W_GEMM_CHECKED == {str(torch.device(TRITON_DEVICE)): False}
+    assert quant_gemm._INT8W_GEMM_CHECKED == {str(x.device): False}
+    from autodeploy.backends.triton.kernels.device_check import check_results
+
+    assert check_results()[("int8 weight-only GEMM", str(x.device))] is False  # explain() shows it
 
 
 @needs_triton

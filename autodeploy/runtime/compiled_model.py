@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from typing import Any, Optional, Sequence
 
@@ -266,4 +267,15 @@ class CompiledModel:
             if runner is not None and runner.captured:
                 caps = ", ".join(f"{b}: {t * 1e3:.0f} ms" for b, t in sorted(runner.captured.items()))
                 text += f"\n  {label} cuda graphs captured (bucket: time): {caps}"
+        checks = _kernel_checks()
+        if checks:
+            text += "\n  kernel self-checks against the references: " + ", ".join(
+                f"{what} on {dev}: {'passed' if ok else 'FAILED, the reference op serves'}"
+                for (what, dev), ok in sorted(checks.items()))
         return text
+
+
+def _kernel_checks() -> dict:
+    """The Triton backend's per-device kernel checks run so far (none when the backend was never imported)."""
+    mod = sys.modules.get("autodeploy.backends.triton.kernels.device_check")
+    return mod.check_results() if mod is not None else {}

@@ -12,9 +12,17 @@ from typing import Callable
 
 import torch
 
-__all__ = ["kernels_agree"]
+__all__ = ["kernels_agree", "check_results"]
 
 log = logging.getLogger(__name__)
+
+# (kernel family, device) -> passed, for explain(): every check this process ran
+_RESULTS: dict[tuple[str, str], bool] = {}
+
+
+def check_results() -> dict[tuple[str, str], bool]:
+    """``(kernel family, device) -> passed`` for every per-device check this process has run."""
+    return dict(_RESULTS)
 
 
 def kernels_agree(checked: dict[str, bool], device: torch.device, what: str, op: str,
@@ -32,8 +40,9 @@ def kernels_agree(checked: dict[str, bool], device: torch.device, what: str, op:
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is a kernel not to use here
             log.error("the %s Triton kernels failed on %s (%s: %s); %s uses the reference op there", what, device,
                       type(exc).__name__, exc, op)
-            checked[key] = False
+            checked[key] = _RESULTS[(what, key)] = False
             return False
+        _RESULTS[(what, key)] = ok
         if not ok:
             log.error("the %s Triton kernels disagree with the reference on %s; %s uses the reference op there",
                       what, device, op)
