@@ -1,5 +1,5 @@
 """Weight-only int8 GEMMs with more rows than the skinny GEMM takes (decode batches, chunked prefill): the tiled
-Triton GEMM (``kernels/int8w_gemm.py``) against dequantize + cuBLAS (the canonical op's CUDA path) and against
+Triton GEMM (``kernels/int8_gemm.py``) against dequantize + cuBLAS (the canonical op's CUDA path) and against
 bf16 cuBLAS on bf16 weights, on a model's real per-layer shapes, for several row counts. It finds the row count
 where the tiled GEMM stops beating the dequantizing path (``INT8W_GEMM_MAX_M``).
 
@@ -32,7 +32,7 @@ def variants(configs: list[tuple[int, ...]]) -> dict:
     """name -> fn(x, int8 weight, scale, bf16 weight)."""
     from torch.nn.functional import linear
 
-    from autodeploy.backends.triton.kernels.int8w_gemm import int8_weight_gemm
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_weight_gemm
     from autodeploy.ops.quant import _dequant_gemm
 
     out = {"bf16 cuBLAS": lambda x, q, s, w: linear(x, w),

@@ -12,7 +12,7 @@ if [ "${PART:-tests}" = tests ]; then
   # the tiled int8 weight-only GEMM, the quantized MoE kernels (and their per-device checks), the fp8 KV decode
   # kernel's page loop (masked head/tail steps), beam search's device top-k
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short \
-    tests/test_quantization.py -k "int8_weight_gemm or tiled_gemm or llama_shapes or route_decode or gpu_fast_paths" \
+    tests/test_quantization.py -k "int8_weight_gemm or tiled_gemm or w8a8 or llama_shapes or route_decode or gpu_fast_paths" \
     2>&1 | tee "$OUT/gpu_quant.log" | tail -15
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short tests/test_moe.py \
     -k "quantized or fp8_experts or int8_weight_experts or checked_on_each or on_gpu" 2>&1 | tee "$OUT/gpu_moe.log" | tail -15

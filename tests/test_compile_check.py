@@ -40,13 +40,14 @@ def test_every_kernel_case_compiles_without_spills(compiled):
 
 
 def test_dots_lower_to_the_intended_mma(compiled):
-    """fp8 operands reach the warpgroup MMA as E4M3 (QGMMA: no conversion to 16-bit) where the tile allows it;
-    64-row tiles use warpgroup MMAs; the one-row words forms use no MMA at all."""
+    """fp8 operands reach the warpgroup MMA as E4M3 (QGMMA: no conversion to 16-bit) where the tile allows it,
+    W8A8 int8 the integer MMAs; 64-row tiles use warpgroup MMAs; the one-row words forms use no MMA at all."""
     results, _ = compiled
     assert results["moe/fp8/gate_up/m64"]["mma"] == ["QGMMA"]
     assert results["moe/fp8/down/m64"]["mma"] == ["QGMMA"]
     assert results["quant_gemv/tc/fp8/m4"]["mma"] == ["QGMMA"]
     for name in ("moe/float/gate_up/m64", "moe/int8-weight/gate_up/m64", "int8w_gemm/m512/bf16"):
         assert results[name]["mma"] == ["HGMMA"], name
+    assert results["w8a8_gemm/m512"]["mma"] == ["IGMMA"] and results["w8a8_gemm/m17"]["mma"] == ["IMMA"]
     for name in ("quant_gemv/words/fp8", "quant_gemv/words/int8-weight", "quant_gemv/words/w8a8-int8"):
         assert results[name]["mma"] == [], name

@@ -607,7 +607,7 @@ def test_int8_weight_gemm_matches_the_reference(dtype):
     """The tiled weight-only GEMM (more rows than the skinny GEMM): ragged M, N and K, several row and column
     tiles (the grouped program order), per-channel and per-tensor scales, with and without a bias. Products are
     exact in fp32, so only the order of the fp32 sums differs from the reference (one rounding in bf16/fp16)."""
-    from autodeploy.backends.triton.kernels.int8w_gemm import int8_weight_gemm
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_weight_gemm
 
     dev = TRITON_DEVICE
     torch.manual_seed(0)
@@ -630,6 +630,60 @@ def test_int8_weight_gemm_matches_the_reference(dtype):
         int8_weight_gemm(x, wq.t().contiguous(), ws)
     with pytest.raises(ValueError, match="weight_scale must have"):
         int8_weight_gemm(x, wq, ws[:3])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int8_w8a8_gemm_is_the_reference_bit_for_bit(dtype):
+    """The tiled W8A8 int8 GEMM on rows quantized by quantize_int8_rows: every int8 value in weights and
+    activations, exact int32 sums, the reference's epilogue order, ragged M, N and K, several tiles, per-channel
+    and per-tensor scales, with and without smoothing and a bias: equal to int8_linear's reference."""
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_w8a8_gemm
+    from autodeploy.backends.triton.kernels.quant_gemm import quantize_int8_rows
+
+    dev = TRITON_DEVICE
+    torch.manual_seed(0)
+    n, k = 72, 200
+    wq = ((torch.arange(n)[:, None] * 5 + torch.arange(k)[None, :]) % 256 - 128).to(torch.int8).to(dev)
+    b = torch.randn(n, device=dev)
+    for m, cfg in ((5, None), (37, None), (70, (16, 32, 32, 4, 2))):
+        x = (torch.randn(m, k, device=dev) * torch.logspace(-2, 2, k, device=dev)).to(dtype)
+        for ws, smooth, bias in ((torch.rand(n, device=dev) + 0.5, torch.rand(k, device=dev) + 0.5, b),
+                                 (torch.tensor(0.02, device=dev), None, None)):
+            xq, xs = quantize_int8_rows(x, smooth)
+            got = int8_w8a8_gemm(xq, xs, wq, ws, bias, out_dtype=dtype, config=cfg)
+            assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, smooth, bias)), (m, cfg)
+    with pytest.raises(ValueError, match="int8_w8a8_gemm takes int8 rows"):
+        int8_w8a8_gemm(x, xs, wq, ws)
+
+
+@needs_triton
+def test_w8a8_int8_rows_beyond_the_gemv_take_the_tiled_gemm(monkeypatch):
+    """5..INT8W_GEMM_MAX_M rows of int8_linear: quantized in one launch and multiplied by the tiled int8 GEMM
+    with its epilogue fused, bit for bit the reference; more rows the canonical op; a device whose tiled GEMM
+    disagrees never uses it."""
+    from autodeploy.backends.triton.kernels import quant_gemm
+
+    calls = []
+    real = quant_gemm.int8_w8a8_gemm
+    monkeypatch.setattr(quant_gemm, "int8_w8a8_gemm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(quant_gemm, "INT8W_GEMM_MAX_M", 40)
+    monkeypatch.setattr(quant_gemm, "_INT8_GEMM_CHECKED", {})
+    wq, ws = quant.quantize_int8_weight(torch.randn(24, 68, device=TRITON_DEVICE))
+    smooth, b = torch.rand(68, device=TRITON_DEVICE) + 0.5, torch.randn(24, device=TRITON_DEVICE)
+    for rows, routed in ((5, True), (40, True), (41, False)):
+        x = torch.randn(rows, 68, device=TRITON_DEVICE, dtype=torch.bfloat16)
+        calls.clear()
+        got = torch.ops.autodeploy.triton_int8_linear(x, wq, ws, smooth, b)
+        assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, smooth, b)), rows
+        assert [c for c in calls if c == x.shape] == ([x.shape] if routed else []), rows
+    assert quant_gemm._INT8_GEMM_CHECKED == {str(x.device): True}
+    monkeypatch.setattr(quant_gemm, "_INT8_GEMM_CHECKED", {})
+    monkeypatch.setattr(quant_gemm, "int8_w8a8_gemm", lambda *a, **k: real(*a, **k) + 1)
+    x = torch.randn(9, 68, device=TRITON_DEVICE, dtype=torch.bfloat16)
+    assert torch.equal(torch.ops.autodeploy.triton_int8_linear(x, wq, ws, smooth, b),
+                       quant.int8_linear_reference(x, wq, ws, smooth, b))
+    assert quant_gemm._INT8_GEMM_CHECKED == {str(x.device): False}
 
 
 @needs_triton
@@ -789,7 +843,7 @@ def test_gpu_int8_weight_gemm_on_llama_shapes():
     """The tiled weight-only GEMM compiled for the GPU, on Llama-8B-sized GEMMs at the row counts it is routed
     (17-512): bf16 rows within bf16 rounding of the reference, and a CUDA graph replays it (no host sync)."""
     from autodeploy.backends.triton.kernels import quant_gemm
-    from autodeploy.backends.triton.kernels.int8w_gemm import int8_weight_gemm
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_weight_gemm
 
     assert quant_gemm._int8w_gemm_agrees(torch.device("cuda"))
     torch.manual_seed(0)
@@ -807,6 +861,25 @@ def test_gpu_int8_weight_gemm_on_llama_shapes():
     graph.replay()
     torch.cuda.synchronize()
     assert rel_rms(out, want) < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_w8a8_int8_gemm_on_llama_shapes():
+    """The tiled W8A8 int8 GEMM compiled for the GPU (integer MMAs), Llama-8B-sized, at the row counts it is
+    routed: fp32 outputs equal to the reference (cuBLASLt int32 sums, the same epilogue order)."""
+    from autodeploy.backends.triton.kernels import quant_gemm
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_w8a8_gemm
+
+    assert quant_gemm._int8_gemm_agrees(torch.device("cuda"))
+    torch.manual_seed(0)
+    for n, k in ((6144, 4096), (4096, 14336)):
+        wq, ws = quant.quantize_int8_weight(torch.randn(n, k, device="cuda") * 0.02)
+        b = torch.randn(n, device="cuda")
+        for m in (5, 17, 64, 200, 512):
+            x = torch.randn(m, k, device="cuda")
+            xq, xs = quant_gemm.quantize_int8_rows(x)
+            got = int8_w8a8_gemm(xq, xs, wq, ws, b, out_dtype=torch.float32)
+            assert torch.equal(got, quant.int8_linear_reference(x, wq, ws, None, b)), (n, k, m)
 
 
 @pytest.mark.gpu

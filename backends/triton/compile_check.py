@@ -65,24 +65,27 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
         os.unlink(path)
     reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     return {"regs": int(reg.group(1)) if reg else -1, "stack": int(stack.group(1)) if stack else -1,
-            "smem": k.metadata.shared, "mma": sorted(m for m in ("HMMA", "HGMMA", "QGMMA", "IMMA") if m + "." in sass)}
+            "smem": k.metadata.shared, "mma": sorted(m for m in ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA") if m + "." in sass)}
 
 
 # -- int8 weight-only GEMM --------------------------------------------------------------------------------------
-def _int8w(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: bool = False):
-    from autodeploy.backends.triton.kernels.int8w_gemm import _int8w_gemm_kernel, int8w_gemm_config
+def _int8_tiled(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: bool = False, w8a8: bool = False):
+    from autodeploy.backends.triton.kernels.int8_gemm import _int8w_gemm_kernel, int8w_gemm_config
 
     bm, bn, bk, warps, stages = int8w_gemm_config(m, n, k, 132)
-    sig = dict(x_ptr=f"*{dtype}", w_ptr="*i8", s_ptr="*fp32", b_ptr=f"*{dtype}", y_ptr=f"*{dtype}", M="i32",
-               N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
+    sig = dict(x_ptr="*i8" if w8a8 else f"*{dtype}", xs_ptr="*fp32", w_ptr="*i8", s_ptr="*fp32", b_ptr=f"*{dtype}",
+               y_ptr=f"*{dtype}", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
     consts = dict(HAS_BIAS=bias, PER_CHANNEL=True, UPCAST=False, IEEE=False, EVEN_K=even_k, EMULATE_RNE=False,
-                  GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                  W8A8=w8a8, ASM=True, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return _int8w_gemm_kernel, sig, consts, warps, stages, ("K",) if even_k else ()
 
 
 for _m, _dt, _even in ((17, "bf16", True), (64, "fp16", False), (512, "bf16", True)):
     case(f"int8w_gemm/m{_m}/{_dt}{'' if _even else '/ragged_k'}")(
-        lambda m=_m, dt=_dt, even=_even: _int8w(m, 4096, 4096, dt, even, bias=not even))
+        lambda m=_m, dt=_dt, even=_even: _int8_tiled(m, 4096, 4096, dt, even, bias=not even))
+for _m, _even in ((17, True), (64, False), (512, True)):
+    case(f"w8a8_gemm/m{_m}{'' if _even else '/ragged_k'}")(
+        lambda m=_m, even=_even: _int8_tiled(m, 4096, 4096, "bf16", even, bias=True, w8a8=True))
 
 
 # -- skinny quantized GEMMs (decode rows): the words forms (inline PTX) and the tensor-core form ------------------

@@ -16,7 +16,7 @@ The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_lin
 quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
 ``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8 tensor cores (there one launch quantizes
 the activation rows, ``quantize_fp8_rows`` unless the producer did, and ``torch._scaled_mm`` multiplies) and
-int8 weight-only up to ``INT8W_GEMM_MAX_M`` rows (the tiled GEMM of kernels/int8w_gemm.py).
+int8 weight-only and W8A8 int8 up to ``INT8W_GEMM_MAX_M`` rows (the tiled GEMMs of kernels/int8_gemm.py).
 ``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
 """
 
@@ -34,7 +34,8 @@ from torch import Tensor
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 from autodeploy.backends.triton.kernels.device_check import kernels_agree
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
-from autodeploy.backends.triton.kernels.int8w_gemm import INT8W_GEMM_MAX_M, int8_weight_gemm
+from autodeploy.backends.triton.kernels.int8_gemm import (INT8W_GEMM_MAX_M, int8_w8a8_gemm, int8_weight_gemm,
+                                                          scale_then_bias)
 from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
@@ -131,20 +132,13 @@ def _quant_gemv_kernel(
 def _scale_bias(acc, ws_ptr, b_ptr, offs_n, n_ok, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ASM: tl.constexpr):
     """``acc [BLOCK_N] * w_scale (+ bias)``: the epilogue of the one-row words kernels, each step rounded as the
-    reference rounds it. With ASM (compiled for NVIDIA) the product is a ``mul.rn``, which ptxas never contracts
-    with the bias add into an FMA (one rounding instead of the reference's two)."""
+    reference rounds it (``scale_then_bias``)."""
     if PER_CHANNEL:
         ws = tl.load(ws_ptr + offs_n, mask=n_ok, other=0.0)
     else:
         ws = tl.load(ws_ptr) + tl.zeros_like(acc)
-    if HAS_BIAS and ASM:
-        acc = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [acc, ws], dtype=tl.float32,
-                                        is_pure=True, pack=1)
-    else:
-        acc = acc * ws
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    return acc
+    b = tl.load(b_ptr + offs_n, mask=n_ok & HAS_BIAS, other=0.0).to(tl.float32)
+    return scale_then_bias(acc, ws, b, HAS_BIAS, ASM)
 
 
 @triton.jit
@@ -626,7 +620,7 @@ def int8_weight_rows_ok(m: int, k: int, n: int, config: Optional[QConfig] = None
 def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::int8_weight_linear`` with its decode rows (up to INT8W_TC_MAX_M where K allows the
     tensor-core form) on the skinny quantized GEMM, and up to INT8W_GEMM_MAX_M rows on the tiled weight-only
-    GEMM (kernels/int8w_gemm.py), both reading each int8 weight once."""
+    GEMM (kernels/int8_gemm.py), both reading each int8 weight once."""
     rows = _device_rows(x)
     if rows > 0 and weight.stride(-1) == 1:
         if int8_weight_rows_ok(rows, x.shape[-1], weight.shape[0]):
@@ -639,6 +633,7 @@ def triton_int8_weight_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, b
 
 _INT8_CHECKED: dict[str, bool] = {}
 _INT8W_GEMM_CHECKED: dict[str, bool] = {}
+_INT8_GEMM_CHECKED: dict[str, bool] = {}
 
 
 def _int8_kernels_agree(device: torch.device) -> bool:
@@ -656,6 +651,27 @@ def _int8_kernels_agree(device: torch.device) -> bool:
                            quant.int8_linear_reference(x.float(), w, ws, smooth, b))
 
     return kernels_agree(_INT8_CHECKED, device, "W8A8 int8", "int8_linear", check)
+
+
+def _int8_gemm_agrees(device: torch.device) -> bool:
+    """The tiled W8A8 int8 GEMM against the reference, exactly (fp32 outputs, so no output rounding hides a
+    difference): every int8 value, smoothing, a bias, ragged M, N and K, and two row counts (two launch
+    configurations)."""
+    def check() -> bool:
+        g = torch.Generator().manual_seed(0)
+        n, k = 136, 3 * 64 + 36
+        w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
+        ws, smooth, b = (torch.rand(n, generator=g).to(device) + 0.5, torch.rand(k, generator=g).to(device) + 0.5,
+                         torch.randn(n, generator=g).to(device))
+        for m in (70, 20):
+            x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)).to(device=device, dtype=torch.bfloat16)
+            xq, xs = quantize_int8_rows(x, smooth)
+            if not torch.equal(int8_w8a8_gemm(xq, xs, w, ws, b, out_dtype=torch.float32),
+                               quant.int8_linear_reference(x.float(), w, ws, smooth, b)):
+                return False
+        return True
+
+    return kernels_agree(_INT8_GEMM_CHECKED, device, "W8A8 int8 tiled GEMM", "int8_linear", check)
 
 
 def _int8w_gemm_agrees(device: torch.device) -> bool:
@@ -683,12 +699,18 @@ def _int8w_gemm_agrees(device: torch.device) -> bool:
 @torch.library.custom_op("autodeploy::triton_int8_linear", mutates_args=())
 def triton_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, smooth: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None) -> Tensor:
-    """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its decode rows quantized in one launch and
-    multiplied by the int8 words GEMV, both bit-compatible with the reference up to the fp32 epilogue."""
+    """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its rows quantized in one launch, then multiplied by
+    the int8 words GEMV (decode rows) or, up to INT8W_GEMM_MAX_M rows, the tiled int8 GEMM with its scaling
+    epilogue fused; both give the reference's values bit for bit."""
     if (_skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0
             and weight.data_ptr() % 4 == 0 and _int8_kernels_agree(x.device)):
         xq, xs = quantize_int8_rows(x, smooth)
         return int8_gemv(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
+    rows = _device_rows(x)
+    if (QGEMV_MAX_M < rows <= INT8W_GEMM_MAX_M and weight.stride(-1) == 1
+            and _int8_gemm_agrees(x.device)):
+        xq, xs = quantize_int8_rows(x, smooth)
+        return int8_w8a8_gemm(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
     return torch.ops.autodeploy.int8_linear(x, weight, weight_scale, smooth, bias)
 
 
