@@ -1,7 +1,8 @@
-"""Weight-only int8 GEMMs with more rows than the skinny GEMM takes (decode batches, chunked prefill): the tiled
-Triton GEMM (``kernels/int8_gemm.py``) against dequantize + cuBLAS (the canonical op's CUDA path) and against
-bf16 cuBLAS on bf16 weights, on a model's real per-layer shapes, for several row counts. It finds the row count
-where the tiled GEMM stops beating the dequantizing path (``INT8W_GEMM_MAX_M``).
+"""int8 GEMMs with more rows than the skinny GEMMs take (decode batches, chunked prefill), on a model's real
+per-layer shapes, for several row counts: weight-only, the tiled Triton GEMM (``kernels/int8_gemm.py``) against
+dequantize + cuBLAS (the canonical op's CUDA path) and bf16 cuBLAS on bf16 weights; W8A8, the row quantizer plus
+the tiled GEMM against the canonical op's CUDA path (cuBLASLt int32 sums, then torch scaling). It finds the row
+count where the tiled GEMMs stop beating the canonical paths (``INT8W_GEMM_MAX_M``).
 
 Each case is a CUDA graph replaying the GEMM of one shape over every layer's own weight (each weight comes from
 HBM, as in a step), timed with events. Two floors per case: bytes (weights plus activations in and out, over the
@@ -32,12 +33,15 @@ def variants(configs: list[tuple[int, ...]]) -> dict:
     """name -> fn(x, int8 weight, scale, bf16 weight)."""
     from torch.nn.functional import linear
 
-    from autodeploy.backends.triton.kernels.int8_gemm import int8_weight_gemm
-    from autodeploy.ops.quant import _dequant_gemm
+    from autodeploy.backends.triton.kernels.int8_gemm import int8_w8a8_gemm, int8_weight_gemm
+    from autodeploy.backends.triton.kernels.quant_gemm import quantize_int8_rows
+    from autodeploy.ops.quant import _dequant_gemm, int8_linear_reference
 
     out = {"bf16 cuBLAS": lambda x, q, s, w: linear(x, w),
            "int8 dequant+cuBLAS": lambda x, q, s, w: _dequant_gemm(x, q, s),
-           "int8 tiled": lambda x, q, s, w: int8_weight_gemm(x, q, s)}
+           "int8 tiled": lambda x, q, s, w: int8_weight_gemm(x, q, s),
+           "w8a8 canonical": lambda x, q, s, w: int8_linear_reference(x, q, s),
+           "w8a8 tiled": lambda x, q, s, w: int8_w8a8_gemm(*quantize_int8_rows(x), q, s, out_dtype=x.dtype)}
     for cfg in configs:
         out["int8 tiled " + "/".join(map(str, cfg))] = lambda x, q, s, w, c=cfg: int8_weight_gemm(x, q, s, config=c)
     return out
@@ -76,10 +80,13 @@ def main(argv=None) -> dict:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = quant.int8_weight_linear_reference(x, *packs[0][:2])
+            w8a8_want = quant.int8_linear_reference(x, *packs[0][:2])
             row = {"shape": name, "n": n, "k": k, "rows": m, "layers": layers, "us": {}}
             for vname, fn in fns.items():
                 got = fn(x, *packs[0])
-                err = _rel_rms(got, want if "int8" in vname else x.float() @ packs[0][2].float().t())
+                ref = (x.float() @ packs[0][2].float().t() if vname.startswith("bf16")
+                       else w8a8_want if vname.startswith("w8a8") else want)
+                err = _rel_rms(got, ref)
                 if err > 2e-2:
                     raise SystemExit(f"{vname} on {name} x {m} rows: relative RMS {err:.2e} from the reference")
                 replay = graph_of([lambda pk=pk, fn=fn: fn(x, *pk) for pk in packs])
