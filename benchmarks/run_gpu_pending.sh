@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What has landed without a GPU run yet, checked and timed in as few device calls as possible (docs/quantization.md
-# lists these as not yet run on a GPU). PART=tests (about 5 min) or PART=bench (about 8 min); results in $OUT.
+# lists these as not yet run on a GPU). PART=tests (about 5 min), PART=bench (about 8 min) or PART=cb (about 5 min);
+# results in $OUT.
 # Usage (device tool): PART=tests bash benchmarks/run_gpu_pending.sh, then PART=bench bash benchmarks/run_gpu_pending.sh
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -21,6 +22,14 @@ if [ "${PART:-tests}" = tests ]; then
     | tee "$OUT/gpu_attention.log" | tail -15
   timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_kv_cache_fp8.py \
     tests/test_beam_search.py 2>&1 | tee "$OUT/gpu_kv_beam.log" | tail -15
+elif [ "${PART}" = cb ]; then
+  # FP8-KV continuous batching with the shipped prefill tile (it spills 48 B, compile_check) and the one that
+  # does not spill
+  for cfg in "" "128,32,8,3"; do
+    AUTODEPLOY_CONTEXT_CONFIG=$cfg timeout 280 python benchmarks/bench_decode.py --model llama-3.1-8b --cb-only \
+      --max-batch-size 256 --cb-requests 1024 --cb-input 128 --cb-output 128 --max-seq-len 512 --quantization fp8 \
+      --kv-cache-dtype fp8 2>&1 | grep -v "^W1\|warn" | tee -a "$OUT/cb_fp8kv.log" | tail -6
+  done
 else
   timeout 200 python benchmarks/bench_int8w_gemm.py --rows ${ROWS:-17,32,64,128,256,512,1024} --layers 8 \
     --json "$OUT/int8w_gemm.json" 2>&1 | tee "$OUT/int8w_gemm.log" | tail -40

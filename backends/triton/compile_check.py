@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 __all__ = ["resources", "CASES", "run"]
 
@@ -40,19 +40,21 @@ def case(name: str) -> Callable[[Case], Case]:
 
 
 def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
-              div16: tuple = (), capability: int = 90) -> dict:
+              div16: tuple = (), capability: int = 90, exact_div16: bool = False, options: Optional[dict] = None) -> dict:
     """Compile ``fn`` (a ``@triton.jit`` function) for ``sm_<capability>``: {'regs', 'stack', 'smem', 'mma'}.
-    ``stack`` > 0 means spills to local memory."""
+    ``stack`` > 0 means spills to local memory. 16-divisible: pointers, ``stride*`` and ``div16`` arguments, or
+    (``exact_div16``, a recorded launch) exactly ``div16``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {name: ("constexpr" if name in constexprs else signature[name]) for name in fn.arg_names}
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name, ty in signature.items()
-             if name not in constexprs and (ty.startswith("*") or name.startswith("stride") or name in div16)}
+             if name not in constexprs and (name in div16 or (not exact_div16 and (
+                 ty.startswith("*") or name.startswith("stride"))))}
     src = ASTSource(fn, sig, constexprs=constexprs, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
+                       options=dict(num_warps=num_warps, num_stages=num_stages, **(options or {})))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -66,6 +68,74 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
     reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     return {"regs": int(reg.group(1)) if reg else -1, "stack": int(stack.group(1)) if stack else -1,
             "smem": k.metadata.shared, "mma": sorted(m for m in ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA") if m + "." in sass)}
+
+
+# -- recorded launches: the launcher runs on CPU tensors and its kernel calls are captured, not launched ----------
+class Launch:
+    """One captured ``kernel[grid](...)`` call, specialised as Triton's launcher would specialise it (each
+    argument through Triton's own ``native_specialize_impl``: its type, 16-divisibility, ints equal to 1 as
+    constants), ready to compile offline."""
+
+    def __init__(self, fn, args: tuple, kwargs: dict):
+        import inspect
+
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        names = set(fn.arg_names)
+        bound = inspect.signature(fn.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in names})
+        bound.apply_defaults()
+        self.fn = fn
+        self.options = {k: v for k, v in kwargs.items() if k not in names}
+        no_spec = {fn.arg_names[i] if isinstance(i, int) else i for i in (fn.do_not_specialize or ())}
+        no_align = {fn.arg_names[i] if isinstance(i, int) else i
+                    for i in (getattr(fn, "do_not_specialize_on_alignment", None) or ())}
+        self.signature, self.constexprs, div16 = {}, {}, []
+        for param in fn.params:
+            value = bound.arguments[param.name]
+            if param.is_constexpr:
+                self.constexprs[param.name] = value
+                continue
+            ty, key = native_specialize_impl(BaseBackend, value, False, param.name not in no_spec,
+                                             param.name not in no_align)
+            if ty == "constexpr":  # None, or an int equal to 1
+                self.constexprs[param.name] = key
+            else:
+                self.signature[param.name] = ty
+                if key == "D":
+                    div16.append(param.name)
+        self.div16 = tuple(div16)
+
+    def compile(self) -> dict:
+        extra = {k: v for k, v in self.options.items() if k in ("maxnreg",)}
+        return resources(self.fn, self.signature, self.constexprs, self.options.get("num_warps", 4),
+                         self.options.get("num_stages", 3), self.div16, exact_div16=True, options=extra)
+
+
+def record_launches(call: Callable[[], Any]) -> list[Launch]:
+    """The Triton launches ``call()`` makes, captured instead of run (the interpreter must be off)."""
+    from triton.runtime.jit import JITFunction
+
+    launches: list[Launch] = []
+    real = JITFunction.run
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs))
+
+    JITFunction.run = capture
+    try:
+        call()
+    finally:
+        JITFunction.run = real
+    return launches
+
+
+def recorded(call: Callable[[], Any], kernel: str, index: int = 0) -> Launch:
+    """The ``index``-th launch of the kernel named ``kernel`` that ``call()`` makes."""
+    found = [launch for launch in record_launches(call) if launch.fn.fn.__name__ == kernel]
+    if len(found) <= index:
+        raise RuntimeError(f"the launcher made no launch {index} of {kernel}")
+    return found[index]
 
 
 # -- int8 weight-only GEMM --------------------------------------------------------------------------------------
@@ -234,6 +304,121 @@ case("fp8_producer/gated_act")(_gated_act_fp8)
 case("fp8_producer/rope_cache_write")(_rope_cache_fp8)
 
 
+# -- recorded from the launchers themselves (CPU tensors, launches captured): the token kernels, GEMV, norms,
+# activations, row quantizers, the MoE combine, the decode partition and merge, prefill attention --------------
+def _bf16(*shape):
+    import torch
+
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+def _argmax():
+    import torch
+
+    from autodeploy.backends.triton.kernels.argmax import chunked_argmax  # (argmax_rows: torch off CUDA)
+
+    return lambda: chunked_argmax(_bf16(8, 128256), row_sums=torch.empty(8))
+
+
+def _sampling():
+    import torch
+
+    from autodeploy.backends.triton.kernels import sampling
+
+    rows = [sampling.param_row(0.8, 200, 0.95, 0.05, seed, repetition_penalty=1.1) for seed in range(8)]
+    params = sampling.pack_params(rows, list(range(8)), pen_rows=list(range(8)))
+    return lambda: sampling.fused_sample(_bf16(8, 128256), params, row_sums=torch.empty(8),
+                                         penalties=torch.zeros(8, 128256, dtype=torch.int32))
+
+
+def _sampling_case():
+    from autodeploy.backends.triton.kernels import sampling
+
+    launch = recorded(_sampling(), "_sample_kernel")
+    launch.constexprs["BLOCK"] = sampling._BLOCK  # the launcher's chunk on a GPU (off one, a wider one)
+    return launch
+
+
+def _gemv():
+    from autodeploy.backends.triton.kernels.gemv import gemv
+
+    return lambda: gemv(_bf16(1, 4096), _bf16(6144, 4096))
+
+
+def _norm():
+    from autodeploy.backends.triton.kernels.rms_norm import rms_norm
+
+    return lambda: rms_norm(_bf16(4, 4096), _bf16(4096), 1e-5)
+
+
+def _act():
+    from autodeploy.backends.triton.kernels.gated_act import gated_act
+
+    return lambda: gated_act(_bf16(4, 14336), _bf16(4, 14336))
+
+
+def _rows_quant(kind: str):
+    import torch
+
+    from autodeploy.backends.triton.kernels import quant_gemm
+
+    if kind == "fp8":
+        return lambda: quant_gemm.quantize_fp8_rows(_bf16(16, 4096))
+    return lambda: quant_gemm.quantize_int8_rows(_bf16(16, 4096), torch.rand(4096) + 0.5)
+
+
+def _moe_combine():
+    import torch
+
+    from autodeploy.backends.triton.kernels.moe import fused_moe
+
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(16)])
+    return lambda: fused_moe(_bf16(16, 4096), ids, torch.rand(16, 2), _bf16(8, 1024, 4096), _bf16(8, 1024, 4096),
+                             _bf16(8, 4096, 1024))
+
+
+def _partition():
+    import torch
+
+    from autodeploy.backends.triton.kernels.decode_partition import decode_partition_kernel
+
+    lens = torch.randint(1, 4096, (64,), dtype=torch.int32)
+    cu = torch.arange(65, dtype=torch.int32)
+    return lambda: decode_partition_kernel(lens, cu, target=33, window=0, align=64, min_chunk=0)
+
+
+def _context(kv_fp8: bool):
+    import torch
+
+    from autodeploy.backends.triton.kernels.attention import context_attention
+    from autodeploy.ops.kv_quant import FP8_KV_DTYPE, KV_SCALE_DTYPE
+
+    pages, page, hkv, d = 64, 64, 8, 128
+    kv = (torch.empty(pages, page, hkv, d, dtype=FP8_KV_DTYPE) if kv_fp8 else _bf16(pages, page, hkv, d))
+    scales = dict(k_scale=torch.ones(pages, page, hkv, dtype=KV_SCALE_DTYPE),
+                  v_scale=torch.ones(pages, page, hkv, dtype=KV_SCALE_DTYPE)) if kv_fp8 else {}
+    q = _bf16(512, 32, d)
+    cu = torch.tensor([0, 256, 512], dtype=torch.int32)
+    return lambda: context_attention(q, kv, kv.clone(), cu, torch.tensor([300, 256], dtype=torch.int32),
+                                     torch.arange(64, dtype=torch.int32).reshape(2, 32), torch.empty_like(q),
+                                     num_seqs=2, scale=d ** -0.5, sliding_window=None, logit_softcap=None,
+                                     sinks=None, **scales)
+
+
+for _name, _make, _kernel in (
+        ("tokens/argmax_chunks", _argmax, "_chunk_argmax_kernel"), ("tokens/argmax_merge", _argmax, "_merge_argmax_kernel"),
+        ("gemv/bf16_row", _gemv, "_gemv_kernel"),
+        ("norm/rms_norm", _norm, "_rms_norm_kernel"), ("act/gated_silu", _act, "_gated_act_kernel"),
+        ("quant_rows/fp8", lambda: _rows_quant("fp8"), "_fp8_rows_kernel"),
+        ("quant_rows/int8_smooth", lambda: _rows_quant("int8"), "_int8_rows_kernel"),
+        ("moe/combine", _moe_combine, "_combine_kernel"),
+        ("decode/partition", _partition, "_decode_partition_kernel"),
+        ("prefill/bf16_kv", lambda: _context(False), "_context_attn_kernel"),
+        ("prefill/fp8_kv", lambda: _context(True), "_context_attn_kernel")):
+    case(_name)(lambda make=_make, kernel=_kernel: recorded(make(), kernel))
+case("tokens/sampling_penalties")(_sampling_case)
+
+
 def run(patterns: list[str]) -> dict[str, dict]:
     """Compile the cases matching ``patterns`` (fnmatch; all when empty): name -> resources, or {'error'}."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -242,8 +427,12 @@ def run(patterns: list[str]) -> dict[str, dict]:
         if patterns and not any(fnmatch.fnmatch(name, p) for p in patterns):
             continue
         try:
-            fn, sig, consts, warps, stages, div16 = build()
-            out[name] = resources(fn, sig, consts, warps, stages, div16)
+            built = build()
+            if isinstance(built, Launch):
+                out[name] = built.compile()
+            else:
+                fn, sig, consts, warps, stages, div16 = built
+                out[name] = resources(fn, sig, consts, warps, stages, div16)
         except Exception as exc:  # noqa: BLE001 - reported per case
             root = exc
             while root.__cause__ is not None:  # a CompilationError's own text is the source line; its cause says why

@@ -772,6 +772,9 @@ def _context_config(block_d: int, dtype: torch.dtype):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the context kernel."""
     if _interpreting():
         return 32, 32, 4, 1
+    env = os.environ.get("AUTODEPLOY_CONTEXT_CONFIG")  # tuning (benchmarks): "BLOCK_M,BLOCK_N,warps,stages"
+    if env:
+        return tuple(int(v) for v in env.split(","))
     if dtype == torch.float32:
         return (64, 32, 4, 2) if block_d <= 128 else (32, 32, 4, 1)
     if block_d <= 64:
