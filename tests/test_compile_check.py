@@ -46,6 +46,11 @@ def test_every_kernel_case_compiles_without_spills(compiled):
                if r["stack"] > KNOWN_SPILLS.get(name, (0, ""))[0]}
     assert not spilled, spilled
     assert all(0 < r["regs"] <= 255 for r in results.values())
+    # the page loop of the decode kernels is found and counted (what per-page work is made of)
+    for name in ("decode/bf16_kv", "decode/fp8_kv"):
+        loop = results[name]["loop"]
+        assert loop["mma"] > 0 and loop["global_loads"] > 0 and 100 < loop["instructions"] < 2000, (name, loop)
+    assert results["decode/fp8_kv"]["loop"]["conversions"] > results["decode/bf16_kv"]["loop"]["conversions"]
 
 
 def test_dots_lower_to_the_intended_mma(compiled):

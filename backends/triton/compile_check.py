@@ -67,7 +67,54 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
         os.unlink(path)
     reg, stack = re.search(r"REG:(\d+)", usage), re.search(r"STACK:(\d+)", usage)
     return {"regs": int(reg.group(1)) if reg else -1, "stack": int(stack.group(1)) if stack else -1,
-            "smem": k.metadata.shared, "mma": sorted(m for m in ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA") if m + "." in sass)}
+            "smem": k.metadata.shared, "mma": sorted(m for m in _MMAS if m + "." in sass),
+            "loop": loop_summary(sass), "sass": sass}
+
+
+_MMAS = ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA")
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
+_BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+
+
+def loop_summary(sass: str) -> dict:
+    """The largest innermost-looking loop of a SASS listing (a backward branch and the instructions it spans):
+    its instruction count and the opcode classes in it (loads, MMAs, conversions, barriers), which is what a
+    per-iteration cost is made of."""
+    lines = [(int(m.group(1), 16), m.group(2), raw) for raw in sass.splitlines() if (m := _SASS_LINE.match(raw))]
+    labels = {}
+    for raw in sass.splitlines():
+        m = re.match(r"^\.L_x_(\d+):", raw.strip())
+        if m:
+            labels[m.group(1)] = None
+    best: tuple[int, int] = (0, 0)
+    addr_of_label, pending = {}, []
+    for raw in sass.splitlines():  # a label's address is that of the next instruction
+        m = re.match(r"^\s*\.L_x_(\d+):", raw)
+        if m:
+            pending.append(m.group(1))
+            continue
+        ins = _SASS_LINE.match(raw)
+        if ins and pending:
+            for lab in pending:
+                addr_of_label[lab] = int(ins.group(1), 16)
+            pending = []
+    for addr, op, raw in lines:
+        if not op.startswith("BRA"):
+            continue
+        target = re.search(r"\.L_x_(\d+)", raw)
+        t = addr_of_label.get(target.group(1)) if target else None
+        if t is None:
+            hexed = re.search(r"BRA\s+0x([0-9a-f]+)", raw)
+            t = int(hexed.group(1), 16) if hexed else None
+        if t is not None and t < addr and addr - t > best[1] - best[0]:
+            best = (t, addr)
+    body = [op for addr, op, _ in lines if best[0] <= addr <= best[1]] if best[1] else []
+    classes = {"instructions": len(body)}
+    for name, prefixes in (("global_loads", ("LDG", "LDGSTS")), ("shared_loads", ("LDS", "LDSM")),
+                           ("mma", _MMAS), ("conversions", ("F2F", "F2FP", "I2F", "F2I", "I2FP")),
+                           ("barriers", ("BAR", "SYNCS", "WARPSYNC")), ("local", ("LDL", "STL"))):
+        classes[name] = sum(1 for op in body if op.split(".")[0] in prefixes)
+    return classes
 
 
 # -- recorded launches: the launcher runs on CPU tensors and its kernel calls are captured, not launched ----------
@@ -450,15 +497,25 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", action="append", default=[], help="fnmatch pattern of case names (repeatable)")
     p.add_argument("--json", default="")
+    p.add_argument("--sass", default="", help="directory to write each case's SASS listing into")
     args = p.parse_args(argv)
     results = run(args.cases)
     for name, r in results.items():
-        print(f"{name:32s} " + (r["error"] if "error" in r else
-                                f"regs {r['regs']:3d}  spill stack {r['stack']:5d} B  smem {r['smem']:6d} B  "
-                                f"{','.join(r['mma']) or '-'}"))
+        if "error" in r:
+            print(f"{name:32s} {r['error']}")
+            continue
+        loop = r["loop"]
+        print(f"{name:32s} regs {r['regs']:3d}  spill stack {r['stack']:5d} B  smem {r['smem']:6d} B  "
+              f"{','.join(r['mma']) or '-':6s} loop {loop['instructions']:4d} instr (global loads "
+              f"{loop['global_loads']}, shared loads {loop['shared_loads']}, mma {loop['mma']}, conversions "
+              f"{loop['conversions']}, barriers {loop['barriers']})")
+        if args.sass:
+            os.makedirs(args.sass, exist_ok=True)
+            with open(os.path.join(args.sass, name.replace("/", "_") + ".sass"), "w") as f:
+                f.write(r["sass"])
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({name: {k: v for k, v in r.items() if k != "sass"} for name, r in results.items()}, f, indent=1)
     return 1 if any("error" in r for r in results.values()) else 0
 
 
