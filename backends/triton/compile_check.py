@@ -73,7 +73,6 @@ def resources(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_sta
 
 _MMAS = ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA")
 _SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)")
-_BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
 
 def loop_summary(sass: str) -> dict:
@@ -81,11 +80,6 @@ def loop_summary(sass: str) -> dict:
     its instruction count and the opcode classes in it (loads, MMAs, conversions, barriers), which is what a
     per-iteration cost is made of."""
     lines = [(int(m.group(1), 16), m.group(2), raw) for raw in sass.splitlines() if (m := _SASS_LINE.match(raw))]
-    labels = {}
-    for raw in sass.splitlines():
-        m = re.match(r"^\.L_x_(\d+):", raw.strip())
-        if m:
-            labels[m.group(1)] = None
     best: tuple[int, int] = (0, 0)
     addr_of_label, pending = {}, []
     for raw in sass.splitlines():  # a label's address is that of the next instruction
