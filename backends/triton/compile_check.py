@@ -294,7 +294,7 @@ def _decode(kv_fp8: bool):
             sig[name] = "i32"
         else:
             sig[name] = ints.get(name) or ptrs.get(name) or "*bf16"
-    block_n, warps, stages = 64, 4, 3
+    block_n, warps, stages = 64, 4, attn._DEEP_STAGES  # _decode_config on a GPU with Hopper's shared memory
     consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, NEED_DMASK=False,
                   HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=False, ROPE=False, ROT=0,
                   PAGE_TILES=True, EMULATE_RNE=False, UPCAST=False, IEEE=False, PDL=True, KV_FP8=kv_fp8,
