@@ -11,6 +11,11 @@ GEMMs are launch- and latency-bound and the per-expert token lists need host syn
 3. One launch computes down for every tile and writes each pair's output row ``y[pair, H]``.
 4. The combine sums the K picks of each token weighted by the routing weights in fp32.
 
+Quantized experts (``moe_experts_quant``) run the same launches: int8 weights are converted to the activation
+dtype as they are loaded; for E4M3 weights the token rows and the intermediate rows are quantized to E4M3 per row
+first (one launch each) and the MMAs take E4M3 operands; the scales multiply the fp32 sums. Each device checks
+these kernels against the reference once before they serve (``_quant_kernels_agree``).
+
 Weights may be strided views (the op's contract); every stride is passed. Under ``TRITON_INTERPRET=1`` the
 interpreter's low-precision ``tl.dot`` is wrong, so operands are upcast to fp32 there only; fp32 weights use
 IEEE products (no TF32) so fp32 models match the reference.
@@ -387,7 +392,7 @@ def _triton_moe_fake(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, b_gat
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
-# ``autodeploy::moe_experts_quant`` on the kernels (int8-weight experts), same schema argument by argument.
+# ``autodeploy::moe_experts_quant`` on the kernels (int8-weight and fp8 experts), same schema argument by argument.
 @torch.library.custom_op("autodeploy::triton_moe_experts_quant", mutates_args=())
 def triton_moe_experts_quant(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                              w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, s_gate: torch.Tensor,
