@@ -278,7 +278,7 @@ for _mode in ("float", "int8-weight", "fp8"):
 
 
 # -- decode attention (bf16 and fp8 KV pages) -------------------------------------------------------------------
-def _decode(kv_fp8: bool):
+def _decode(kv_fp8: bool, rope_new_kv: bool = False):
     from autodeploy.backends.triton.kernels import attention as attn
 
     kernel = attn._decode_kernel
@@ -296,7 +296,8 @@ def _decode(kv_fp8: bool):
             sig[name] = ints.get(name) or ptrs.get(name) or "*bf16"
     block_n, warps, stages = 64, 4, attn._DEEP_STAGES  # _decode_config on a GPU with Hopper's shared memory
     consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, NEED_DMASK=False,
-                  HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=False, ROPE=False, ROT=0,
+                  HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=rope_new_kv, ROPE=rope_new_kv,
+                  ROT=128 if rope_new_kv else 0,
                   PAGE_TILES=True, EMULATE_RNE=False, UPCAST=False, IEEE=False, PDL=True, KV_FP8=kv_fp8,
                   F16_DOT=kv_fp8)
     return kernel, sig, consts, warps, stages, ()
@@ -304,6 +305,9 @@ def _decode(kv_fp8: bool):
 
 case("decode/bf16_kv")(lambda: _decode(False))
 case("decode/fp8_kv")(lambda: _decode(True))
+# the Triton backend's production decode: RoPE on q and the new key, the new token's cache write, in one launch
+case("decode/bf16_kv/rope_new_kv")(lambda: _decode(False, True))
+case("decode/fp8_kv/rope_new_kv")(lambda: _decode(True, True))
 
 
 # -- FP8 producers: the quantizing norm and gated activation, the fused RoPE + FP8 KV-cache write ---------------
