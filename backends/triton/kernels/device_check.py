@@ -16,13 +16,13 @@ __all__ = ["kernels_agree", "check_results"]
 
 log = logging.getLogger(__name__)
 
-# (kernel family, device) -> passed, for explain(): every check this process ran
-_RESULTS: dict[tuple[str, str], bool] = {}
+# kernel family -> its results by device (the dict the family passes in), for explain()
+_FAMILIES: dict[str, dict[str, bool]] = {}
 
 
 def check_results() -> dict[tuple[str, str], bool]:
     """``(kernel family, device) -> passed`` for every per-device check this process has run."""
-    return dict(_RESULTS)
+    return {(what, dev): ok for what, checked in _FAMILIES.items() for dev, ok in checked.items()}
 
 
 def kernels_agree(checked: dict[str, bool], device: torch.device, what: str, op: str,
@@ -32,6 +32,7 @@ def kernels_agree(checked: dict[str, bool], device: torch.device, what: str, op:
     there, the reference op ``op`` serves instead. While a CUDA graph is being captured the check cannot
     synchronise, so an unchecked device uses the reference op for that call."""
     key = str(device)
+    _FAMILIES[what] = checked
     if key not in checked:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
@@ -40,11 +41,10 @@ def kernels_agree(checked: dict[str, bool], device: torch.device, what: str, op:
         except Exception as exc:  # noqa: BLE001 - a kernel that cannot run here is a kernel not to use here
             log.error("the %s Triton kernels failed on %s (%s: %s); %s uses the reference op there", what, device,
                       type(exc).__name__, exc, op)
-            checked[key] = _RESULTS[(what, key)] = False
-            return False
-        _RESULTS[(what, key)] = ok
-        if not ok:
-            log.error("the %s Triton kernels disagree with the reference on %s; %s uses the reference op there",
-                      what, device, op)
+            ok = False
+        else:
+            if not ok:
+                log.error("the %s Triton kernels disagree with the reference on %s; %s uses the reference op "
+                          "there", what, device, op)
         checked[key] = ok
     return checked[key]

@@ -31,9 +31,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from autodeploy.backends.triton.kernels.common import asm_ok, interpreted, rows_2d
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 
-__all__ = ["int8_weight_gemm", "int8_w8a8_gemm", "scale_then_bias", "int8w_gemm_config", "INT8W_GEMM_MAX_M", "GemmConfig"]
+__all__ = ["int8_weight_gemm", "int8_w8a8_gemm", "scale_then_bias", "int8w_gemm_config", "INT8W_GEMM_MAX_M",
+           "GemmConfig"]
 
 # Rows up to which the kernels replace the canonical ops' CUDA paths (weight-only: dequantize + cuBLAS; W8A8:
 # cuBLASLt int32 sums + separate scaling). Above it a GEMM is compute-bound: the weight-only path's one-time
@@ -144,10 +146,6 @@ def int8w_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     return bm, bn, bk, 8, 4 if bm <= 64 else 3
 
 
-def _interpreted() -> bool:
-    return type(_int8w_gemm_kernel).__name__ == "InterpretedFunction"
-
-
 def _check_weight(x: Tensor, weight: Tensor, weight_scale: Tensor, name: str) -> Tensor:
     k, n = x.shape[-1], weight.shape[0]
     if weight.dtype != torch.int8 or weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
@@ -169,23 +167,18 @@ def _launch(x2: Tensor, x_scale: Optional[Tensor], weight: Tensor, ws: Tensor, b
     bm, bn, bk, warps, stages = config or int8w_gemm_config(m, n, k, _sms(x2.device))
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     w8a8 = x_scale is not None
-    interp = _interpreted()
+    interp = interpreted(_int8w_gemm_kernel)
     _int8w_gemm_kernel[grid](
         x2, x_scale if w8a8 else ws, weight, ws, bias.contiguous() if bias is not None else ws, y, m, n, k,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, PER_CHANNEL=ws.numel() != 1, UPCAST=interp and x2.dtype in _16BIT,
         IEEE=x2.dtype == torch.float32, EVEN_K=k % bk == 0, EMULATE_RNE=emulate_rne(_int8w_gemm_kernel, out_dtype),
-        W8A8=w8a8, ASM=x2.is_cuda and torch.version.hip is None and not interp,
+        W8A8=w8a8, ASM=asm_ok(_int8w_gemm_kernel, x2),
         GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
 
 
 _16BIT = (torch.float16, torch.bfloat16)
-
-
-def _rows(x: Tensor) -> Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
 def int8_weight_gemm(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor] = None,
@@ -195,7 +188,7 @@ def int8_weight_gemm(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Opti
     ws = _check_weight(x, weight, weight_scale, "int8_weight_gemm")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"int8_weight_gemm takes float16/bfloat16/float32 activations, got {x.dtype}")
-    y = _launch(_rows(x), None, weight, ws, bias, x.dtype, config)
+    y = _launch(rows_2d(x), None, weight, ws, bias, x.dtype, config)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -207,7 +200,7 @@ def int8_w8a8_gemm(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Te
     ws = _check_weight(xq, weight, weight_scale, "int8_w8a8_gemm")
     if xq.dtype != torch.int8:
         raise ValueError(f"int8_w8a8_gemm takes int8 rows, got {xq.dtype}")
-    x2 = _rows(xq)
+    x2 = rows_2d(xq)
     xs = x_scale.float().reshape(-1).expand(x2.shape[0]).contiguous()
     y = _launch(x2, xs, weight, ws, bias, out_dtype, config)
     return y.reshape(*xq.shape[:-1], weight.shape[0])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import triton
@@ -32,6 +32,7 @@ import triton.language as tl
 from torch import Tensor
 
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
+from autodeploy.backends.triton.kernels.common import asm_ok, interpreted, rows_2d
 from autodeploy.backends.triton.kernels.device_check import kernels_agree
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 from autodeploy.backends.triton.kernels.int8_gemm import (INT8W_GEMM_MAX_M, int8_w8a8_gemm, int8_weight_gemm,
@@ -372,15 +373,6 @@ def _quant_gemv_dot_kernel(
              mask=n_ok[:, None] & m_ok[None, :])
 
 
-def _interpreted(kernel) -> bool:
-    return type(kernel).__name__ == "InterpretedFunction"
-
-
-def _asm_ok(kernel, x: Tensor) -> bool:
-    """PTX inline assembly: compiled kernels on NVIDIA GPUs (not the interpreter, not ROCm)."""
-    return x.is_cuda and torch.version.hip is None and not _interpreted(kernel)
-
-
 # (form, BLOCK_N, BLOCK_K, num_warps, num_stages); form: "tc" the tensor-core kernel, "cc" the CUDA-core one,
 # "words" the CUDA-core one for one row read as int32 words: bf16 on int8 weights, float8 on float8 weights
 # (others fall back to "cc")
@@ -475,7 +467,7 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
         _words_kernel[(triton.cdiv(n, block_n),)](
             xv, a_s if fp8 else ws, wv, ws, bias if bias is not None else ws, y, n, k // 4, wv.stride(0),
             BLOCK_N=block_n, BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel,
-            EVEN_K=k % block_k == 0, PDL=pdl, ASM=_asm_ok(_words_kernel, a), FP8=fp8, num_warps=warps,
+            EVEN_K=k % block_k == 0, PDL=pdl, ASM=asm_ok(_words_kernel, a), FP8=fp8, num_warps=warps,
             num_stages=stages, **launch_options(pdl))
         return y.reshape(*a.shape[:-1], n)
     args = (a2, weight, ws, a_s if a_s is not None else ws, bias if bias is not None else ws, y, m, n, k,
@@ -486,7 +478,7 @@ def quant_gemv(a: Tensor, weight: Tensor, weight_scale: Tensor, a_scale: Optiona
     if form == "tc":
         if k % block_k:
             raise ValueError(f"the tensor-core form needs K ({k}) to be a multiple of its K tile ({block_k})")
-        _quant_gemv_dot_kernel[grid](*args, UPCAST=_interpreted(_quant_gemv_dot_kernel),
+        _quant_gemv_dot_kernel[grid](*args, UPCAST=interpreted(_quant_gemv_dot_kernel),
                                      IEEE=a.dtype == torch.float32 and a_scale is None, **common)
     else:
         _quant_gemv_kernel[grid](*args, BLOCK_M=max(1, triton.next_power_of_2(m)), EVEN_K=k % block_k == 0,
@@ -519,17 +511,11 @@ def _fp8_rows_kernel(x_ptr, q_ptr, s_ptr, sin_ptr, K, stride_xm, stride_qm, BLOC
         tl.store(q_ptr + row * stride_qm + k, fp8_quantize_values(x, inv, EMULATE_RNE), mask=k < K)
 
 
-def _rows(x: Tensor) -> Tensor:
-    """``x [..., K]`` as ``[rows, K]`` with a unit last stride (a view where it can be)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``quant.quantize_fp8_activation`` in one launch, up to float rounding (multiplications by reciprocals
     where the reference divides): ``x [..., K]`` -> (float8 values, fp32 scale ``[..., 1]`` per token, or the
     static ``[]`` scale)."""
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     m, k = x2.shape
     q = torch.empty((m, k), dtype=quant.FP8_DTYPE, device=x.device)
     static = input_scale is not None
@@ -538,7 +524,7 @@ def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[
         block = min(4096, triton.next_power_of_2(k))
         pdl = pdl_enabled(x.device, "quant")
         _fp8_rows_kernel[(m,)](x2, q, scale, scale, k, x2.stride(0), q.stride(0), BLOCK_K=block, STATIC=static,
-                               EMULATE_RNE=_interpreted(_fp8_rows_kernel), PDL=pdl,
+                               EMULATE_RNE=interpreted(_fp8_rows_kernel), PDL=pdl,
                                num_warps=4 if block >= 1024 else 1, **launch_options(pdl))
     return q.reshape(*x.shape), (scale if static else scale.reshape(*x.shape[:-1], 1))
 
@@ -546,7 +532,7 @@ def quantize_fp8_rows(x: Tensor, input_scale: Optional[Tensor] = None) -> tuple[
 def quantize_int8_rows(x: Tensor, smooth: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``quant.quantize_int8_activation(x / smooth)`` in one launch, bit for bit: ``x [..., K]`` -> (int8 values,
     fp32 scale ``[..., 1]`` per token)."""
-    x2 = _rows(x)
+    x2 = rows_2d(x)
     m, k = x2.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -584,7 +570,7 @@ def int8_gemv(xq: Tensor, x_scale: Tensor, weight: Tensor, weight_scale: Tensor,
     _int8_w8a8_words_kernel[(triton.cdiv(n, block_n), m)](
         xv, xs, wv, ws, bias if bias is not None else ws, y, n, k // 4, xv.stride(0), wv.stride(0), y.stride(0),
         BLOCK_N=block_n, BLOCK_K4=block_k // 4, HAS_BIAS=bias is not None, PER_CHANNEL=per_channel,
-        EVEN_K=k % block_k == 0, PDL=pdl, ASM=_asm_ok(_int8_w8a8_words_kernel, xq), num_warps=warps,
+        EVEN_K=k % block_k == 0, PDL=pdl, ASM=asm_ok(_int8_w8a8_words_kernel, xq), num_warps=warps,
         num_stages=stages, **launch_options(pdl))
     return y.reshape(*xq.shape[:-1], n)
 
@@ -653,18 +639,26 @@ def _int8_kernels_agree(device: torch.device) -> bool:
     return kernels_agree(_INT8_CHECKED, device, "W8A8 int8", "int8_linear", check)
 
 
+def _tiled_check_inputs(device: torch.device, g: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The tiled int8 GEMMs' check inputs: every int8 weight value, ragged N, both K branches (a K tail, and K a
+    multiple of every K tile), scales and a bias; yields ``(w, ws, b, x)`` for two row counts per K (three launch
+    configurations), ``x`` fp32 of unit scale for the caller to spread and cast."""
+    n = 136
+    ws, b = torch.rand(n, generator=g).to(device) + 0.5, torch.randn(n, generator=g).to(device)
+    for k in (3 * 64 + 36, 4 * 64):
+        w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
+        for m in ((70, 20) if k % 64 else (40,)):
+            yield w, ws, b, torch.randn(m, k, generator=g).to(device)
+
+
 def _int8_gemm_agrees(device: torch.device) -> bool:
     """The tiled W8A8 int8 GEMM against the reference, exactly (fp32 outputs, so no output rounding hides a
-    difference): every int8 value, smoothing, a bias, ragged M, N and K, and two row counts (two launch
-    configurations)."""
+    difference), with smoothing, on ``_tiled_check_inputs``."""
     def check() -> bool:
         g = torch.Generator().manual_seed(0)
-        n, k = 136, 3 * 64 + 36
-        w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
-        ws, smooth, b = (torch.rand(n, generator=g).to(device) + 0.5, torch.rand(k, generator=g).to(device) + 0.5,
-                         torch.randn(n, generator=g).to(device))
-        for m in (70, 20):
-            x = (torch.randn(m, k, generator=g) * torch.logspace(-3, 3, k)).to(device=device, dtype=torch.bfloat16)
+        for w, ws, b, x in _tiled_check_inputs(device, g):
+            x = (x * torch.logspace(-3, 3, x.shape[-1], device=device)).to(torch.bfloat16)
+            smooth = torch.rand(x.shape[-1], generator=g).to(device) + 0.5
             xq, xs = quantize_int8_rows(x, smooth)
             if not torch.equal(int8_w8a8_gemm(xq, xs, w, ws, b, out_dtype=torch.float32),
                                quant.int8_linear_reference(x.float(), w, ws, smooth, b)):
@@ -675,16 +669,13 @@ def _int8_gemm_agrees(device: torch.device) -> bool:
 
 
 def _int8w_gemm_agrees(device: torch.device) -> bool:
-    """The tiled weight-only GEMM against the reference, over every int8 value, ragged M, N and K, several row
-    and column tiles, a bias, and two row counts (two launch configurations), in bf16 and fp16: the products are
-    exact in fp32, so only the order of the fp32 sums differs, and then the output's one rounding."""
+    """The tiled weight-only GEMM against the reference on ``_tiled_check_inputs``, in bf16 and fp16: the products
+    are exact in fp32, so only the order of the fp32 sums differs, and then the output's one rounding."""
     def check() -> bool:
         g = torch.Generator().manual_seed(0)
-        n, k = 136, 3 * 64 + 36
-        w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
-        ws, b = torch.rand(n, generator=g).to(device) + 0.5, torch.randn(n, generator=g).to(device)
-        for m, dtype in ((70, torch.bfloat16), (40, torch.float16), (20, torch.bfloat16)):
-            x = (torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)).to(device=device, dtype=dtype)
+        for i, (w, ws, b, x) in enumerate(_tiled_check_inputs(device, g)):
+            # (a range fp16 sums cannot overflow)
+            x = (x * torch.logspace(-2, 1, x.shape[-1], device=device)).to(torch.float16 if i % 2 else torch.bfloat16)
             got = int8_weight_gemm(x, w, ws, b).float()
             want = quant.int8_weight_linear_reference(x, w, ws, b).float()
             # within 1e-5 of the sum of |products| (the sums' order), plus one rounding of the output

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from autodeploy.backends.triton.kernels.common import rows_2d
 from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, pdl_launch_dependents, pdl_wait
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
 
@@ -135,12 +136,6 @@ def _rms_norm_kernel(
                      mask=mask)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """View as [M, N] with a unit last stride (copies only when the view is impossible)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def _launch(x2, r2, weight, out, res_out, eps, block, q=None, scale=None):
     M, N = x2.shape
     if block is None:
@@ -186,7 +181,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *,
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() == 0:
         return out
-    _launch(_rows(x), None, weight, out.view(-1, N), None, eps, _block)
+    _launch(rows_2d(x), None, weight, out.view(-1, N), None, eps, _block)
     return out
 
 
@@ -207,7 +202,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() == 0:
         return out, new_res
-    _launch(_rows(x), _rows(residual), weight, out.view(-1, N), new_res.view(-1, N), eps, _block)
+    _launch(rows_2d(x), rows_2d(residual), weight, out.view(-1, N), new_res.view(-1, N), eps, _block)
     return out, new_res
 
 
@@ -224,6 +219,6 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, resid
     if x.numel():
         # ``out`` only types the rounding of the normalised row (the unfused norm's output dtype); never written
         typed = torch.empty((1, 1), dtype=out_dtype, device=x.device)
-        _launch(_rows(x), _rows(residual) if residual is not None else None, weight, typed.expand(x.numel() // N, N),
+        _launch(rows_2d(x), rows_2d(residual) if residual is not None else None, weight, typed.expand(x.numel() // N, N),
                 new_res.view(-1, N) if new_res is not None else None, eps, None, q.view(-1, N), scale.view(-1))
     return (q, scale) if residual is None else (q, scale, new_res)
