@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What has landed without a GPU run yet, checked and timed in as few device calls as possible (docs/quantization.md
-# lists these as not yet run on a GPU). PART=tests (about 5 min), PART=bench (about 8 min) or PART=cb (about 5 min);
+# The GPU checks and timings of the quantized kernels, the FP8-KV decode and the decode reduction, in as few device
+# calls as possible (what docs/quantization.md quotes). PART=tests (about 5 min), PART=bench (about 8 min) or PART=cb (about 5 min);
 # results in $OUT.
 # Usage (device tool): PART=tests bash benchmarks/run_gpu_pending.sh, then PART=bench bash benchmarks/run_gpu_pending.sh
 set -uo pipefail
@@ -18,7 +18,7 @@ if [ "${PART:-tests}" = tests ]; then
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short tests/test_moe.py \
     -k "quantized or fp8_experts or int8_weight_experts or checked_on_each or on_gpu" 2>&1 | tee "$OUT/gpu_moe.log" | tail -15
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short tests/test_triton_attention.py \
-    -k "fp8_cache_page_ranges or decode_page_sizes or decode_mixed or decode_many_splits" 2>&1 \
+    -k "fp8_cache_page_ranges or decode_page_sizes or decode_mixed or decode_many_splits or reduce" 2>&1 \
     | tee "$OUT/gpu_attention.log" | tail -15
   timeout ${TEST_TIMEOUT:-300} python -m pytest -q -p no:cacheprovider --tb=short -m gpu tests/test_kv_cache_fp8.py \
     tests/test_beam_search.py 2>&1 | tee "$OUT/gpu_kv_beam.log" | tail -15

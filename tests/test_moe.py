@@ -248,7 +248,11 @@ def fused():
     from autodeploy.backends.triton.kernels.moe import fused_moe
 
     def run(*args, **kw):
-        move = lambda t: t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        def move(t):  # tensors, and lists of them (the scales)
+            if isinstance(t, (list, tuple)):
+                return type(t)(move(v) for v in t)
+            return t.to(KERNEL_DEVICE) if isinstance(t, torch.Tensor) else t
+
         out = fused_moe(*map(move, args), **{k: move(v) for k, v in kw.items()})
         return out.cpu()
 

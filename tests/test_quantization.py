@@ -616,13 +616,21 @@ def test_int8_weight_gemm_matches_the_reference(dtype):
     wq[0, :128] = torch.arange(-128, 128, 2, dtype=torch.int8)  # every even int8 value, the extremes included
     b = torch.randn(n, device=dev)
     tol = 1e-6 if dtype == torch.float32 else 2e-3
-    for m, cfg in ((17, None), (70, None), (70, (16, 32, 32, 4, 2)), (150, (32, 64, 64, 4, 2))):
-        x = torch.randn(m, k, device=dev).to(dtype)
+    wq8 = torch.cat([wq, wq[:, :56]], dim=1)  # K = 256: the K loop without a tail
+    cases = ((17, None, wq), (70, None, wq), (70, (16, 32, 32, 4, 2), wq), (150, (32, 64, 64, 4, 2), wq),
+             # the swapped product (W x^T): ragged K, K a multiple of the tile, several row and column tiles
+             (17, (16, 64, 64, 4, 2, 1), wq), (70, (32, 64, 128, 4, 2, 1), wq), (40, (16, 64, 64, 4, 2, 1), wq8))
+    for m, cfg, w in cases:
+        x = torch.randn(m, w.shape[1], device=dev).to(dtype)
         for scale, bias in ((ws, b), (ws[:1].reshape(()), None)):
-            got = int8_weight_gemm(x, wq, scale, bias, config=cfg)
-            want = quant.int8_weight_linear_reference(x, wq, scale, bias)
+            got = int8_weight_gemm(x, w, scale, bias, config=cfg)
+            want = quant.int8_weight_linear_reference(x, w, scale, bias)
             assert got.dtype == dtype and got.shape == (m, n)
             assert rel_rms(got, want) < tol, (m, cfg, bias is None, rel_rms(got, want))
+    x = torch.randn(20, k, device=dev).to(dtype)
+    with pytest.raises(ValueError, match="W8A8 takes swap 0"):
+        from autodeploy.backends.triton.kernels.int8_gemm import int8_w8a8_gemm
+        int8_w8a8_gemm(x.to(torch.int8), torch.ones(20, 1, device=dev), wq, ws, config=(16, 64, 64, 4, 2, 1))
     x3 = torch.randn(2, 9, k, device=dev).to(dtype)  # leading dims and a strided (non-contiguous) row view
     got = int8_weight_gemm(x3[:, ::2], wq, ws, b)
     assert got.shape == (2, 5, n) and rel_rms(got, quant.int8_weight_linear_reference(x3[:, ::2], wq, ws, b)) < tol
@@ -659,7 +667,7 @@ def test_int8_w8a8_gemm_is_the_reference_bit_for_bit(dtype):
 
 @needs_triton
 def test_w8a8_int8_rows_beyond_the_gemv_take_the_tiled_gemm(monkeypatch):
-    """5..INT8W_GEMM_MAX_M rows of int8_linear: quantized in one launch and multiplied by the tiled int8 GEMM
+    """5..W8A8_GEMM_MAX_M rows of int8_linear: quantized in one launch and multiplied by the tiled int8 GEMM
     with its epilogue fused, bit for bit the reference; more rows the canonical op; a device whose tiled GEMM
     disagrees never uses it."""
     from autodeploy.backends.triton.kernels import quant_gemm
@@ -667,7 +675,7 @@ def test_w8a8_int8_rows_beyond_the_gemv_take_the_tiled_gemm(monkeypatch):
     calls = []
     real = quant_gemm.int8_w8a8_gemm
     monkeypatch.setattr(quant_gemm, "int8_w8a8_gemm", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
-    monkeypatch.setattr(quant_gemm, "INT8W_GEMM_MAX_M", 40)
+    monkeypatch.setattr(quant_gemm, "W8A8_GEMM_MAX_M", 40)
     monkeypatch.setattr(quant_gemm, "_INT8_GEMM_CHECKED", {})
     wq, ws = quant.quantize_int8_weight(torch.randn(24, 68, device=TRITON_DEVICE))
     smooth, b = torch.rand(68, device=TRITON_DEVICE) + 0.5, torch.randn(24, device=TRITON_DEVICE)
@@ -849,7 +857,7 @@ def test_gpu_int8_weight_gemm_on_llama_shapes():
     torch.manual_seed(0)
     for n, k in ((6144, 4096), (4096, 14336)):
         wq, ws = quant.quantize_int8_weight(torch.randn(n, k, device="cuda") * 0.02)
-        for m in (17, 64, 200, 512):
+        for m in (17, 32, 64, 100, 200, 512):  # each launch configuration (100: the swapped product)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             want = quant.int8_weight_linear_reference(x, wq, ws)
             assert rel_rms(int8_weight_gemm(x, wq, ws), want) < 5e-3, (n, k, m)

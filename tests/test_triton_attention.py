@@ -444,6 +444,25 @@ def test_decode_many_splits():
     run_decode([1, 9, 40], sinks=True, target=16, align=8, seed=160)
 
 
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (6, 2)])
+def test_decode_reduce_several_heads_per_program(monkeypatch, hq, hkv):
+    """Many sequences: the reduction merges several query heads per program (6 heads: a ragged last program),
+    sinks included, and sequences with one split (written by the split kernel) are left alone."""
+    monkeypatch.setattr(attn_mod, "REDUCE_CTAS_PER_SM", 0.01)
+    assert attn_mod.reduce_heads(4, hq, 8) == 8  # one program per sequence (the output starts as NaN)
+    run_decode([1, 9, 40, 70, 3], hq=hq, hkv=hkv, sinks=True, target=8, align=8, seed=165 + hq)
+
+
+def test_reduce_heads():
+    """One head per program until there are more programs than REDUCE_CTAS_PER_SM per SM, then doubled, at most 8
+    (the last program of a sequence masks heads past Hq)."""
+    assert attn_mod.reduce_heads(1, 32, 132) == 1
+    assert attn_mod.reduce_heads(16, 32, 132) == 1  # 512 programs
+    assert attn_mod.reduce_heads(32, 32, 132) == 2
+    assert attn_mod.reduce_heads(256, 32, 132) == 8
+    assert attn_mod.reduce_heads(4096, 4, 132) == 4
+
+
 def test_decode_matches_context():
     """decode_attention == context_attention on a batch of 1-token steps (same cache)."""
     c = make_case([(30, 1), (0, 1), (64, 1)], 8, 2, 64, 16, torch.float32, seed=170, with_sinks=True)

@@ -180,20 +180,25 @@ def recorded(call: Callable[[], Any], kernel: str, index: int = 0) -> Launch:
 
 
 # -- int8 weight-only GEMM --------------------------------------------------------------------------------------
-def _int8_tiled(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: bool = False, w8a8: bool = False):
+def _int8_tiled(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: bool = False, w8a8: bool = False,
+                config=None):
     from autodeploy.backends.triton.kernels.int8_gemm import _int8w_gemm_kernel, int8w_gemm_config
 
-    bm, bn, bk, warps, stages = int8w_gemm_config(m, n, k, 132)
+    bm, bn, bk, warps, stages, swap = config or int8w_gemm_config(m, n, k, 132, w8a8)
     sig = dict(x_ptr="*i8" if w8a8 else f"*{dtype}", xs_ptr="*fp32", w_ptr="*i8", s_ptr="*fp32", b_ptr=f"*{dtype}",
                y_ptr=f"*{dtype}", M="i32", N="i32", K="i32", stride_xm="i32", stride_wn="i32", stride_ym="i32")
     consts = dict(HAS_BIAS=bias, PER_CHANNEL=True, UPCAST=False, IEEE=False, EVEN_K=even_k, EMULATE_RNE=False,
-                  W8A8=w8a8, ASM=True, GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+                  W8A8=w8a8, ASM=True, SWAP=bool(swap), GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     return _int8w_gemm_kernel, sig, consts, warps, stages, ("K",) if even_k else ()
 
 
 for _m, _dt, _even in ((17, "bf16", True), (64, "fp16", False), (512, "bf16", True)):
     case(f"int8w_gemm/m{_m}/{_dt}{'' if _even else '/ragged_k'}")(
         lambda m=_m, dt=_dt, even=_even: _int8_tiled(m, 4096, 4096, dt, even, bias=not even))
+for _m, _even in ((17, True), (64, False)):  # the swapped product: the converted weight as wgmma's register operand
+    case(f"int8w_gemm/m{_m}/bf16/swap{'' if _even else '/ragged_k'}")(
+        lambda m=_m, even=_even: _int8_tiled(m, 4096, 4096, "bf16", even, bias=not even,
+                                             config=(16 if m <= 16 else 32 if m <= 32 else 64, 64, 128, 4, 4, 1)))
 for _m, _even in ((17, True), (64, False), (512, True)):
     case(f"w8a8_gemm/m{_m}{'' if _even else '/ragged_k'}")(
         lambda m=_m, even=_even: _int8_tiled(m, 4096, 4096, "bf16", even, bias=True, w8a8=True))
@@ -308,6 +313,20 @@ case("decode/fp8_kv")(lambda: _decode(True))
 # the Triton backend's production decode: RoPE on q and the new key, the new token's cache write, in one launch
 case("decode/bf16_kv/rope_new_kv")(lambda: _decode(False, True))
 case("decode/fp8_kv/rope_new_kv")(lambda: _decode(True, True))
+
+
+def _decode_reduce(heads: int):
+    from autodeploy.backends.triton.kernels import attention as attn
+
+    sig = dict(mid_o="*fp32", mid_lse="*fp32", cu_seqlens_q="*i32", split_start="*i32", sinks_ptr="*bf16",
+               out_ptr="*bf16", HQ="i32", stride_mow="i32", stride_moh="i32", stride_mlw="i32", stride_ot="i32",
+               stride_oh="i32")
+    consts = dict(HEAD_D=128, BLOCK_D=128, BLOCK_S=64, HEADS=heads, HAS_SINKS=False, PDL=True)
+    return attn._decode_reduce_kernel, sig, consts, 4, 3, ()
+
+
+case("decode/reduce")(lambda: _decode_reduce(1))
+case("decode/reduce/heads8")(lambda: _decode_reduce(8))  # many sequences: several query heads per program
 
 
 # -- FP8 producers: the quantizing norm and gated activation, the fused RoPE + FP8 KV-cache write ---------------

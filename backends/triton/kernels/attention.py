@@ -655,6 +655,7 @@ def _decode_reduce_kernel(
     split_start,
     sinks_ptr,
     out_ptr,
+    HQ,
     stride_mow,
     stride_moh,
     stride_mlw,
@@ -663,16 +664,17 @@ def _decode_reduce_kernel(
     HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    HEADS: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """Grid ``(S, Hq)``: merge a sequence's split partials (workspace rows ``split_start[s]:split_start[s+1]``,
-    at most BLOCK_S of them) with LSE weights, all loaded at once; the sink joins the max and the denominator.
-    Sequences with 0 items (prefill) or 1 item (already written by the split kernel) exit at once."""
+    """Grid ``(S, cdiv(Hq, HEADS))``: merge a sequence's split partials (workspace rows
+    ``split_start[s]:split_start[s+1]``, at most BLOCK_S of them) with LSE weights, all loaded at once, for HEADS
+    query heads; the sink joins the max and the denominator. Sequences with 0 items (prefill) or 1 item (already
+    written by the split kernel) exit at once."""
     pdl_wait(PDL)
     pdl_launch_dependents(PDL)
     s = tl.program_id(0)
-    h = tl.program_id(1)
     first = tl.load(split_start + s)
     n = tl.load(split_start + s + 1) - first
     if n <= 1:
@@ -682,22 +684,40 @@ def _decode_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     rows = (first + offs_s).to(tl.int64)
-    lse = tl.load(mid_lse + rows * stride_mlw + h, mask=s_ok, other=float("-inf"))
-    parts = tl.load(mid_o + rows[:, None] * stride_mow + h * stride_moh + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    m = tl.max(lse, 0)
-    if HAS_SINKS:
-        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
-        m = tl.maximum(m, sink)
-    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights are 0
-    w = tl.exp2(lse - m)
-    denom = tl.sum(w, 0)
-    if HAS_SINKS:
-        denom += tl.exp2(sink - m)
-    denom = tl.where(denom == 0.0, 1.0, denom)
-    o = tl.sum(parts * w[:, None], 0) / denom
     tok = tl.load(cu_seqlens_q + s).to(tl.int64)
-    tl.store(out_ptr + tok * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+    for i in tl.static_range(HEADS):
+        h = tl.program_id(1) * HEADS + i
+        if h < HQ:
+            lse = tl.load(mid_lse + rows * stride_mlw + h, mask=s_ok, other=float("-inf"))
+            parts = tl.load(mid_o + rows[:, None] * stride_mow + h * stride_moh + offs_d[None, :],
+                            mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+            m = tl.max(lse, 0)
+            if HAS_SINKS:
+                sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+                m = tl.maximum(m, sink)
+            m = tl.where(m == float("-inf"), 0.0, m)  # every split empty: all weights are 0
+            w = tl.exp2(lse - m)
+            denom = tl.sum(w, 0)
+            if HAS_SINKS:
+                denom += tl.exp2(sink - m)
+            denom = tl.where(denom == 0.0, 1.0, denom)
+            o = tl.sum(parts * w[:, None], 0) / denom
+            tl.store(out_ptr + tok * stride_ot + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+# Programs per SM above which the reduction takes several query heads per program. With many sequences most have
+# one split and their programs exit at once, yet launching ``S x Hq`` of them (8,192 at 256 sequences) costs
+# microseconds per layer after the split kernel ends; few sequences keep one head per program (latency).
+REDUCE_CTAS_PER_SM = 4.0
+
+
+def reduce_heads(num_seqs: int, hq: int, sms: int) -> int:
+    """Query heads per reduction program: 1 until ``S x Hq`` programs exceed REDUCE_CTAS_PER_SM per SM, then
+    doubled (at most 8) until they do not."""
+    heads = 1
+    while num_seqs * hq > REDUCE_CTAS_PER_SM * sms * heads and heads < min(8, hq):
+        heads *= 2
+    return heads
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -981,10 +1001,12 @@ def decode_attention(
     )  # fmt: skip
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)
-    _decode_reduce_kernel[(num_seqs, hq)](
-        mid_o, mid_lse, cu_seqlens_q, split_start, sinks_arg, out,
+    heads = reduce_heads(num_seqs, hq, device_sms(q.device))
+    _decode_reduce_kernel[(num_seqs, triton.cdiv(hq, heads))](
+        mid_o, mid_lse, cu_seqlens_q, split_start, sinks_arg, out, hq,
         mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), out.stride(0), out.stride(1),
-        HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max_splits), HAS_SINKS=sinks is not None,
+        HEAD_D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(max_splits), HEADS=heads,
+        HAS_SINKS=sinks is not None,
         PDL=pdl_reduce, num_warps=4 if block_d <= 128 else 8, **launch_options(pdl_reduce),
     )  # fmt: skip
 

@@ -34,17 +34,20 @@ from torch import Tensor
 from autodeploy.backends.triton.kernels.common import asm_ok, interpreted, rows_2d
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 
-__all__ = ["int8_weight_gemm", "int8_w8a8_gemm", "scale_then_bias", "int8w_gemm_config", "INT8W_GEMM_MAX_M",
+__all__ = ["int8_weight_gemm", "int8_w8a8_gemm", "scale_then_bias", "int8w_gemm_config", "parse_config",
+           "INT8W_GEMM_MAX_M", "W8A8_GEMM_MAX_M",
            "GemmConfig"]
 
-# Rows up to which the kernels replace the canonical ops' CUDA paths (weight-only: dequantize + cuBLAS; W8A8:
-# cuBLASLt int32 sums + separate scaling). Above it a GEMM is compute-bound: the weight-only path's one-time
-# dequantization (3 bytes per weight) and the W8A8 path's int32 round trip are small beside the FLOPs, while
-# cuBLAS runs nearer the tensor cores' peak than these kernels; the crossover estimate is in docs/quantization.md.
+# Rows up to which the weight-only kernel replaces the canonical op's CUDA path (dequantize + cuBLAS). Measured on
+# the H200 over Llama-8B's layer GEMMs (docs/quantization.md): the tiled GEMM is 1.5x faster at 512 rows, even at
+# about 1024, slower at 2048, where the GEMM is compute-bound and cuBLAS runs nearer the tensor cores' peak.
 INT8W_GEMM_MAX_M = 512
+# The same for W8A8 (the canonical path: cuBLASLt int32 sums written out, then torch scaling): the tiled GEMM was
+# 2.2x faster at every row count measured, up to 4096 (the largest measured).
+W8A8_GEMM_MAX_M = 4096
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-GemmConfig = tuple[int, int, int, int, int]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, swap): swap 1 computes W x^T (weight-only only)
+GemmConfig = tuple[int, int, int, int, int, int]
 
 
 @triton.jit
@@ -66,9 +69,13 @@ def scale_then_bias(acc, ws, b, HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
 def _int8w_gemm_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
                        HAS_BIAS: tl.constexpr, PER_CHANNEL: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                        EVEN_K: tl.constexpr, EMULATE_RNE: tl.constexpr, W8A8: tl.constexpr, ASM: tl.constexpr,
-                       GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       SWAP: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """W8A8: ``x`` int8 rows with per-row fp32 scales at ``xs_ptr``, int32 sums; else ``x`` in the model dtype.
-    ASM (compiled for NVIDIA): the product before the bias add is a ``mul.rn``."""
+    ASM (compiled for NVIDIA): the product before the bias add is a ``mul.rn``. SWAP (weight-only): the product
+    is computed transposed, ``W x^T``, so the converted weight tile is the MMA's first operand, which Hopper's
+    wgmma reads from registers (no round trip through shared memory after the conversion), and the weight's
+    outputs fill the MMA's 64-row side while the few token rows take its narrow side."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -82,30 +89,52 @@ def _int8w_gemm_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, strid
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
-    if W8A8:
-        sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    if SWAP:
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[None, :] * stride_xm + offs_k[:, None]  # x^T tile: [BLOCK_K, BLOCK_M]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :]  # W tile: [BLOCK_N, BLOCK_K]
+        sums_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=m_ok[None, :], other=0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None], other=0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(x_ptrs, mask=k_ok[:, None] & m_ok[None, :], other=0)
+                w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)
+            if UPCAST:
+                sums_t += tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                sums_t += tl.dot(w.to(tl.float32), a, input_precision="ieee")
+            else:
+                sums_t += tl.dot(w.to(a.dtype), a)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        sums = tl.trans(sums_t)
     else:
-        sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=m_ok[:, None], other=0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0)
+        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None]  # W^T tile: [BLOCK_K, BLOCK_N]
+        if W8A8:
+            sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         else:
-            k_ok = (k0 + offs_k) < K
-            a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
-        if W8A8:  # exact: int8 products summed in int32
-            sums += tl.dot(a, w, out_dtype=tl.int32)
-        elif UPCAST:
-            sums += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        elif IEEE:
-            sums += tl.dot(a, w.to(tl.float32), input_precision="ieee")
-        else:
-            sums += tl.dot(a, w.to(a.dtype))
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            sums = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=m_ok[:, None], other=0)
+                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0)
+            else:
+                k_ok = (k0 + offs_k) < K
+                a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0)
+                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)
+            if W8A8:  # exact: int8 products summed in int32
+                sums += tl.dot(a, w, out_dtype=tl.int32)
+            elif UPCAST:
+                sums += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            elif IEEE:
+                sums += tl.dot(a, w.to(tl.float32), input_precision="ieee")
+            else:
+                sums += tl.dot(a, w.to(a.dtype))
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     acc = sums.to(tl.float32)  # (int32 -> fp32 rounds as the reference's .float() does)
     if W8A8:
         acc *= tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
@@ -126,24 +155,41 @@ def _sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def int8w_gemm_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """The launch for ``m`` rows, ``n`` outputs and ``k`` inputs on ``sms`` SMs: row tiles as small as the rows
-    allow (padding rows cost tensor-core FLOPs and registers), and output tiles narrowed until every SM gets a
-    program (a GEMM of few rows is weight-bound: an idle SM is unread weight bandwidth). 8 warps and 64-wide K
-    tiles: not yet timed on a GPU; compiled for sm_90 they need 37-80 registers and no spills
-    (docs/quantization.md). ``AUTODEPLOY_INT8W_GEMM_CONFIG`` ("BLOCK_M/BLOCK_N/BLOCK_K/warps/stages") overrides
-    it for tuning (benchmarks/bench_int8w_gemm.py --configs)."""
+def int8w_gemm_config(m: int, n: int, k: int, sms: int, w8a8: bool = False) -> GemmConfig:
+    """The launch for ``m`` rows, ``n`` outputs and ``k`` inputs on ``sms`` SMs, from a sweep on the H200 over
+    Llama-8B's four layer GEMMs (benchmarks/bench_int8w_gemm.py --configs; docs/quantization.md). Up to 32 rows
+    the GEMM is weight-bound: narrow 32-wide output tiles with long 256-wide K tiles keep every SM streaming
+    weight bytes; a wide output (more 32-wide tiles than twice the SMs, e.g. gate_up) takes 64-wide tiles. To 128
+    rows 4 warps still beat 8, and at 65-128 rows the swapped product (``W x^T``) does. Beyond, or for wide
+    outputs past 32 rows, 8-warp tiles narrowed until every SM has a program; W8A8 (integer MMAs on int8 tiles
+    as loaded, nothing to convert) always takes those. ``AUTODEPLOY_INT8W_GEMM_CONFIG``
+    ("BLOCK_M/BLOCK_N/BLOCK_K/warps/stages[/swap]") overrides it for tuning."""
     env = os.environ.get("AUTODEPLOY_INT8W_GEMM_CONFIG")
     if env:
-        bm, bn, bk, warps, stages = map(int, env.split("/"))
-        return bm, bn, bk, warps, stages
+        return parse_config(env)
+    kmax = max(16, triton.next_power_of_2(k))
+    wide = triton.cdiv(n, 32) > 2 * sms
+    if m <= 32 and not w8a8:
+        bm, bn, bk = (16 if m <= 16 else 32, 64, 128) if wide else (16, 32, 256)
+        return bm, bn, min(bk, kmax), 4, 4, 0
+    if m <= 64 and not wide and not w8a8:
+        return 32, 64, min(128, kmax), 4, 4, 0
+    if m <= 128 and not wide and not w8a8:
+        return 64, 64, min(128, kmax), 4, 3, 1
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles_m = triton.cdiv(m, bm)
     bn = 128 if bm <= 64 else 64
     while bn > 32 and tiles_m * triton.cdiv(n, bn) < sms:
         bn //= 2
-    bk = max(16, min(64, triton.next_power_of_2(k)))
-    return bm, bn, bk, 8, 4 if bm <= 64 else 3
+    return bm, bn, min(64, kmax), 8, 4 if bm <= 64 else 3, 0
+
+
+def parse_config(text: str) -> GemmConfig:
+    """``"BLOCK_M/BLOCK_N/BLOCK_K/warps/stages[/swap]"`` -> a ``GemmConfig``."""
+    values = [int(v) for v in text.split("/")]
+    if len(values) not in (5, 6):
+        raise ValueError(f"an int8 GEMM config is BLOCK_M/BLOCK_N/BLOCK_K/warps/stages[/swap], got {text!r}")
+    return tuple(values + [0] * (6 - len(values)))  # type: ignore[return-value]
 
 
 def _check_weight(x: Tensor, weight: Tensor, weight_scale: Tensor, name: str) -> Tensor:
@@ -164,16 +210,19 @@ def _launch(x2: Tensor, x_scale: Optional[Tensor], weight: Tensor, ws: Tensor, b
     y = torch.empty((m, n), dtype=out_dtype, device=x2.device)
     if m == 0 or n == 0:
         return y
-    bm, bn, bk, warps, stages = config or int8w_gemm_config(m, n, k, _sms(x2.device))
+    config = tuple(config) if config else int8w_gemm_config(m, n, k, _sms(x2.device), x_scale is not None)
+    bm, bn, bk, warps, stages, swap = config + (0,) * (6 - len(config))  # a 5-value config: swap 0
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     w8a8 = x_scale is not None
+    if swap and w8a8:
+        raise ValueError("the swapped (W x^T) int8 GEMM is weight-only; W8A8 takes swap 0")
     interp = interpreted(_int8w_gemm_kernel)
     _int8w_gemm_kernel[grid](
         x2, x_scale if w8a8 else ws, weight, ws, bias.contiguous() if bias is not None else ws, y, m, n, k,
         x2.stride(0), weight.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, PER_CHANNEL=ws.numel() != 1, UPCAST=interp and x2.dtype in _16BIT,
         IEEE=x2.dtype == torch.float32, EVEN_K=k % bk == 0, EMULATE_RNE=emulate_rne(_int8w_gemm_kernel, out_dtype),
-        W8A8=w8a8, ASM=asm_ok(_int8w_gemm_kernel, x2),
+        W8A8=w8a8, ASM=asm_ok(_int8w_gemm_kernel, x2), SWAP=bool(swap),
         GROUP_M=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     return y
 

@@ -23,6 +23,7 @@ IEEE products (no TF32) so fp32 models match the reference.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
@@ -34,6 +35,8 @@ from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 from autodeploy.backends.triton.kernels.device_check import kernels_agree
 from autodeploy.backends.triton.kernels.quant_gemm import quantize_fp8_rows
 from autodeploy.ops.moe import MoEError, check_inputs, check_quant_inputs, moe_quant_reference
+
+log = logging.getLogger(__name__)
 
 __all__ = ["fused_moe", "align_by_expert", "KERNEL_ACTIVATIONS", "KERNEL_QUANT_MODES", "kernel_supports"]
 
@@ -344,8 +347,10 @@ _QUANT_CHECKED: dict[str, dict[str, bool]] = {mode: {} for mode in _QUANT}
 
 def _quant_kernels_agree(device: torch.device, mode: str) -> bool:
     """The quantized experts' kernels against ``moe_quant_reference`` on a small layer, once per device and mode:
-    ragged H and I against the 64-wide tiles, several tiles per expert, biases; fp32 and bf16 tokens. The bound
-    is loose on purpose (the float-rounding differences can move an E4M3 activation by one step), far below what a
+    ragged H and I against the 64-wide tiles, several tiles per expert, biases; fp32 and bf16 tokens. The
+    reference runs on the CPU, where it is the plain-torch definition (on CUDA its projections dispatch to fast
+    paths, e.g. ``torch._scaled_mm``, whose bf16 output would move E4M3 intermediates by a step). The bound is
+    loose on purpose (float-rounding differences can move an E4M3 activation by one step), far below what a
     wrong layout, scale or conversion gives."""
     def check() -> bool:
         from autodeploy.ops import quant
@@ -356,18 +361,22 @@ def _quant_kernels_agree(device: torch.device, mode: str) -> bool:
         weights, scales = [], []
         for shape in ((E, I, H), (E, I, H), (E, H, I)):
             q, sc = quantize(torch.randn(shape[0] * shape[1], shape[2], generator=g) * 0.3)
-            weights.append(q.reshape(shape).to(device))
-            scales.append(sc.reshape(shape[:2]).to(device))
-        biases = [(torch.randn(*s, generator=g) * 0.3).to(device) for s in ((E, I), (E, I), (E, H))]
-        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]).to(device)
-        routing = torch.rand(T, K, generator=g).to(device)
+            weights.append(q.reshape(shape))
+            scales.append(sc.reshape(shape[:2]))
+        biases = [torch.randn(*s, generator=g) * 0.3 for s in ((E, I), (E, I), (E, H))]
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        routing = torch.rand(T, K, generator=g)
+        on = lambda ts: [t.to(device) for t in ts]  # noqa: E731
         for dtype, bound in ((torch.float32, 1e-2 if mode == "fp8" else 1e-4), (torch.bfloat16, 3e-2)):
-            x = torch.randn(T, H, generator=g).to(device=device, dtype=dtype)
+            x = torch.randn(T, H, generator=g).to(dtype)
             bs = [b.to(dtype) for b in biases]
             want = moe_quant_reference(x, ids, routing, *weights, *scales, *bs, mode=mode).float()
-            got = fused_moe(x, ids, routing, *weights, *bs, scales=scales, mode=mode).float()
+            got = fused_moe(x.to(device), ids.to(device), routing.to(device), *on(weights), *on(bs),
+                            scales=on(scales), mode=mode).float().cpu()
             err = float((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt().clamp(min=1e-30))
             if not err < bound:
+                log.error("%s MoE experts on %s, %s tokens: relative RMS %.2e from the reference (bound %.0e)",
+                          mode, device, dtype, err, bound)
                 return False
         return True
 

@@ -16,7 +16,8 @@ The ops ``autodeploy::triton_int8_weight_linear`` / ``autodeploy::triton_fp8_lin
 quantized ops' arguments, ``autodeploy::triton_fp8_linear_q`` already-quantized activations. Rows beyond
 ``QGEMV_MAX_M`` go to the canonical op, except FP8 on a GPU with FP8 tensor cores (there one launch quantizes
 the activation rows, ``quantize_fp8_rows`` unless the producer did, and ``torch._scaled_mm`` multiplies) and
-int8 weight-only and W8A8 int8 up to ``INT8W_GEMM_MAX_M`` rows (the tiled GEMMs of kernels/int8_gemm.py).
+int8 weight-only up to ``INT8W_GEMM_MAX_M`` rows and W8A8 int8 up to ``W8A8_GEMM_MAX_M`` (the tiled GEMMs of
+kernels/int8_gemm.py).
 ``backends/triton/passes/quant_skinny_gemm.py`` routes the graph's quantized linears here.
 """
 
@@ -35,8 +36,8 @@ from autodeploy.backends.triton.kernels.pdl import launch_options, pdl_enabled, 
 from autodeploy.backends.triton.kernels.common import asm_ok, interpreted, rows_2d
 from autodeploy.backends.triton.kernels.device_check import kernels_agree
 from autodeploy.backends.triton.kernels.fp8 import fp8_quantize_values, fp8_token_scale
-from autodeploy.backends.triton.kernels.int8_gemm import (INT8W_GEMM_MAX_M, int8_w8a8_gemm, int8_weight_gemm,
-                                                          scale_then_bias)
+from autodeploy.backends.triton.kernels.int8_gemm import (INT8W_GEMM_MAX_M, W8A8_GEMM_MAX_M, int8_w8a8_gemm,
+                                                          int8_weight_gemm, scale_then_bias)
 from autodeploy.ops import quant
 
 __all__ = ["quant_gemv", "quant_gemv_config", "quantize_fp8_rows", "quantize_int8_rows", "int8_gemv",
@@ -641,13 +642,14 @@ def _int8_kernels_agree(device: torch.device) -> bool:
 
 def _tiled_check_inputs(device: torch.device, g: torch.Generator) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """The tiled int8 GEMMs' check inputs: every int8 weight value, ragged N, both K branches (a K tail, and K a
-    multiple of every K tile), scales and a bias; yields ``(w, ws, b, x)`` for two row counts per K (three launch
-    configurations), ``x`` fp32 of unit scale for the caller to spread and cast."""
+    multiple of every K tile), scales and a bias; yields ``(w, ws, b, x)`` for two row counts per K (each of the
+    weight-only launch configurations up to 128 rows, the swapped product included, on both K branches), ``x``
+    fp32 of unit scale for the caller to spread and cast."""
     n = 136
     ws, b = torch.rand(n, generator=g).to(device) + 0.5, torch.randn(n, generator=g).to(device)
     for k in (3 * 64 + 36, 4 * 64):
         w = (torch.randint(0, 256, (n, k), generator=g) - 128).to(torch.int8).to(device)
-        for m in ((70, 20) if k % 64 else (40,)):
+        for m in ((70, 20) if k % 64 else (40, 100)):
             yield w, ws, b, torch.randn(m, k, generator=g).to(device)
 
 
@@ -691,14 +693,14 @@ def _int8w_gemm_agrees(device: torch.device) -> bool:
 def triton_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, smooth: Optional[Tensor] = None,
                        bias: Optional[Tensor] = None) -> Tensor:
     """``autodeploy::int8_linear`` (W8A8, SmoothQuant) with its rows quantized in one launch, then multiplied by
-    the int8 words GEMV (decode rows) or, up to INT8W_GEMM_MAX_M rows, the tiled int8 GEMM with its scaling
+    the int8 words GEMV (decode rows) or, up to W8A8_GEMM_MAX_M rows, the tiled int8 GEMM with its scaling
     epilogue fused; both give the reference's values bit for bit."""
     if (_skinny(x) and x.shape[-1] % 4 == 0 and weight.stride(-1) == 1 and weight.stride(0) % 4 == 0
             and weight.data_ptr() % 4 == 0 and _int8_kernels_agree(x.device)):
         xq, xs = quantize_int8_rows(x, smooth)
         return int8_gemv(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
     rows = _device_rows(x)
-    if (QGEMV_MAX_M < rows <= INT8W_GEMM_MAX_M and weight.stride(-1) == 1
+    if (QGEMV_MAX_M < rows <= W8A8_GEMM_MAX_M and weight.stride(-1) == 1
             and _int8_gemm_agrees(x.device)):
         xq, xs = quantize_int8_rows(x, smooth)
         return int8_w8a8_gemm(xq, xs, weight, weight_scale, bias, out_dtype=x.dtype)
