@@ -6,8 +6,8 @@ Routing is Mixtral's (softmax over random router logits, top-2, renormalised). T
 experts the batch touches (3 matrices each) over the measured copy bandwidth. The fused kernel is also timed
 replayed from a CUDA graph (no host sync inside, so a compiled step captures it). ``--sweep`` also times a few
 kernel tile configurations and reports the best. Prints a table and writes JSON (``--json``).
-``--quant int8-weight,fp8`` adds the quantized experts (one byte per weight: half the floor).
-Usage: TRITON_INTERPRET=0 python benchmarks/bench_moe.py [--batches 1,64,256] [--sweep] [--quant int8-weight,fp8]
+``--quant int8-weight,fp8,int8`` adds the quantized experts (one byte per weight: half the floor).
+Usage: TRITON_INTERPRET=0 python benchmarks/bench_moe.py [--batches 1,64,256] [--sweep] [--quant int8-weight,fp8,int8]
 [--json out.json]
 """
 
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--topk", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--quant", default="", help="also time quantized experts: int8-weight,fp8 (the reference and "
+    ap.add_argument("--quant", default="", help="also time quantized experts: int8-weight,fp8,int8 (the reference and "
                                                 "the fused kernels; errors are against HF's bf16 layer)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()

@@ -16,7 +16,7 @@ if [ "${PART:-tests}" = tests ]; then
     tests/test_quantization.py -k "int8_weight_gemm or tiled_gemm or w8a8 or llama_shapes or route_decode or gpu_fast_paths" \
     2>&1 | tee "$OUT/gpu_quant.log" | tail -15
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short tests/test_moe.py \
-    -k "quantized or fp8_experts or int8_weight_experts or checked_on_each or on_gpu" 2>&1 | tee "$OUT/gpu_moe.log" | tail -15
+    -k "quantized or fp8_experts or int8_weight_experts or int8_experts or checked_on_each or on_gpu" 2>&1 | tee "$OUT/gpu_moe.log" | tail -15
   timeout ${TEST_TIMEOUT:-420} python -m pytest -q -p no:cacheprovider --tb=short tests/test_triton_attention.py \
     -k "fp8_cache_page_ranges or decode_page_sizes or decode_mixed or decode_many_splits or reduce" 2>&1 \
     | tee "$OUT/gpu_attention.log" | tail -15
@@ -33,7 +33,7 @@ elif [ "${PART}" = cb ]; then
 else
   timeout 200 python benchmarks/bench_int8w_gemm.py --rows ${ROWS:-17,32,64,128,256,512,1024} --layers 8 \
     --json "$OUT/int8w_gemm.json" 2>&1 | tee "$OUT/int8w_gemm.log" | tail -40
-  timeout 150 python benchmarks/bench_moe.py --batches 1,64,256 --quant int8-weight,fp8 --reps 10 \
+  timeout 150 python benchmarks/bench_moe.py --batches 1,64,256 --quant int8-weight,fp8,int8 --reps 10 \
     --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" | grep -v "^{" | tail -12
   timeout 120 python benchmarks/bench_kv_fp8_decode.py --cases 64x4096,16x8192 --waves 1,2 --kinds bf16,fp8 2>&1 \
     | tee "$OUT/kv_fp8.log" | tail -12

@@ -63,5 +63,8 @@ def test_dots_lower_to_the_intended_mma(compiled):
     for name in ("moe/float/gate_up/m64", "moe/int8-weight/gate_up/m64", "int8w_gemm/m512/bf16"):
         assert results[name]["mma"] == ["HGMMA"], name
     assert results["w8a8_gemm/m512"]["mma"] == ["IGMMA"] and results["w8a8_gemm/m17"]["mma"] == ["IMMA"]
+    for kernel in ("gate_up", "down"):  # W8A8 int8 experts: the integer MMAs
+        assert results[f"moe/int8/{kernel}/m64"]["mma"] == ["IGMMA"], kernel
+        assert results[f"moe/int8/{kernel}/m16"]["mma"] == ["IMMA"], kernel
     for name in ("quant_gemv/words/fp8", "quant_gemv/words/int8-weight", "quant_gemv/words/w8a8-int8"):
         assert results[name]["mma"] == [], name

@@ -334,6 +334,30 @@ def test_kernel_fp8_experts_match_the_quantized_reference(fused, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_int8_experts_match_the_quantized_reference(fused, dtype):
+    """W8A8 int8 experts on the kernels: token and intermediate rows quantized to int8 per row
+    (``quantize_int8_rows``, the reference's rounding), int8 x int8 MMAs with exact int32 sums, both scales on
+    the sums, biases after them; fp32 tokens give the reference's values; a ragged K tail and a strided view."""
+    from autodeploy.ops.moe import moe_quant_reference
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    x, ids, w, ws, bs = _inputs(11, 96, 40, 4, 2, bias=True, dtype=dtype, seed=2)
+    parts = [quantize_experts(t.float(), "int8") for t in ws]
+    q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
+    kw = dict(b_gate=bs[0], b_up=bs[1], b_down=bs[2])
+    ref = moe_quant_reference(x, ids, w, *q, *sc, mode="int8", **kw)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for block_m in (16, 64):
+        got = fused(x, ids, w, *q, scales=sc, mode="int8", block_m=block_m, **kw)
+        assert got.dtype == dtype and rel_rms(got, ref) < tol, (block_m, rel_rms(got, ref))
+    wu_t = q[1].transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided along H
+    assert rel_rms(fused(x, ids, w, q[0], wu_t, q[2], scales=sc, mode="int8", **kw), ref) < tol
+    wrong = fused(x, ids, w, *q, scales=[sc[0], sc[1] * 1.05, sc[2]], mode="int8", **kw)  # the up scale counts
+    assert rel_rms(wrong, ref) > 1e-2
+
+
+@needs_kernels
 def test_quantized_expert_kernels_are_checked_on_each_device(monkeypatch, caplog):
     """The quantized experts' kernels check themselves against the reference once per device: a kernel that is
     wrong there, or fails to run there, is never used (the reference answers), and an error names it."""
@@ -347,14 +371,14 @@ def test_quantized_expert_kernels_are_checked_on_each_device(monkeypatch, caplog
     args = [t.to(KERNEL_DEVICE) for t in (x, ids, w, *[p["weight"] for p in parts], *[p["scale"] for p in parts])]
     dev = args[0].device
     want = moe_quant_reference(*args, mode="int8-weight")
-    monkeypatch.setattr(moe, "_QUANT_CHECKED", {"int8-weight": {}, "fp8": {}})
+    monkeypatch.setattr(moe, "_QUANT_CHECKED", {mode: {} for mode in moe._QUANT})
     op = torch.ops.autodeploy.triton_moe_experts_quant
     assert rel_rms(op(*args, mode="int8-weight"), want) < 1e-5
     assert moe._QUANT_CHECKED["int8-weight"] == {str(dev): True}
     real = moe.fused_moe
     for broken, why in ((lambda *a, **k: real(*a, **k) * 1.1, "disagree"),
                         (lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no such instruction")), "failed")):
-        monkeypatch.setattr(moe, "_QUANT_CHECKED", {"int8-weight": {}, "fp8": {}})
+        monkeypatch.setattr(moe, "_QUANT_CHECKED", {mode: {} for mode in moe._QUANT})
         monkeypatch.setattr(moe, "fused_moe", broken)
         caplog.clear()
         assert torch.equal(op(*args, mode="int8-weight"), want)  # the reference answered
@@ -401,7 +425,7 @@ def test_triton_kernel_pass_end_to_end():
 
 
 @needs_kernels
-@pytest.mark.parametrize("mode,tol", [("int8-weight", 1e-4), ("fp8", 1e-3)])
+@pytest.mark.parametrize("mode,tol", [("int8-weight", 1e-4), ("fp8", 1e-3), ("int8", 1e-3)])
 def test_triton_kernel_pass_runs_quantized_experts(mode, tol):
     """quantization=mode with kernels=['triton']: the quantized experts run the fused kernel and match the torch
     reference's quantized experts over a mixed prefill/decode batch."""
@@ -445,7 +469,7 @@ def test_kernel_matches_reference_on_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["int8-weight", "fp8"])
+@pytest.mark.parametrize("mode", ["int8-weight", "fp8", "int8"])
 def test_quantized_kernels_match_reference_on_gpu(mode):
     """The quantized experts' kernels compiled for the GPU (E4M3 MMAs for fp8), Mixtral-like shapes at a few
     loads, against the reference; the per-device check passes; a CUDA graph replays them."""

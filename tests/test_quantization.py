@@ -209,17 +209,18 @@ def test_router_gates_stay_full_precision():
     assert any("router gate" in n for n in record(cm).notes)
 
 
-@pytest.mark.parametrize("mode, tol", [("int8-weight", 0.02), ("fp8", 0.08)])
+@pytest.mark.parametrize("mode, tol", [("int8-weight", 0.02), ("fp8", 0.08), ("int8", 0.05)])
 def test_moe_experts_quantized(mode, tol):
-    """The experts layers become moe_experts_quant on int8 / E4M3 experts with per-(expert, channel) scales;
-    explain() counts them and the logits stay near HF's."""
+    """The experts layers become moe_experts_quant on int8 / E4M3 experts with per-(expert, channel) scales
+    (W8A8 int8: dynamic per-token activation scales, no smoothing); explain() counts them and the logits stay
+    near HF's."""
     model = _qwen2_moe()
     ref = hf_logits(model)
     cm = autodeploy.compile(model, quantization=mode, **KW)
     nodes = _nodes(cm, MOE_Q)
     assert len(nodes) == 2 and not _nodes(cm, torch.ops.autodeploy.moe_experts.default)
     gm = cm.graph_module
-    want = torch.int8 if mode == "int8-weight" else torch.float8_e4m3fn
+    want = torch.float8_e4m3fn if mode == "fp8" else torch.int8
     for n in nodes:
         assert n.kwargs["mode"] == mode
         for w, sc in (("w_gate", "s_gate"), ("w_up", "s_up"), ("w_down", "s_down")):
@@ -232,20 +233,25 @@ def test_moe_experts_quantized(mode, tol):
     assert not any(t.dtype in float_dtypes and t.dim() == 3 for t in gm.state_dict().values())
 
 
+def _experts_case(mode: str, seed: int, E: int, I: int, H: int, T: int, K: int = 2):
+    """(tokens, expert ids, routing weights, float expert weights, their quantized weights, their scales)."""
+    from autodeploy.passes.quantize_linears import quantize_experts
+
+    g = torch.Generator().manual_seed(seed)
+    w = [torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)]
+    x, ids = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g)
+    tw = torch.rand(T, K, generator=g)
+    parts = [quantize_experts(t, mode) for t in w]
+    return x, ids, tw, w, [p["weight"] for p in parts], [p["scale"] for p in parts]
+
+
 def test_moe_experts_quant_op_matches_dequantized_experts():
     """int8-weight experts compute the float op on the dequantized weights (per-channel scale after the dot);
     a wrong scale or mode is refused by name."""
     from autodeploy.ops.moe import MoEError
-    from autodeploy.passes.quantize_linears import quantize_experts
 
-    g = torch.Generator().manual_seed(3)
-    E, I, H, T, K = 4, 32, 48, 9, 2
-    w = [torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)]
-    x, ids = torch.randn(T, H, generator=g), torch.randint(0, E, (T, K), generator=g)
-    tw = torch.rand(T, K, generator=g)
-    parts = [quantize_experts(t, "int8-weight") for t in w]
-    q, sc = [p["weight"] for p in parts], [p["scale"] for p in parts]
-    deq = [p["weight"].float() * p["scale"][..., None] for p in parts]
+    x, ids, tw, w, q, sc = _experts_case("int8-weight", 3, E=4, I=32, H=48, T=9)
+    deq = [qi.float() * si[..., None] for qi, si in zip(q, sc)]
     out = torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="int8-weight")
     ref = torch.ops.autodeploy.moe_experts(x, ids, tw, *deq)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
@@ -256,10 +262,24 @@ def test_moe_experts_quant_op_matches_dequantized_experts():
         torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="fp8")
 
 
-def test_w8a8_int8_keeps_float_experts_with_the_reason():
-    cm = autodeploy.compile(_qwen2_moe(), quantization="int8", **KW)
-    assert _nodes(cm, torch.ops.autodeploy.moe_experts.default) and not _nodes(cm, MOE_Q)
-    assert any("MoE experts: 'int8' has no quantized-experts form" in n for n in record(cm).notes)
+def test_w8a8_int8_experts_are_int8_linears_per_expert():
+    """W8A8 int8 experts: each projection is int8_linear (dynamic per-token scales, no smoothing) on the expert's
+    int8 weight, exactly; int8 weights under another mode's name are refused by name."""
+    from autodeploy.ops.moe import MoEError
+
+    x, ids, tw, w, q, sc = _experts_case("int8", 4, E=3, I=32, H=48, T=7)
+    out = torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="int8")
+    want = torch.zeros_like(x)
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            proj = lambda v, i: quant.int8_linear_reference(v[None], q[i][e], sc[i][e])[0]  # noqa: E731
+            h = torch.nn.functional.silu(proj(x[t], 0)) * proj(x[t], 1)
+            want[t] += tw[t, k] * proj(h, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert rel_rms(torch.ops.autodeploy.moe_experts(x, ids, tw, *w), out) < 0.05
+    with pytest.raises(MoEError, match="mode 'fp8' takes torch.float8_e4m3fn weights"):
+        torch.ops.autodeploy.moe_experts_quant(x, ids, tw, *q, *sc, mode="fp8")
 
 
 def test_compile_cache_rebuilds_quantized_experts(tmp_path):

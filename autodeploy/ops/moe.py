@@ -207,10 +207,12 @@ def moe_inputs(node) -> dict:
     return {name: values.get(name, defaults.get(name)) for name in MOE_ARG_NAMES}
 
 
-# -- quantized experts: ``compile(quantization="int8-weight" | "fp8")`` ---------------------------------------------
+# -- quantized experts: ``compile(quantization="int8-weight" | "fp8" | "int8")`` -----------------------------------
 # ``moe_experts_quant`` is ``moe_experts`` on int8 / E4M3 expert weights with one fp32 scale per (expert, output
 # channel): ``s_gate[E,I]``, ``s_up[E,I]``, ``s_down[E,H]``. Each projection is the mode's quantized linear
-# (ops/quant.py: ``int8_weight_linear``, or ``fp8_linear`` with its dynamic per-token activation scales), its output
+# (ops/quant.py: ``int8_weight_linear``, ``fp8_linear`` with its dynamic per-token activation scales, or W8A8
+# ``int8_linear`` with dynamic per-token scales and no smoothing: calibration sees the linears' inputs, not each
+# expert's), its output
 # in the model dtype as the float op's are; the activation and the weighted combine are the float op's. A separate
 # op (not optional arguments of ``moe_experts``): a pass or kernel written for float experts never meets int8
 # weights.
@@ -224,10 +226,15 @@ def _fp8_proj(x: Tensor, w: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:
     return torch.ops.autodeploy.fp8_linear(x, w, s, None, b)
 
 
+def _int8_proj(x: Tensor, w: Tensor, s: Tensor, b: Optional[Tensor]) -> Tensor:
+    return torch.ops.autodeploy.int8_linear(x, w, s, None, b)
+
+
 # mode -> (weight dtype, projection(x, weight [N, K], scale [N], bias [N] or None) -> [rows, N] in x's dtype)
 QUANT_MODES: dict[str, tuple[torch.dtype, Callable]] = {
     "int8-weight": (torch.int8, _int8_weight_proj),
     "fp8": (torch.float8_e4m3fn, _fp8_proj),
+    "int8": (torch.int8, _int8_proj),
 }
 
 

@@ -257,7 +257,7 @@ def _moe(kernel_name: str, mode: str, block_m: int):
     from autodeploy.backends.triton.kernels import moe
 
     quant = moe._QUANT.get(mode, 0)
-    act, w = ("u8", "u8") if quant == 2 else ("bf16", "i8" if quant == 1 else "bf16")
+    act, w = {0: ("bf16", "bf16"), 1: ("bf16", "i8"), 2: ("u8", "u8"), 3: ("i8", "i8")}[quant]
     consts = dict(HAS_BIAS=True, OUT_TY=tl.bfloat16, UPCAST=False, IEEE=False, EMULATE_RNE=False, QUANT=quant,
                   BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64)
     if kernel_name == "gate_up":
@@ -276,7 +276,7 @@ def _moe(kernel_name: str, mode: str, block_m: int):
     return kernel, sig, consts, 4, 3, _MOE_DIV
 
 
-for _mode in ("float", "int8-weight", "fp8"):
+for _mode in ("float", "int8-weight", "fp8", "int8"):
     for _bm in (16, 64):  # mma.sync and warpgroup MMAs
         for _k in ("gate_up", "down"):
             case(f"moe/{_mode}/{_k}/m{_bm}")(lambda k=_k, mode=_mode, bm=_bm: _moe(k, mode, bm))

@@ -11,9 +11,10 @@ GEMMs are launch- and latency-bound and the per-expert token lists need host syn
 3. One launch computes down for every tile and writes each pair's output row ``y[pair, H]``.
 4. The combine sums the K picks of each token weighted by the routing weights in fp32.
 
-Quantized experts (``moe_experts_quant``) run the same launches: int8 weights are converted to the activation
-dtype as they are loaded; for E4M3 weights the token rows and the intermediate rows are quantized to E4M3 per row
-first (one launch each) and the MMAs take E4M3 operands; the scales multiply the fp32 sums. Each device checks
+Quantized experts (``moe_experts_quant``) run the same launches: int8-weight weights are converted to the
+activation dtype as they are loaded; for E4M3 weights the token rows and the intermediate rows are quantized to
+E4M3 per row first (one launch each) and the MMAs take E4M3 operands; W8A8 int8 the same with int8 rows and int32
+sums on the integer MMAs; the scales multiply the fp32 sums. Each device checks
 these kernels against the reference once before they serve (``_quant_kernels_agree``).
 
 Weights may be strided views (the op's contract); every stride is passed. Under ``TRITON_INTERPRET=1`` the
@@ -33,7 +34,7 @@ import triton.language as tl
 
 from autodeploy.backends.triton.kernels.rms_norm import cast_rn, emulate_rne
 from autodeploy.backends.triton.kernels.device_check import kernels_agree
-from autodeploy.backends.triton.kernels.quant_gemm import quantize_fp8_rows
+from autodeploy.backends.triton.kernels.quant_gemm import quantize_fp8_rows, quantize_int8_rows
 from autodeploy.ops.moe import MoEError, check_inputs, check_quant_inputs, moe_quant_reference
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl
 
 
 # moe_experts_quant mode -> the kernels' QUANT constant (0: float experts)
-_QUANT = {"int8-weight": 1, "fp8": 2}
+_QUANT = {"int8-weight": 1, "fp8": 2, "int8": 3}
 KERNEL_QUANT_MODES = tuple(_QUANT)
 
 
@@ -92,8 +93,10 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> t
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr):
+    if QUANT == 3:  # W8A8 int8: exact int32 sums (the integer MMAs; exact under the interpreter too)
+        return tl.dot(a, b, out_dtype=tl.int32)
+    elif UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -107,6 +110,8 @@ def _load_a(ptrs, mask, QUANT: tl.constexpr):
     (+0.0) and then are viewed as E4M3 (a float ``other`` cannot be cast to float8)."""
     if QUANT == 2:  # (one return: compiled Triton types every return of a function alike)
         a = tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    elif QUANT == 3:
+        a = tl.load(ptrs, mask=mask, other=0)
     else:
         a = tl.load(ptrs, mask=mask, other=0.0)
     return a
@@ -114,10 +119,13 @@ def _load_a(ptrs, mask, QUANT: tl.constexpr):
 
 @triton.jit
 def _load_w(ptrs, mask, QUANT: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr):
-    """A weight tile as the MMA takes it: float weights as stored, int8 converted to the activation dtype (exact;
-    fp32 under the interpreter, whose bf16 casts fail), E4M3 as stored (bytes viewed as E4M3)."""
+    """A weight tile as the MMA takes it: float weights as stored, int8-weight converted to the activation dtype
+    (exact; fp32 under the interpreter, whose bf16 casts fail), E4M3 as stored (bytes viewed as E4M3), W8A8 int8
+    as stored."""
     if QUANT == 2:
         w = tl.load(ptrs, mask=mask, other=0).to(tl.float8e4nv, bitcast=True)
+    elif QUANT == 3:
+        w = tl.load(ptrs, mask=mask, other=0)
     else:
         w = tl.load(ptrs, mask=mask, other=0.0)
         if QUANT == 1:
@@ -152,8 +160,9 @@ def _gate_up_kernel(x_ptr, xs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_
                     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr, EMULATE_RNE: tl.constexpr, QUANT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """QUANT (``_QUANT``): float weights; int8 weights (exact in the activation dtype); or E4M3 weights with the
-    token rows already quantized to E4M3 (``x_ptr``, bytes) and their per-token scales at ``xs_ptr``. Quantized
+    """QUANT (``_QUANT``): float weights; int8 weights (exact in the activation dtype); E4M3 weights with the token
+    rows already quantized to E4M3 (``x_ptr``, bytes) and their per-token scales at ``xs_ptr``; or int8 weights
+    with the token rows quantized to int8 (``x_ptr``, scales at ``xs_ptr``) and int32 sums. Quantized
     weights carry fp32 per-(expert, channel) scales ``[E, I]`` (contiguous), applied to the fp32 sums (after the
     token scale) before the bias, as ``int8_weight_linear`` / ``fp8_linear`` do."""
     pid_m = tl.program_id(0)
@@ -170,8 +179,8 @@ def _gate_up_kernel(x_ptr, xs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_
     e64 = e.to(tl.int64)
     wg_base = wg_ptr + e64 * sg_e + offs_n[None, :] * sg_i
     wu_base = wu_ptr + e64 * su_e + offs_n[None, :] * su_i
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if QUANT == 3 else tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if QUANT == 3 else tl.float32)
     for k0 in range(0, H, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < H
@@ -181,12 +190,12 @@ def _gate_up_kernel(x_ptr, xs_ptr, wg_ptr, wu_ptr, bg_ptr, bu_ptr, wsg_ptr, wsu_
         bu = _load_w(wu_base + offs_k[:, None] * su_h, wmask, QUANT, OUT_TY, UPCAST)
         if QUANT == 0:
             a = a.to(bg.dtype)
-        acc_g += _dot(a, bg, UPCAST, IEEE)
-        acc_u += _dot(a, bu, UPCAST, IEEE)
-    if QUANT == 2:  # the reference's order: (sums * token scale) * channel scale
+        acc_g += _dot(a, bg, UPCAST, IEEE, QUANT)
+        acc_u += _dot(a, bu, UPCAST, IEEE, QUANT)
+    if QUANT >= 2:  # the reference's order: (sums * token scale) * channel scale (int32 sums rounded to fp32 first)
         x_scale = tl.load(xs_ptr + tok)[:, None]
-        acc_g = acc_g * x_scale
-        acc_u = acc_u * x_scale
+        acc_g = acc_g.to(tl.float32) * x_scale
+        acc_u = acc_u.to(tl.float32) * x_scale
     if QUANT != 0:
         acc_g = acc_g * tl.load(wsg_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
         acc_u = acc_u * tl.load(wsu_ptr + e64 * I + offs_n, mask=n_ok, other=0.0)[None, :]
@@ -207,8 +216,8 @@ def _down_kernel(inter_ptr, is_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr
                  HAS_BIAS: tl.constexpr, OUT_TY: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
                  EMULATE_RNE: tl.constexpr, QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """QUANT as in ``_gate_up_kernel``; E4M3 experts read the intermediate rows quantized per row (``inter_ptr``,
-    bytes, scales at ``is_ptr``)."""
+    """QUANT as in ``_gate_up_kernel``; E4M3 and W8A8 int8 experts read the intermediate rows quantized per row
+    (``inter_ptr``, bytes, scales at ``is_ptr``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -222,15 +231,15 @@ def _down_kernel(inter_ptr, is_ptr, wd_ptr, bd_ptr, wsd_ptr, y_ptr, row_pair_ptr
     e64 = e.to(tl.int64)
     w_base = wd_ptr + e64 * sd_e + offs_n[None, :] * sd_h
     a_base = inter_ptr + rows[:, None].to(tl.int64) * s_inter
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if QUANT == 3 else tl.float32)
     for k0 in range(0, I, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < I
         a = _load_a(a_base + offs_k[None, :], k_ok[None, :], QUANT)
         b = _load_w(w_base + offs_k[:, None] * sd_i, k_ok[:, None] & n_ok[None, :], QUANT, OUT_TY, UPCAST)
-        acc += _dot(a, b, UPCAST, IEEE)
-    if QUANT == 2:
-        acc = acc * tl.load(is_ptr + rows)[:, None]
+        acc += _dot(a, b, UPCAST, IEEE, QUANT)
+    if QUANT >= 2:
+        acc = acc.to(tl.float32) * tl.load(is_ptr + rows)[:, None]
     if QUANT != 0:  # scales [E, H] (contiguous), then the bias, then one rounding, as the quantized linears do
         acc = acc * tl.load(wsd_ptr + e64 * H + offs_n, mask=n_ok, other=0.0)[None, :]
     elif HAS_BIAS:  # float experts: the projection rounded before the bias, as the reference's GEMM
@@ -273,7 +282,8 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     ``scales`` ``(s_gate, s_up, s_down)``: the weights are quantized, ``moe_experts_quant(mode=mode)``. For
     ``"fp8"`` one launch quantizes the token rows to E4M3 per token before the first GEMM and one the
     intermediate rows before the second (``fp8_linear``'s dynamic activation scales), and the MMAs take E4M3
-    operands as stored."""
+    operands as stored; ``"int8"`` (W8A8) the same with int8 rows (``quantize_int8_rows``, ``int8_linear``'s
+    rounding) and exact int32 sums."""
     if scales is not None:
         check_quant_inputs(hidden, topk_ids, topk_weights, w_gate, w_up, w_down, *scales, b_gate, b_up, b_down,
                            mode)
@@ -304,8 +314,8 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     rows = row_pair.numel()
     inter = torch.empty((rows, I), dtype=dtype, device=hidden.device)
     y = torch.empty((P, H), dtype=dtype, device=hidden.device)
-    fp32_operands = dtype == torch.float32 and quant != 2  # E4M3 experts multiply E4M3 operands
-    upcast = _interpreting() and not fp32_operands
+    fp32_operands = dtype == torch.float32 and quant < 2  # E4M3 / W8A8 experts multiply 8-bit operands
+    upcast = _interpreting() and not fp32_operands and quant != 3  # (the interpreter's int8 dot is exact)
     ieee = fp32_operands
     tl_ty = _TL[dtype]
     has_bias = b_gate is not None
@@ -314,9 +324,11 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
     sg, su, sd = scales if scales is not None else (hidden, hidden, hidden)
     x_in, x_scale = hidden, hidden
     wg, wu, wd = w_gate, w_up, w_down
-    if quant == 2:  # E4M3 operands travel as bytes (the kernels view them as E4M3)
-        xq, xs = quantize_fp8_rows(hidden)
-        x_in, x_scale = xq.view(torch.uint8), xs.reshape(-1).contiguous()
+    row_quant = quantize_fp8_rows if quant == 2 else quantize_int8_rows
+    if quant >= 2:  # 8-bit token rows, one scale per token; E4M3 tensors travel as bytes (viewed as E4M3 in-kernel)
+        xq, xs = row_quant(hidden)
+        x_in, x_scale = xq.view(torch.uint8) if quant == 2 else xq, xs.reshape(-1).contiguous()
+    if quant == 2:
         wg, wu, wd = w_gate.view(torch.uint8), w_up.view(torch.uint8), w_down.view(torch.uint8)
     _gate_up_kernel[grid1](
         x_in, x_scale, wg, wu, b_gate if has_bias else w_gate, b_up if has_bias else w_up, sg, su, inter, row_pair,
@@ -326,9 +338,9 @@ def fused_moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.
         EMULATE_RNE=rne1, QUANT=quant, BLOCK_M=bm, BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages)
     a_in, a_scale = inter, inter
-    if quant == 2:  # every row of the layout, padding included (padding rows are never stored)
-        iq, i_s = quantize_fp8_rows(inter)
-        a_in, a_scale = iq.view(torch.uint8), i_s.reshape(-1).contiguous()
+    if quant >= 2:  # every row of the layout, padding included (padding rows are never stored)
+        iq, i_s = row_quant(inter)
+        a_in, a_scale = iq.view(torch.uint8) if quant == 2 else iq, i_s.reshape(-1).contiguous()
     grid2 = (rows // bm, triton.cdiv(H, block_n))
     _down_kernel[grid2](
         a_in, a_scale, wd, b_down if b_down is not None else w_down, sd, y, row_pair, tile_expert, P, E, H, I,
@@ -357,7 +369,7 @@ def _quant_kernels_agree(device: torch.device, mode: str) -> bool:
 
         g = torch.Generator().manual_seed(0)
         T, H, I, E, K = 40, 96, 80, 4, 2
-        quantize = quant.quantize_int8_weight if mode == "int8-weight" else quant.quantize_fp8_weight
+        quantize = quant.quantize_fp8_weight if mode == "fp8" else quant.quantize_int8_weight
         weights, scales = [], []
         for shape in ((E, I, H), (E, I, H), (E, H, I)):
             q, sc = quantize(torch.randn(shape[0] * shape[1], shape[2], generator=g) * 0.3)
@@ -367,7 +379,8 @@ def _quant_kernels_agree(device: torch.device, mode: str) -> bool:
         ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
         routing = torch.rand(T, K, generator=g)
         on = lambda ts: [t.to(device) for t in ts]  # noqa: E731
-        for dtype, bound in ((torch.float32, 1e-2 if mode == "fp8" else 1e-4), (torch.bfloat16, 3e-2)):
+        for dtype, bound in ((torch.float32, {"int8-weight": 1e-4, "int8": 1e-3}.get(mode, 1e-2)),
+                             (torch.bfloat16, 3e-2)):
             x = torch.randn(T, H, generator=g).to(dtype)
             bs = [b.to(dtype) for b in biases]
             want = moe_quant_reference(x, ids, routing, *weights, *scales, *bs, mode=mode).float()

@@ -1,6 +1,7 @@
 """Triton backend: ``autodeploy::moe_experts`` runs on the fused grouped-GEMM kernel (kernels/moe.py), and so does
 ``autodeploy::moe_experts_quant``: int8-weight experts (int8 weights converted as loaded, the scales applied to the
-sums) and fp8 experts (token and intermediate rows quantized to E4M3 per row, E4M3 MMAs, both scales on the sums).
+sums), fp8 experts (token and intermediate rows quantized to E4M3 per row, E4M3 MMAs, both scales on the sums) and
+W8A8 int8 experts (the same with int8 rows and exact int32 sums).
 Each device checks the quantized kernels against the reference once before using them.
 
 The torch reference runs one GEMM triple per expert with a host sync for the per-expert counts (or, inside a
