@@ -195,10 +195,9 @@ def _int8_tiled(m: int, n: int, k: int, dtype: str, even_k: bool = True, bias: b
 for _m, _dt, _even in ((17, "bf16", True), (64, "fp16", False), (512, "bf16", True)):
     case(f"int8w_gemm/m{_m}/{_dt}{'' if _even else '/ragged_k'}")(
         lambda m=_m, dt=_dt, even=_even: _int8_tiled(m, 4096, 4096, dt, even, bias=not even))
-for _m, _even in ((17, True), (64, False)):  # the swapped product: the converted weight as wgmma's register operand
-    case(f"int8w_gemm/m{_m}/bf16/swap{'' if _even else '/ragged_k'}")(
-        lambda m=_m, even=_even: _int8_tiled(m, 4096, 4096, "bf16", even, bias=not even,
-                                             config=(16 if m <= 16 else 32 if m <= 32 else 64, 64, 128, 4, 4, 1)))
+for _even in (True, False):  # 65-128 rows: the swapped product (the converted weight as wgmma's register operand)
+    case(f"int8w_gemm/m100/bf16/swap{'' if _even else '/ragged_k'}")(
+        lambda even=_even: _int8_tiled(100, 4096, 4096, "bf16", even, bias=not even))
 for _m, _even in ((17, True), (64, False), (512, True)):
     case(f"w8a8_gemm/m{_m}{'' if _even else '/ragged_k'}")(
         lambda m=_m, even=_even: _int8_tiled(m, 4096, 4096, "bf16", even, bias=True, w8a8=True))

@@ -167,21 +167,31 @@ def int8w_gemm_config(m: int, n: int, k: int, sms: int, w8a8: bool = False) -> G
     env = os.environ.get("AUTODEPLOY_INT8W_GEMM_CONFIG")
     if env:
         return parse_config(env)
-    kmax = max(16, triton.next_power_of_2(k))
     wide = triton.cdiv(n, 32) > 2 * sms
     if m <= 32 and not w8a8:
         bm, bn, bk = (16 if m <= 16 else 32, 64, 128) if wide else (16, 32, 256)
-        return bm, bn, min(bk, kmax), 4, 4, 0
+        return bm, bn, _k_tile(k, bk), 4, 4, 0
     if m <= 64 and not wide and not w8a8:
-        return 32, 64, min(128, kmax), 4, 4, 0
+        return 32, 64, _k_tile(k, 128), 4, 4, 0
     if m <= 128 and not wide and not w8a8:
-        return 64, 64, min(128, kmax), 4, 3, 1
+        return 64, 64, _k_tile(k, 128), 4, 3, 1
+    kmax = max(16, triton.next_power_of_2(k))
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     tiles_m = triton.cdiv(m, bm)
     bn = 128 if bm <= 64 else 64
     while bn > 32 and tiles_m * triton.cdiv(n, bn) < sms:
         bn //= 2
     return bm, bn, min(64, kmax), 8, 4 if bm <= 64 else 3, 0
+
+
+def _k_tile(k: int, target: int) -> int:
+    """The K tile: ``target``, or the largest power of two down to 32 that divides ``k`` (a K loop without a
+    masked tail: its loads stay vectorised, and the swapped form's masked loop spills 16 bytes per thread under
+    Triton 3.6), else ``target`` (never more than ``k`` needs)."""
+    bk = target
+    while bk > 32 and k % bk:
+        bk //= 2
+    return min(bk if k % bk == 0 else target, max(16, triton.next_power_of_2(k)))
 
 
 def parse_config(text: str) -> GemmConfig:
