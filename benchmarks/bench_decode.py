@@ -338,6 +338,8 @@ def main() -> None:
     p.add_argument("--admit-max-wait", type=int, default=None, help="AdmissionPolicy.max_wait_steps")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--max-batch-size", type=int, default=0, help="default: the largest --batches entry (>= 64)")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="continuous batching: leave the start-up objects to the garbage collector (Engine freeze_gc)")
     p.add_argument("--json", default=None)
     p.add_argument("--decode-only", action="store_true", help="skip prefill, mixed steps and the profile")
     p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int8-weight"],
@@ -409,17 +411,19 @@ def main() -> None:
         wl = make_workload(args.cb_requests, args.cb_input, args.cb_output, float("inf"), vocab, 0)
         jit = record_jit_compiles()
         policy = admission_policy(args.admit_min_tokens, args.admit_max_wait)
+        freeze = False if args.no_gc_freeze else None
         for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
-            first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
+            first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy, freeze_gc=freeze), wl,
                                  progress=False, sampling=sampling)
             print(f"continuous batching pass {rep + 1}: {first['output_tok_per_s']:,.0f} output tok/s "
                   f"({first['elapsed_s']:.1f} s); by step kind: {json.dumps(first['step_kinds'])}")
-        cb = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy), wl,
-                                 progress=False, sampling=sampling)
+        cb = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy, freeze_gc=freeze), wl,
+                          progress=False, sampling=sampling)
         res["continuous_batching"] = {k: cb[k] for k in ("output_tok_per_s", "total_tok_per_s", "elapsed_s",
                                                           "ttft_s", "tpot_s", "steps", "preemptions",
                                                           "max_running_seqs", "host_overhead_per_step_s",
-                                                          "admission_held_steps", "step_kinds")}
+                                                          "admission_held_steps", "step_kinds", "gc_pauses",
+                                                          "gc_frozen")}
         print(f"continuous batching {args.cb_requests} req (in {args.cb_input}, out {args.cb_output}, max batch "
               f"{cm.max_batch_size}, {args.max_num_tokens} tokens/step, {policy}): "
               f"{cb['output_tok_per_s']:,.0f} output tok/s "
@@ -427,6 +431,8 @@ def main() -> None:
               f"admission held {cb['admission_held_steps']} steps; TTFT p50/p90 {cb['ttft_s']['p50']:.2f}/"
               f"{cb['ttft_s']['p90']:.2f} s)")
         print("  by step kind:", json.dumps(cb["step_kinds"]))
+        print(f"  garbage collector (frozen at start: {cb['gc_frozen']}), pauses by generation:",
+              json.dumps(cb["gc_pauses"]))
         print(f"  Triton kernel variants first used during the workload(s): {len(jit)}"
               + "".join(f"\n    {t:7.2f} s {name}: {spec[:400]}" for t, name, spec in jit[:20]))
         res["continuous_batching"]["jit_compiles"] = jit

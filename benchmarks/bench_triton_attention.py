@@ -286,6 +286,38 @@ def bench_decode(args, copy_gbs: float, flush, rows: list) -> None:
             torch.cuda.empty_cache()
 
 
+def bench_prefill_batch(args, rows: list) -> None:
+    """``--prefill-batch N``: N causal prompts of ``--prefill-len`` tokens in one call (a serving step's prefill
+    share), per-sequence and flat grids, under each ``--context-configs`` tile (AUTODEPLOY_CONTEXT_CONFIG)."""
+    import os
+
+    from autodeploy.backends.triton.kernels.attention import context_attention
+
+    n, s = args.prefill_batch, args.prefill_len
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    k_cache, v_cache, page_table, seq_lens = make_paged(n, s, args.page_size, gen)
+    q = torch.randn(n * s, HQ, D, device="cuda", dtype=DTYPE, generator=gen)
+    out = torch.empty_like(q)
+    cu = torch.arange(0, n + 1, dtype=torch.int32, device="cuda") * s
+    flops = n * 4 * s * s * HQ * D / 2
+    for cfg in [None] + (args.context_configs.split(";") if args.context_configs else []):
+        if cfg:
+            os.environ["AUTODEPLOY_CONTEXT_CONFIG"] = cfg
+        else:
+            os.environ.pop("AUTODEPLOY_CONTEXT_CONFIG", None)
+        times = {}
+        for grid, mq in (("per-sequence", s), ("flat", None)):
+            times[grid] = time_cuda(lambda: context_attention(
+                q, k_cache, v_cache, cu, seq_lens, page_table, out, num_seqs=n, max_q_len=mq, scale=D**-0.5,
+                sliding_window=None, logit_softcap=None, sinks=None), args.reps, args.warmup)
+        rows.append(dict(kind="prefill_batch", seqs=n, seq_len=s, config=cfg or "default", **{
+            f"{g}_us": t * 1e3 for g, t in times.items()}))
+        print(f"prefill {n} x {s} tokens, config {cfg or 'default':>12}: per-sequence grid "
+              f"{times['per-sequence'] * 1e3:7.1f} us, flat grid {times['flat'] * 1e3:7.1f} us "
+              f"({flops / times['flat'] / 1e12:.1f} TFLOP/s)")
+    os.environ.pop("AUTODEPLOY_CONTEXT_CONFIG", None)
+
+
 def bench_prefill(args, rows: list) -> None:
     from autodeploy.backends.triton.kernels.attention import context_attention
 
@@ -339,6 +371,10 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--prefill-len", type=int, default=4096)
+    p.add_argument("--prefill-batch", type=int, default=0,
+                   help="time only N prompts of --prefill-len tokens in one call (then exit)")
+    p.add_argument("--context-configs", default="",
+                   help="with --prefill-batch: tiles to compare, 'BLOCK_M,BLOCK_N,warps,stages;...'")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth-probe copy")
@@ -366,6 +402,9 @@ def main(argv=None) -> int:
           f"L2 flush: {args.flush}")
     flush = make_flush(args.flush)
     rows: list = []
+    if args.prefill_batch:
+        bench_prefill_batch(args, rows)
+        args.no_main, args.variants, args.sweep, args.flush_compare = True, False, False, False
     if args.flush_compare:
         flush_compare(args, copy_gbs, rows)
     if args.variants:
@@ -375,7 +414,8 @@ def main(argv=None) -> int:
     if args.sweep:
         sweep_decode(args, copy_gbs, flush, rows)
     del flush
-    bench_prefill(args, rows)
+    if not args.prefill_batch:
+        bench_prefill(args, rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=dev, dtype=str(DTYPE), hq=HQ, hkv=HKV, head_dim=D, copy_gb_s=copy_gbs,

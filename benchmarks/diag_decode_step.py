@@ -6,6 +6,7 @@ summed gap before it (the time the GPU ran nothing because that kernel had not s
 sequence is printed in order, so the cost of each link of the chain is visible.
 
 Usage: python benchmarks/diag_decode_step.py [--model llama-3.2-1b] [--batch 1] [--ctx 512]
+       [--quantization fp8] [--kv-cache-dtype fp8] [--prefill 64:128 (a mixed step: 64 prompts of 128 tokens)]
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def report(run, n: int, layer_kernels: int) -> dict:
             "kinds": {k: {"per_step": v[0] / n, "busy_us": v[1] / n, "gap_us": v[2] / n} for k, v in rows}}
 
 
+def prompt_chunks(cm, n: int, length: int, after: int, ctx: int) -> list:
+    """``n`` fresh ``length``-token prompts on pages after those of ``after`` decodes at context ``ctx``."""
+    from autodeploy.metadata import SequenceChunk
+
+    first = after * -(-(ctx + 1) // cm.page_size)
+    per = -(-length // cm.page_size)
+    g = torch.Generator().manual_seed(5)
+    return [SequenceChunk(torch.randint(0, cm.vocab_size, (length,), generator=g).tolist(), 0,
+                          list(range(first + i * per, first + (i + 1) * per))) for i in range(n)]
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="llama-3.2-1b")
@@ -93,14 +105,20 @@ def main() -> int:
                    help="profile whole engine steps (sampling, input copies, asynchronous scheduling)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p.add_argument("--quantization", default=None, choices=["fp8", "int8", "int8-weight"])
+    p.add_argument("--prefill", default=None, metavar="N:L",
+                   help="a mixed step: N fresh L-token prompts beside the --batch decodes (runs uncaptured above "
+                        "the largest token bucket)")
+    p.add_argument("--max-num-tokens", type=int, default=8192)
     p.add_argument("--json", default=None)
     args = p.parse_args()
     import autodeploy
     from autodeploy.models.builtin import build_builtin
 
+    prompts, plen = (int(v) for v in args.prefill.split(":")) if args.prefill else (0, 0)
     cm = autodeploy.compile(build_builtin(args.model, dtype=torch.bfloat16, device="cuda"),
-                            max_batch_size=max(8, args.batch), max_seq_len=args.ctx + 256,
-                            kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization)
+                            max_batch_size=max(8, args.batch + prompts), max_seq_len=max(args.ctx, plen) + 256,
+                            kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                            max_num_tokens=max(args.max_num_tokens, prompts * plen + args.batch))
     print(cm.report.cache)
     if args.engine:
         from autodeploy.runtime.engine import Engine
@@ -114,8 +132,9 @@ def main() -> int:
         print(f"engine: {len(running)} running, contexts {sorted({len(r.seqs[0].token_ids) for r in running})}")
         fn = engine.step
     else:
-        batch = cm.pack(decode_chunks(cm, args.batch, args.ctx))
-        if not batch.bucket:
+        batch = cm.pack(decode_chunks(cm, args.batch, args.ctx) + prompt_chunks(cm, prompts, plen, args.batch,
+                                                                             args.ctx))
+        if not batch.bucket and not prompts:
             print("this step is not a captured bucket (is the lowering cudagraph and the GPU present?)")
         fn = lambda: cm.forward(batch)  # noqa: E731
     res = report(kernel_timeline(fn, args.reps), args.reps, args.layer_kernels)

@@ -243,3 +243,25 @@ def test_n_samples_whose_prompts_exceed_the_token_budget_are_chunked(cm):
     out = drive(engine, [(0, list(range(1, 31)), cfg)], max_steps=50)[0]
     assert out.error is None and [len(s) for s in out.samples] == [4, 4, 4, 4]
     engine.kv.check_all_free()
+
+
+def test_engine_freezes_start_up_objects_only_when_asked_or_on_gpu(cm):
+    """A serving engine moves the objects alive at its start out of the collector's reach (a full collection
+    over them stalled serving steps); on CPU (tests, many engines per process) it leaves them unless asked.
+    The benchmark records the collector's pauses by generation."""
+    import gc
+
+    from autodeploy.entrypoints.bench import gc_pauses
+
+    gc.unfreeze()
+    assert Engine(cm).gc_frozen is False and gc.get_freeze_count() == 0
+    try:
+        engine = Engine(cm, freeze_gc=True)
+        assert engine.gc_frozen and gc.get_freeze_count() > 0
+        assert engine.generate([[1, 2, 3]], _greedy(3))[0].output_ids == Engine(cm).generate([[1, 2, 3]],
+                                                                                            _greedy(3))[0].output_ids
+    finally:
+        gc.unfreeze()
+    with gc_pauses() as pauses:
+        gc.collect()
+    assert pauses[2]["count"] >= 1 and pauses[2]["max_s"] > 0

@@ -359,10 +359,43 @@ def test_context_skip_single_leaves_decodes():
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["reduce", "ticket"])
+def merge_mode(request, monkeypatch):
+    """Both ways a sequence's splits are merged: the reduction kernel, or the last split program by ticket."""
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("target", [1, 3, None])
 def test_decode_mixed(dtype, target):
     run_decode([1, 17, 75, 140], dtype=dtype, target=target, seed=100 + (target or 0))
+
+
+def test_merge_in_kernel_rule(monkeypatch):
+    """The reduction kernel merges unless the ticket merge is asked for; an unknown mode is refused by name."""
+    monkeypatch.delenv("AUTODEPLOY_DECODE_MERGE", raising=False)
+    assert not attn_mod.merge_in_kernel()
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "reduce")
+    assert not attn_mod.merge_in_kernel()
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "ticket")
+    assert attn_mod.merge_in_kernel()
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "split")
+    with pytest.raises(ValueError, match="AUTODEPLOY_DECODE_MERGE"):
+        attn_mod.merge_in_kernel()
+
+
+def test_split_merge_leaves_tickets_zero(monkeypatch):
+    """The ticket merge: repeated launches (layers) over sequences with many splits, idle items and one-split
+    sequences all match, and every ticket is back at zero after each launch (the next launch counts from 0)."""
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "ticket")
+    for seed in (170, 171):
+        run_decode([1, 9, 40, 200], sinks=seed == 171, target=12, align=8, seed=seed)
+        assert int(attn_mod._tickets(torch.device(DEVICE), 1).abs().sum()) == 0
+    # the production launch: RoPE, the new token's write, padding rows, a prefill sequence, bf16
+    run_decode_new_kv([2, 31, 64, 150], rot=64, target=6, window=40, softcap=3.0, sinks=True, prefill=[(3, 4)],
+                      pad_rows=1, dtype=torch.bfloat16, seed=172)
+    assert int(attn_mod._tickets(torch.device(DEVICE), 1).abs().sum()) == 0
 
 
 @pytest.fixture(params=["page-tiles", "gather"])
@@ -408,7 +441,7 @@ def test_decode_sliding_window(window, target):
 
 
 @pytest.mark.parametrize("target", [1, 8])
-def test_decode_softcap_sinks(target):
+def test_decode_softcap_sinks(target, merge_mode):
     run_decode([2, 45, 100], softcap=4.0, sinks=True, target=target, seed=150 + target)
 
 
@@ -430,7 +463,7 @@ def run_decode_fp8(lens, dtype, page_size, target, align, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [16, 32])
-def test_decode_fp8_cache_page_ranges(dtype, page_size):
+def test_decode_fp8_cache_page_ranges(dtype, page_size, merge_mode):
     """Whole-page loop with its scales loaded a page ahead: ranges of no, one, two and many whole pages, splits
     that start and end inside a page (align 8 < page), ranges inside one page."""
     lens = [1, 5, page_size, page_size + 1, 2 * page_size, 2 * page_size + 3, 3 * page_size, 7 * page_size + 5, 300]
@@ -439,7 +472,7 @@ def test_decode_fp8_cache_page_ranges(dtype, page_size):
     run_decode_fp8(lens, dtype, page_size, target=3 * len(lens), align=8, seed=1)
 
 
-def test_decode_many_splits():
+def test_decode_many_splits(merge_mode):
     # more work items than tiles: one-tile splits (and idle items) must merge correctly, sinks included
     run_decode([1, 9, 40], sinks=True, target=16, align=8, seed=160)
 

@@ -10,6 +10,9 @@ results there (``--json -``: to stdout, instead of the table).
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import gc
 import json
 import random
 import statistics
@@ -28,6 +31,31 @@ def percentiles(xs: list[float], ps=(50, 90, 99)) -> dict[str, float]:
         return {f"p{p}": float("nan") for p in ps}
     xs = sorted(xs)
     return {f"p{p}": xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))] for p in ps}
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """Record the garbage collector's pauses while the block runs: yields ``{generation: {count, total_s,
+    max_s}}``, filled when the block ends (a full collection over a large heap stalls a serving step)."""
+    starts: list[float] = []
+    pauses: list[tuple[int, float]] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            starts.append(time.perf_counter())
+        elif starts:
+            pauses.append((info["generation"], time.perf_counter() - starts.pop()))
+
+    out: dict[int, dict[str, float]] = {}
+    gc.callbacks.append(watch)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(watch)
+        by_gen = collections.defaultdict(list)
+        for gen, dt in pauses:
+            by_gen[gen].append(dt)
+        out.update({gen: {"count": len(v), "total_s": sum(v), "max_s": max(v)} for gen, v in sorted(by_gen.items())})
 
 
 def make_workload(num: int, input_len: str, output_len: str, rate: float, vocab: int, seed: int) -> list[dict]:
@@ -75,25 +103,26 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True,
     pending = list(workload)
     reqs = []
     bar = tqdm(total=len(workload), desc="requests", disable=not progress, unit="req")
-    t0 = time.perf_counter()
-    done = 0
-    while pending or engine.has_work():
-        now = time.perf_counter() - t0
-        while pending and pending[0]["arrival"] <= now:
-            w = pending.pop(0)
-            seed = {"seed": len(reqs)} if sampled else {}
-            req = engine.add_request(w["prompt"], SamplingConfig(max_new_tokens=w["max_new_tokens"], ignore_eos=True,
-                                                                 **sampling, **seed))
-            req.metrics.arrival = t0 + w["arrival"]
-            reqs.append(req)
-        if not engine.has_work():
-            time.sleep(min(0.01, max(0.0, pending[0]["arrival"] - now)))
-            continue
-        engine.step()
-        finished = sum(1 for r in reqs if r.finished)
-        bar.update(finished - done)
-        done = finished
-    elapsed = time.perf_counter() - t0
+    with gc_pauses() as gc_stats:
+        t0 = time.perf_counter()
+        done = 0
+        while pending or engine.has_work():
+            now = time.perf_counter() - t0
+            while pending and pending[0]["arrival"] <= now:
+                w = pending.pop(0)
+                seed = {"seed": len(reqs)} if sampled else {}
+                req = engine.add_request(w["prompt"], SamplingConfig(max_new_tokens=w["max_new_tokens"],
+                                                                     ignore_eos=True, **sampling, **seed))
+                req.metrics.arrival = t0 + w["arrival"]
+                reqs.append(req)
+            if not engine.has_work():
+                time.sleep(min(0.01, max(0.0, pending[0]["arrival"] - now)))
+                continue
+            engine.step()
+            finished = sum(1 for r in reqs if r.finished)
+            bar.update(finished - done)
+            done = finished
+        elapsed = time.perf_counter() - t0
     bar.close()
     steps = engine.stats.steps
     out_tokens = sum(r.metrics.num_generated for r in reqs)
@@ -122,6 +151,7 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True,
         },
         "forward_median_s": statistics.median(s.forward for s in steps) if steps else float("nan"),
         "step_kinds": step_kinds(steps),
+        "gc_pauses": gc_stats, "gc_frozen": getattr(engine, "gc_frozen", False),
     }
 
 

@@ -39,6 +39,7 @@ asyncio server) through :class:`~autodeploy.runtime.service.EngineService`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -144,14 +145,29 @@ class _Journal:
             engine._requeue(req)
 
 
+def freeze_startup_objects() -> bool:
+    """Collect, then move every object alive now (the model, its graphs and kernels, the imported libraries:
+    hundreds of thousands of objects) out of the collector's reach, as serving engines do: a full collection
+    mid-serving would scan them all and stall a step. Objects frozen here are still freed by reference counting;
+    only reference cycles among them that die later are never collected, so it is done once per engine, at its
+    start, and by default only on a GPU (where one process serves one model)."""
+    gc.collect()
+    gc.freeze()
+    return True
+
+
 class Engine:
     """In-flight batching over a :class:`~autodeploy.runtime.compiled_model.CompiledModel`."""
 
     def __init__(self, cm: Any, logits_processors: Sequence[Any] = (), stopping_criteria: Sequence[Any] = (),
                  tokenizer: Any = None, max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None, record_stats: bool = False,
-                 async_scheduling: Optional[bool] = None, admission: Optional[AdmissionPolicy] = None):
+                 async_scheduling: Optional[bool] = None, admission: Optional[AdmissionPolicy] = None,
+                 freeze_gc: Optional[bool] = None):
         self.cm = cm
+        if freeze_gc is None:  # see freeze_startup_objects
+            freeze_gc = cm.device.type == "cuda"
+        self.gc_frozen = bool(freeze_gc) and freeze_startup_objects()
         # Overlapping host and GPU only pays where the forward is asynchronous; forcing it on CPU tests it.
         self.async_scheduling = cm.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._inflight: Optional[_Launched] = None

@@ -282,14 +282,14 @@ for _mode in ("float", "int8-weight", "fp8", "int8"):
 
 
 # -- decode attention (bf16 and fp8 KV pages) -------------------------------------------------------------------
-def _decode(kv_fp8: bool, rope_new_kv: bool = False):
+def _decode(kv_fp8: bool, rope_new_kv: bool = False, merge: bool = False):
     from autodeploy.backends.triton.kernels import attention as attn
 
     kernel = attn._decode_kernel
     ints = {"qk_scale": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32"}
     ptrs = {"cu_seqlens_q": "*i32", "seq_lens_kv": "*i32", "page_table": "*i32", "work_ptr": "*i32",
             "split_start": "*i32", "slot_ptr": "*i64", "mid_o": "*fp32", "mid_lse": "*fp32", "sinks_ptr": "*fp32",
-            "alibi_ptr": "*fp32"}
+            "alibi_ptr": "*fp32", "tickets": "*i32"}
     if kv_fp8:
         ptrs.update(k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scale="*bf16", v_scale="*bf16")
     sig = {}
@@ -303,7 +303,7 @@ def _decode(kv_fp8: bool, rope_new_kv: bool = False):
                   HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=rope_new_kv, ROPE=rope_new_kv,
                   ROT=128 if rope_new_kv else 0,
                   PAGE_TILES=True, EMULATE_RNE=False, UPCAST=False, IEEE=False, PDL=True, KV_FP8=kv_fp8,
-                  F16_DOT=kv_fp8)
+                  F16_DOT=kv_fp8, MERGE=merge)
     return kernel, sig, consts, warps, stages, ()
 
 
@@ -312,6 +312,9 @@ case("decode/fp8_kv")(lambda: _decode(True))
 # the Triton backend's production decode: RoPE on q and the new key, the new token's cache write, in one launch
 case("decode/bf16_kv/rope_new_kv")(lambda: _decode(False, True))
 case("decode/fp8_kv/rope_new_kv")(lambda: _decode(True, True))
+# many sequences: the last split item of a sequence merges its splits (ticket), no reduction launch
+case("decode/bf16_kv/rope_new_kv/merge")(lambda: _decode(False, True, True))
+case("decode/fp8_kv/rope_new_kv/merge")(lambda: _decode(True, True, True))
 
 
 def _decode_reduce(heads: int):

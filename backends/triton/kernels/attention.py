@@ -9,8 +9,8 @@ Two entry points over the paged cache ``[num_pages, page_size, Hkv, D]``:
 * :func:`decode_attention` -- one query token per sequence: ONE split-K launch does RoPE on q and the new
   key, the new token's cache write and flash-decoding over the partition table of :mod:`..partition` (one key
   range of one sequence per program, sized so long and short sequences get splits in proportion; a KV tile is
-  one whole page); a small second kernel merges the splits. (Merging in the last split program instead, via an
-  atomic ticket, was measured 5-20 us slower at batch 1 on an H100 and was dropped.)
+  one whole page); a small second kernel merges the splits (or, opt-in, the last split program of a sequence
+  does, by atomic ticket: ``merge_in_kernel``).
 
 Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
 ``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
@@ -487,12 +487,47 @@ def _context_attn_kernel(
 # ----------------------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _merge_last(mid_o, mid_lse, tickets, split_start, sinks_ptr, out_ptr, seq, kvh, tok, n_items, head, h_ok,
+                offs_d, d_ok, stride_mow, stride_moh, stride_mlw, stride_ot, stride_oh, BLOCK_H: tl.constexpr,
+                BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """The last of a sequence's split items (by ticket) merges their partials for one KV head's query heads.
+
+    The barrier orders every thread's partial stores before the ticket (a release at GPU scope); the acquire
+    side reads the partials through L2 (``.cg``), since another SM's stores never reach this SM's L1."""
+    tl.debug_barrier()
+    ticket = tickets + seq.to(tl.int64) * tl.num_programs(1) + kvh
+    if tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu") == n_items - 1:
+        tl.store(ticket, 0)  # every item of this launch has taken its ticket: ready for the next launch
+        first = tl.load(split_start + seq).to(tl.int64)
+        m = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        if HAS_SINKS:
+            m = tl.load(sinks_ptr + head, mask=h_ok, other=float("-inf")).to(tl.float32) * 1.4426950408889634
+        den = tl.where(m == float("-inf"), 0.0, 1.0)  # the sink's own weight, exp2(sink - m) at m = sink
+        o = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for i in range(n_items):
+            row = first + i
+            lse = tl.load(mid_lse + row * stride_mlw + head, mask=h_ok, other=float("-inf"), cache_modifier=".cg")
+            part = tl.load(mid_o + row * stride_mow + head[:, None] * stride_moh + offs_d[None, :],
+                           mask=h_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, lse)
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all empty so far: every weight stays 0
+            a = tl.exp2(m - m_ref)
+            b = tl.exp2(lse - m_ref)
+            o = o * a[:, None] + part * b[:, None]
+            den = den * a + b
+            m = m_new
+        den = tl.where(den == 0.0, 1.0, den)
+        o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, (o / den[:, None]).to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
+
+
 @triton.jit(do_not_specialize=["stride_pt"])
 def _decode_kernel(
     q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
     k_cache, v_cache, out_ptr,
     cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, alibi_ptr, mid_o, mid_lse,
-    k_scale, v_scale,
+    tickets, k_scale, v_scale,
     stride_qt, stride_qh, stride_knt, stride_knh, stride_vnt, stride_vnh, stride_cos, stride_sin,
     stride_ot, stride_oh,
     stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh,
@@ -503,7 +538,7 @@ def _decode_kernel(
     NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
     NEW_KV: tl.constexpr, ROPE: tl.constexpr, ROT: tl.constexpr, PAGE_TILES: tl.constexpr,
     EMULATE_RNE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
-    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr, MERGE: tl.constexpr,
 ):
     """Grid ``(work items, Hkv)``. Item ``w`` reduces keys ``[lo, hi)`` of sequence ``seq`` (the partition
     table, window already applied); all GROUP q heads of the KV head are the M rows of one tile.
@@ -520,7 +555,9 @@ def _decode_kernel(
     into fp16's range first (exact for every bf16 value within 28 octaves of the largest) and the scale folded
     back into the scores.
     A sequence with one item writes its output directly; otherwise the item stores its normalised partial and
-    base-2 LSE for :func:`_decode_reduce_kernel`.
+    base-2 LSE for :func:`_decode_reduce_kernel`, or (MERGE) takes a ticket from ``tickets[seq, kvh]`` and the
+    last of the sequence's items merges the partials itself (and resets the ticket), so no reduction launch
+    follows.
     """
     pdl_wait(PDL)  # before anything else: q, the new K/V and the cache all come from earlier kernels
     pdl_launch_dependents(PDL)
@@ -645,6 +682,10 @@ def _decode_kernel(
         mo_ptrs = mid_o + w64 * stride_mow + head[:, None] * stride_moh + offs_d[None, :]
         tl.store(mo_ptrs, acc / l_safe[:, None], mask=h_ok[:, None] & d_ok[None, :])
         tl.store(mid_lse + w64 * stride_mlw + head, lse, mask=h_ok)
+        if MERGE:
+            _merge_last(mid_o, mid_lse, tickets, split_start, sinks_ptr, out_ptr, seq, kvh, tok, n_items, head,
+                        h_ok, offs_d, d_ok, stride_mow, stride_moh, stride_mlw, stride_ot, stride_oh, BLOCK_H,
+                        BLOCK_D, HAS_SINKS)  # fmt: skip
 
 
 @triton.jit
@@ -718,6 +759,39 @@ def reduce_heads(num_seqs: int, hq: int, sms: int) -> int:
     while num_seqs * hq > REDUCE_CTAS_PER_SM * sms * heads and heads < min(8, hq):
         heads *= 2
     return heads
+
+
+# How a sequence's splits are merged: by the reduction kernel (the default), or by the last split item of the
+# sequence, which takes an atomic ticket (``AUTODEPLOY_DECODE_MERGE=ticket``). The ticket saves the reduction's
+# launch but puts a barrier, an atomic and the merge on every item's exit; measured on the H200 neither wins
+# throughout (docs/performance.md: 1B b=32 2% faster, b=64 6% slower, b=256 and 8B fp8 b=256 within 1%), so the
+# reduction stays the default and the ticket path is kept, tested, for shapes and GPUs where it pays.
+MERGE_MODES = ("reduce", "ticket")
+
+
+def merge_in_kernel() -> bool:
+    """Whether the split kernel merges the splits itself (``AUTODEPLOY_DECODE_MERGE``; see MERGE_MODES)."""
+    mode = os.environ.get("AUTODEPLOY_DECODE_MERGE", "reduce") or "reduce"
+    if mode not in MERGE_MODES:
+        raise ValueError(f"AUTODEPLOY_DECODE_MERGE must be one of {MERGE_MODES}, got {mode!r}")
+    return mode == "ticket"
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # replaced ticket buffers stay allocated: captured graphs still address them
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 tickets for the in-kernel merge, one per (sequence, KV head), shared by every layer: a launch
+    leaves them zero (the last item of each sequence resets its own). Sized generously once so that a CUDA-graph
+    capture never has to grow them."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        if t is not None:
+            _OUTGROWN.append(t)
+        t = torch.zeros(max(n, 16384, 2 * (t.numel() if t is not None else 0)), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -975,6 +1049,8 @@ def decode_attention(
     if page_tiles:
         block_n = page_size
     n_items = work.shape[0]
+    merge = merge_in_kernel()
+    tickets = _tickets(q.device, num_seqs * hkv) if merge else seq_lens_kv
     pdl = pdl_enabled(q.device, "decode")
     pdl_reduce = pdl_enabled(q.device, "reduce")
     mid_o = torch.empty((n_items, hq, d), dtype=torch.float32, device=q.device)
@@ -983,7 +1059,7 @@ def decode_attention(
     _decode_kernel[(n_items, hkv)](
         q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
         cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
-        alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse,
+        alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse, tickets,
         k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
         q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
         cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
@@ -996,9 +1072,11 @@ def decode_attention(
         HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
         PAGE_TILES=page_tiles,
         EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
-        PDL=pdl, KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32,
+        PDL=pdl, KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32, MERGE=merge,
         num_warps=num_warps, num_stages=num_stages, **launch_options(pdl), **({"maxnreg": cap[0]} if cap else {}),
     )  # fmt: skip
+    if merge:
+        return
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
     max_splits = max(2, n_items - num_seqs + 1)
     heads = reduce_heads(num_seqs, hq, device_sms(q.device))

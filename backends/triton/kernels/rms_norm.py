@@ -136,14 +136,14 @@ def _rms_norm_kernel(
                      mask=mask)
 
 
-def _launch(x2, r2, weight, out, res_out, eps, block, q=None, scale=None):
+def _launch(x2, r2, weight, out, res_out, eps, block, q=None, scale=None, num_warps=None):
     M, N = x2.shape
     if block is None:
         block = min(triton.next_power_of_2(N), _MAX_SINGLE_BLOCK)
     single = block >= N
     if q is not None and not single:
         raise ValueError(f"the quantizing norm holds the row in registers: N ({N}) must be <= {_MAX_SINGLE_BLOCK}")
-    num_warps = min(max(block // 256, 1), 16)
+    num_warps = num_warps or min(max(block // 256, 1), 16)
     pdl = pdl_enabled(x2.device, "norm")
     interp = type(_rms_norm_kernel).__name__ == "InterpretedFunction"
     _rms_norm_kernel[(M,)](
