@@ -411,7 +411,7 @@ def main() -> None:
         wl = make_workload(args.cb_requests, args.cb_input, args.cb_output, float("inf"), vocab, 0)
         jit = record_jit_compiles()
         policy = admission_policy(args.admit_min_tokens, args.admit_max_wait)
-        freeze = False if args.no_gc_freeze else None
+        freeze = not args.no_gc_freeze  # one model for the process's lifetime, as a server
         for rep in range(args.cb_repeats - 1):  # earlier passes absorb one-time costs (JIT, graph captures)
             first = run_workload(Engine(cm, max_num_tokens=args.max_num_tokens, admission=policy, freeze_gc=freeze), wl,
                                  progress=False, sampling=sampling)

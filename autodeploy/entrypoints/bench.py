@@ -257,7 +257,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     warm.generate([workload[0]["prompt"]], SamplingConfig(**sampling, seed=0) if sampling["temperature"] > 0
                   else None)
-    results = run_workload(Engine(cm, admission=admission), workload, progress=not args.no_progress,
+    # this process serves one model to its end: its start-up objects leave the collector (a full collection
+    # over them would stall a step; see Engine.freeze_startup_objects)
+    results = run_workload(Engine(cm, admission=admission, freeze_gc=True), workload, progress=not args.no_progress,
                            sampling=sampling)
     results.update(compile_s=compile_s, model=args.model, device=str(cm.device), dtype=str(cm.dtype),
                    backend=cm.report.backend, lowering=cm.report.lowering,

@@ -98,6 +98,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from autodeploy.entrypoints.common import compile_options, is_builtin, model_arg
     from autodeploy.entrypoints.llm import LLM
     from autodeploy.errors import ConfigError
+    from autodeploy.runtime.engine import freeze_startup_objects
 
     tokenizer = None
     if getattr(args, "tokenizer", None):
@@ -113,6 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           f"vocabulary ({llm.compiled.vocab_size}): its ids would fall outside the embedding")
     name = args.served_model_name or args.model
     app = build_llm_app(llm, model_name=name, max_waiting=args.max_waiting, shutdown_timeout=args.shutdown_timeout)
+    freeze_startup_objects()  # the process serves this model until it exits: see the function
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
                             lifespan="on", timeout_graceful_shutdown=args.shutdown_timeout)
     server = uvicorn.Server(config)

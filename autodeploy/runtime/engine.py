@@ -145,15 +145,15 @@ class _Journal:
             engine._requeue(req)
 
 
-def freeze_startup_objects() -> bool:
+def freeze_startup_objects() -> None:
     """Collect, then move every object alive now (the model, its graphs and kernels, the imported libraries:
     hundreds of thousands of objects) out of the collector's reach, as serving engines do: a full collection
-    mid-serving would scan them all and stall a step. Objects frozen here are still freed by reference counting;
-    only reference cycles among them that die later are never collected, so it is done once per engine, at its
-    start, and by default only on a GPU (where one process serves one model)."""
+    mid-serving would scan them all and stall a step. Frozen objects are still freed by reference counting, but
+    reference cycles among them that die later (a dropped compiled model, its KV cache with it) never are: so
+    only a process that serves one model for its lifetime does this (``autodeploy serve``, ``autodeploy
+    bench``, ``Engine(freeze_gc=True)``), never an engine a library call makes and drops."""
     gc.collect()
     gc.freeze()
-    return True
 
 
 class Engine:
@@ -163,11 +163,11 @@ class Engine:
                  tokenizer: Any = None, max_batch_size: Optional[int] = None,
                  max_num_tokens: Optional[int] = None, record_stats: bool = False,
                  async_scheduling: Optional[bool] = None, admission: Optional[AdmissionPolicy] = None,
-                 freeze_gc: Optional[bool] = None):
+                 freeze_gc: bool = False):
         self.cm = cm
-        if freeze_gc is None:  # see freeze_startup_objects
-            freeze_gc = cm.device.type == "cuda"
-        self.gc_frozen = bool(freeze_gc) and freeze_startup_objects()
+        if freeze_gc:  # see freeze_startup_objects
+            freeze_startup_objects()
+        self.gc_frozen = bool(freeze_gc)
         # Overlapping host and GPU only pays where the forward is asynchronous; forcing it on CPU tests it.
         self.async_scheduling = cm.device.type == "cuda" if async_scheduling is None else bool(async_scheduling)
         self._inflight: Optional[_Launched] = None

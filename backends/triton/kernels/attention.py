@@ -783,8 +783,9 @@ _OUTGROWN: list[torch.Tensor] = []  # replaced ticket buffers stay allocated: ca
 
 def _tickets(device: torch.device, n: int) -> torch.Tensor:
     """Zeroed int32 tickets for the in-kernel merge, one per (sequence, KV head), shared by every layer: a launch
-    leaves them zero (the last item of each sequence resets its own). Sized generously once so that a CUDA-graph
-    capture never has to grow them."""
+    leaves them zero (the last item of each sequence resets its own), so launches on one device must not overlap
+    (one stream per device, as the engine runs). Sized generously once so that a CUDA-graph capture never has to
+    grow them."""
     t = _TICKETS.get(device)
     if t is None or t.numel() < n:
         if t is not None:
