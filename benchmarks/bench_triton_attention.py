@@ -189,7 +189,8 @@ def variants_decode(args, copy_gbs: float, flush, rows: list) -> None:
 
     saved = attn.DECODE_PAGE_TILES
     gen = torch.Generator(device="cuda").manual_seed(3)
-    for batch, ctx in [(1, 1024), (1, 32768), (16, 8192), (32, 8192), (64, 1024), (64, 8192), (128, 2048)]:
+    cases = [tuple(map(int, c.split("x"))) for c in args.variant_cases.split(",")]
+    for batch, ctx in cases:
         case = _decode_case(batch, ctx, args.page_size, gen, 2.0)
         out = torch.empty_like(case[4])
         cells = []
@@ -384,6 +385,8 @@ def main(argv=None) -> int:
     p.add_argument("--short-only", action="store_true", help="with --sweep: only the short-context min-chunk sweep")
     p.add_argument("--variants", action="store_true",
                    help="time the decode strategy switches (page tiles, merge placement, tile configs) side by side")
+    p.add_argument("--variant-cases", default="1x1024,1x32768,16x8192,32x8192,64x1024,64x8192,128x2048",
+                   help="with --variants: BATCHxCTX,...")
     p.add_argument("--no-main", action="store_true", help="skip the main decode table")
     p.add_argument("--flush", choices=("read", "write"), default="read",
                    help="how L2 is evicted before each timed decode call (see make_flush)")

@@ -2,6 +2,8 @@
 # GPU checks and timings that CPU-only work leaves pending, in as few device calls as possible (what the docs
 # quote). PART=merge: the decode split merge, reduction kernel against the opt-in ticket (1B, batch 1-256).
 # PART=cb: 8B continuous batching, 1,024 x (128 in, 128 out), at max batch 1,024 and 512, fp8 beside bf16.
+# PART=short: the short-context decode launch's GPU test, then FP8 CB with fp8 KV and 16,384-token steps, the
+# shipped launch beside the old 4-warp one (AUTODEPLOY_DECODE_CONFIG=64,4,5).
 # Each part fits one device call; results (logs, JSON) in $OUT.
 # Usage (device tool): PART=merge bash benchmarks/run_gpu_pending.sh, then PART=cb ...
 set -uo pipefail
@@ -10,7 +12,15 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 quiet() { grep -v "^W1\|warn"; }
-if [ "${PART:-merge}" = merge ]; then
+if [ "${PART:-merge}" = short ]; then
+  timeout 200 python -m pytest -q -m gpu -p no:warnings tests/test_triton_attention.py -k short_context 2>&1 | tail -2
+  for c in "" 64,4,5; do
+    AUTODEPLOY_DECODE_CONFIG=$c timeout ${CB_TIMEOUT:-170} python benchmarks/bench_decode.py --model llama-3.1-8b \
+      --cb-only --max-batch-size 1024 --cb-requests 1024 --cb-input 128 --cb-output 128 --max-seq-len 512 \
+      --quantization fp8 --kv-cache-dtype fp8 --max-num-tokens 16384 2>&1 | quiet > "$OUT/short_${c//,/_}.log"
+    echo "== fp8 KV, launch ${c:-shipped}"; grep -E "continuous batching" "$OUT/short_${c//,/_}.log"
+  done
+elif [ "${PART:-merge}" = merge ]; then
   for rep in 1 2; do for mode in reduce ticket; do
     AUTODEPLOY_DECODE_MERGE=$mode timeout 100 python benchmarks/bench_decode.py --model llama-3.2-1b --decode-only \
       --steps 64 --batches ${MERGE_BATCHES:-1,32,64,256} --max-seq-len 1024 2>&1 | quiet > "$OUT/merge_1b_${mode}_$rep.log"

@@ -268,3 +268,21 @@ def test_engine_freezes_start_up_objects_only_when_asked(cm):
     with gc_pauses() as pauses:
         gc.collect()
     assert pauses[2]["count"] >= 1 and pauses[2]["max_s"] > 0
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 7, 64, 1023])
+def test_step_host_buffer_sections_are_16_byte_aligned(n):
+    """Triton specialises on 16-byte pointer alignment: a section at an 8-byte offset is a kernel variant the
+    warm-up never compiled (step_buffer.py)."""
+    from autodeploy.backends.triton.kernels.sampling import NUM_FIELDS
+    from autodeploy.runtime.step_buffer import step_host_buffer
+
+    buf = step_host_buffer(n, pin_memory=False)
+    base = buf.tokens.data_ptr()
+    for name, t, shape in (("tokens", buf.tokens, (n,)), ("row_sums", buf.row_sums, (n,)),
+                           ("params", buf.params, (n, NUM_FIELDS))):
+        assert tuple(t.shape) == shape and t.is_contiguous(), name
+        assert (t.data_ptr() - base) % 16 == 0, f"{name} at byte offset {t.data_ptr() - base}"
+    ends = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+                  for t in (buf.tokens, buf.row_sums, buf.params))
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:])), "sections overlap"

@@ -385,6 +385,23 @@ def test_merge_in_kernel_rule(monkeypatch):
         attn_mod.merge_in_kernel()
 
 
+def test_decode_config_rule(monkeypatch):
+    """Short contexts over many programs take 2-warp programs; long contexts, few programs, fp32 and the tuning
+    override keep theirs (the rule as a GPU launch sees it)."""
+    monkeypatch.setattr(attn_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn_mod, "_max_shared_mem", lambda i: 228 * 1024)
+    monkeypatch.delenv("AUTODEPLOY_DECODE_CONFIG", raising=False)
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    deep = attn_mod._DEEP_STAGES
+    assert attn_mod._decode_config(128, bf16, cuda, 448, 62.0) == (64, 2, deep)  # 1,024 seqs in a CB cache
+    assert attn_mod._decode_config(128, bf16, cuda, attn_mod.SHORT_CONTEXT_KEYS + 1, 62.0) == (64, 4, deep)
+    assert attn_mod._decode_config(128, bf16, cuda, 448, 0.06) == (64, 4, deep)  # batch 1: few programs
+    assert attn_mod._decode_config(128, bf16, cuda) == (64, 4, deep)
+    assert attn_mod._decode_config(128, torch.float32, cuda, 448, 62.0) == (32, 4, 2)
+    monkeypatch.setenv("AUTODEPLOY_DECODE_CONFIG", "64,4,3")
+    assert attn_mod._decode_config(128, bf16, cuda, 448, 62.0) == (64, 4, 3)
+
+
 def test_split_merge_leaves_tickets_zero(monkeypatch):
     """The ticket merge: repeated launches (layers) over sequences with many splits, idle items and one-split
     sequences all match, and every ticket is back at zero after each launch (the next launch counts from 0)."""
@@ -621,3 +638,19 @@ def test_gpu_bf16_sweep(d, page_size):
             run_decode_new_kv([1, 300, 2049, 5000, 64], hq=hq, hkv=hkv, d=d, page_size=page_size,
                               dtype=torch.bfloat16, seed=d + page_size + 2, window=window, softcap=softcap,
                               sinks=sinks, rot=d, target=None, align=64, prefill=[(0, 7)])  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
+def test_gpu_short_context_config(monkeypatch):
+    """Many short sequences in a cache sized for them: the production launch takes the 2-warp short-context
+    config and still matches the reference (outputs and the rows written)."""
+    chosen = []
+    rule = attn_mod._decode_config
+    monkeypatch.setattr(attn_mod, "_decode_config", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(1, 700, (300,), generator=g).tolist()
+    run_decode_new_kv(lens, hq=32, hkv=8, d=128, page_size=64, dtype=torch.bfloat16, seed=7, rot=128,
+                      target=None, align=64, prefill=[(0, 5)])
+    assert chosen and chosen[-1][1] == 2, chosen
+

@@ -155,9 +155,12 @@ def run_workload(engine: Any, workload: list[dict], progress: bool = True,
     }
 
 
+_PHASES = ("schedule", "pack", "forward", "sample", "bookkeeping")
+
+
 def step_kinds(steps: list) -> dict[str, dict[str, float]]:
     """Where the time went, by step kind: decode-only steps vs steps that carry prefill tokens (count, wall
-    seconds, tokens, median step time)."""
+    seconds, tokens, median step time, and the slowest steps split by engine phase)."""
     out = {}
     for kind, pick in (("decode", lambda s: s.num_tokens == s.num_seqs), ("prefill_or_mixed",
                                                                             lambda s: s.num_tokens != s.num_seqs)):
@@ -167,7 +170,8 @@ def step_kinds(steps: list) -> dict[str, dict[str, float]]:
                      "seqs_median": statistics.median(s.num_seqs for s in sel) if sel else 0,
                      "step_median_ms": 1e3 * statistics.median(wall) if wall else float("nan"),
                      # the slowest steps: one-time costs (JIT, graph capture) show here
-                     "slowest": [{"ms": round(1e3 * w, 1), "seqs": s.num_seqs, "tokens": s.num_tokens}
+                     "slowest": [{"ms": round(1e3 * w, 1), "seqs": s.num_seqs, "tokens": s.num_tokens,
+                                  **{f"{ph}_ms": round(1e3 * getattr(s, ph), 2) for ph in _PHASES}}
                                  for w, s in sorted(zip(wall, sel), key=lambda p: -p[0])[:4]]}
     return out
 

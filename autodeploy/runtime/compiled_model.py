@@ -182,12 +182,14 @@ class CompiledModel:
     @torch.inference_mode()
     def warmup(self) -> float:
         """Run uncaptured steps (a prefill crossing a page boundary, alone and with decodes) on dummy tokens and
-        pick their tokens greedily, so real requests do not pay first-use JIT compiles of the prefill, extend and
-        sampling kernels mid-serving (an 8B continuous-batching run paid 10.6 s of them). Sequence counts go
+        pick their tokens (greedy and sampled, into the engine's pinned step buffer), so real requests do not pay
+        first-use JIT compiles of the prefill, extend and token kernels mid-serving (an 8B continuous-batching run paid 10.6 s of them). Sequence counts go
         through every power of two up to ``max_batch_size``: kernels size some blocks by it. Every KV write lands
         in the scratch page, which the cache manager never hands out. With CUDA graphs, every decode bucket is
         captured here too (a lazy capture stalled its first step by 130-350 ms mid-serving). Returns seconds."""
         from autodeploy.backends.triton.kernels.argmax import argmax_rows
+        from autodeploy.backends.triton.kernels.sampling import pack_params, param_row, sample_rows
+        from autodeploy.runtime.step_buffer import step_host_buffer
 
         t0 = time.perf_counter()
         n = max(1, min(self.max_num_tokens // 2, self.max_seq_len - 1, self.page_size + 3))
@@ -196,8 +198,13 @@ class CompiledModel:
         while True:
             decodes = [SequenceChunk([0], n, pages)] * (num_seqs - 1)
             logits = self._forward_uncaptured(self.packer.pack([SequenceChunk([0] * n, 0, pages)] + decodes))
-            host = torch.empty(num_seqs, dtype=torch.int64, pin_memory=True) if logits.is_cuda else None
-            argmax_rows(logits, host_out=host)  # as the engine calls it
+            if logits.is_cuda:  # as the engine calls them: into its pinned step buffer, row sums included
+                buf = step_host_buffer(num_seqs)
+                argmax_rows(logits, host_out=buf.tokens, row_sums=buf.row_sums)
+                prm = pack_params([param_row(1.0, 0, 1.0, 0.0, 0)] * num_seqs, [0] * num_seqs, out=buf.params)
+                sample_rows(logits, prm, host_out=buf.tokens, row_sums=buf.row_sums)
+            else:
+                argmax_rows(logits)
             if num_seqs >= self.max_batch_size or n + 2 * num_seqs > self.max_num_tokens:
                 break
             num_seqs = min(2 * num_seqs, self.max_batch_size)

@@ -51,7 +51,7 @@ import torch
 from autodeploy.errors import CacheCapacityError, EngineBusyError, InvalidRequestError
 from autodeploy.metadata import SequenceChunk
 from autodeploy.backends.triton.kernels.argmax import argmax_rows
-from autodeploy.backends.triton.kernels.sampling import NUM_FIELDS, pack_params, param_row, sample_rows
+from autodeploy.backends.triton.kernels.sampling import pack_params, param_row, sample_rows
 from autodeploy.runtime.beam_search import BeamSearchState
 from autodeploy.runtime.detokenizer import fill_text
 from autodeploy.runtime.hooks import StopOnTokens
@@ -60,6 +60,7 @@ from autodeploy.runtime.penalty_state import PenaltyState
 from autodeploy.runtime.request import CompletionOutput, Request, RequestOutput, Sequence as Seq, SeqState
 from autodeploy.runtime.sampling import SampleOutput, Sampler, SamplingConfig, build_stopping_criteria, draw_seed
 from autodeploy.runtime.scheduler import AdmissionPolicy, Scheduler
+from autodeploy.runtime.step_buffer import StepHostBuffer, step_host_buffer
 
 log = logging.getLogger(__name__)
 
@@ -426,10 +427,9 @@ class Engine:
         # On a GPU the tokens start their trip to the host now (into pinned memory): a plain .tolist() later
         # would queue behind (and wait for) the next step's forward, serialising the very overlap
         # asynchronous scheduling is for.
-        # one pinned buffer: the tokens, then the rows' logit sums (fp32) of the finiteness check, then the fused
-        # sampler's per-row parameters (int32 [rows, NUM_FIELDS], read by the kernel through the mapped address)
-        host = torch.empty(((2 + NUM_FIELDS // 2) * len(plain_rows),), dtype=torch.int64, pin_memory=True) \
-            if plain_rows and logits.is_cuda else None
+        # one pinned buffer (runtime/step_buffer.py): the tokens, the rows' logit sums (fp32) of the finiteness
+        # check and the fused sampler's per-row parameters (read by the kernel through the mapped address)
+        host = step_host_buffer(len(plain_rows)) if plain_rows and logits.is_cuda else None
         tokens = device_tokens = row_sums = None
         samples: list[tuple[list[int], SampleOutput]] = []
         if plain_rows:
@@ -570,12 +570,13 @@ class Engine:
             raise failure
 
     # -- sampling ------------------------------------------------------------------------------------------
-    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor, host: Optional[torch.Tensor],
+    def _sample(self, plain: list[tuple[Seq, int]], logits: torch.Tensor, buf: Optional[StepHostBuffer],
                 after: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[tuple[list[int], SampleOutput]],
                                            torch.Tensor]:
         """Next token of every non-beam sequence on the device (no host synchronisation): returns the device
-        tokens (the next step's inputs), the tokens for the host (``host`` when given, filled asynchronously: the
-        greedy and sampling kernels write it themselves, saving a copy-engine trip), the sampler outputs (errors,
+        tokens (the next step's inputs), the tokens for the host (``buf.tokens`` when given, filled
+        asynchronously: the greedy and sampling kernels write it themselves, saving a copy-engine trip), the
+        sampler outputs (errors,
         requested logprobs) and the rows' logit sums for the finiteness check (on their way to the host).
         ``after[i]``: tokens computed after this step, so the token drawn is generated token
         ``after[i] - prompt_len`` (the Philox counter of its draws).
@@ -589,11 +590,9 @@ class Engine:
             logits.index_select(0, torch.tensor(rows, device=logits.device))
         n = len(rows)
         # the step's one finiteness check: each row's fp32 sum, written by the token kernels in the same pass
-        prm_buf = None
-        if host is not None:
-            sums = host[n:].view(torch.float32)[:n]
-            prm_buf = host[2 * n:].view(torch.int32).view(n, NUM_FIELDS)
-            host = host[:n]
+        prm_buf = host = None
+        if buf is not None:
+            host, sums, prm_buf = buf.tokens, buf.row_sums, buf.params
         else:
             sums = torch.empty((n,), dtype=torch.float32, device=picked.device)
         samples: list[tuple[list[int], SampleOutput]] = []

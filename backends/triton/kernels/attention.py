@@ -576,6 +576,9 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_D
     tok = tl.load(cu_seqlens_q + seq).to(tl.int64)  # the decode query's row in q/out
+    owns_new = False
+    if NEW_KV:
+        owns_new = s_hi == tl.load(seq_lens_kv + seq)
     q_rows = q_ptr + tok * stride_qt + head[:, None] * stride_qh
     qmask = h_ok[:, None] & d_ok[None, :]
     if ROPE:
@@ -585,15 +588,48 @@ def _decode_kernel(
         q = cast_rn(q, q_ptr.dtype.element_ty, EMULATE_RNE)
     else:
         q = tl.load(q_rows + offs_d[None, :], mask=qmask, other=0.0)
+    if NEW_KV:
+        # The owner's new K/V, slot and cache write come before the cache loop: their loads go out with q's
+        # (same latency, waited for once) instead of trailing the loop as a second dependent chain. Other items
+        # load nothing (the bound masks every lane).
+        new_ok = offs_d < tl.where(owns_new, HEAD_D, 0)
+        kn_row = k_new + tok * stride_knt + kvh.to(tl.int64) * stride_knh
+        if ROPE:
+            k1 = rotate(kn_row, offs_d, partner, new_ok, rot_mask, cos, sin)
+            k1 = cast_rn(k1, k_new.dtype.element_ty, EMULATE_RNE)
+        else:
+            k1 = tl.load(kn_row + offs_d, mask=new_ok, other=0.0)
+        v1 = tl.load(v_new + tok * stride_vnt + kvh.to(tl.int64) * stride_vnh + offs_d, mask=new_ok, other=0.0)
+        slot = tl.load(slot_ptr + tok, mask=owns_new, other=-1).to(tl.int64)
+        page = tl.maximum(slot, 0) // PAGE_SIZE
+        row = tl.maximum(slot, 0) % PAGE_SIZE
+        # A negative slot means padding: do not write. (The scalar condition goes into the bound, not into
+        # `mask & scalar`, which the interpreter rejects.)
+        w_ok = offs_d < tl.where(slot >= 0, HEAD_D, 0)
+        if KV_FP8:
+            k1, k1s = fp8_quantize_rows(k1, 0)
+            v1, v1s = fp8_quantize_rows(v1, 0)
+            s_ptr = page * stride_sp + row * stride_sr + offs_d * 0  # one address; lane 0 stores
+            s_ok = offs_d < tl.where(slot >= 0, 1, 0)
+            tl.store(k_scale + kvh.to(tl.int64) + s_ptr, (offs_d * 0 + k1s).to(k_scale.dtype.element_ty), mask=s_ok)
+            tl.store(v_scale + kvh.to(tl.int64) + s_ptr, (offs_d * 0 + v1s).to(v_scale.dtype.element_ty), mask=s_ok)
+        # No item reads this row in this launch: the owner attends to it from registers, below.
+        tl.store(k_cache + kvh.to(tl.int64) * stride_kh + page * stride_kp + row * stride_kr + offs_d,
+                 k1.to(k_cache.dtype.element_ty), mask=w_ok)
+        tl.store(v_cache + kvh.to(tl.int64) * stride_vh + page * stride_vp + row * stride_vr + offs_d,
+                 v1.to(v_cache.dtype.element_ty), mask=w_ok)
+        # The key and value as the cache holds them, so the new token scores exactly as it will in later steps.
+        kf = k1.to(k_cache.dtype.element_ty).to(tl.float32)
+        vf = v1.to(v_cache.dtype.element_ty).to(tl.float32)
+        if KV_FP8:
+            kf = kf * k1s
+            vf = vf * v1s
     q_mm, qk_mm, softcap_mm = q, qk_scale, softcap_scale
     if F16_DOT:
         q_mm, q_s = _fp16_rows(q)
         qk_mm = qk_scale * q_s
         softcap_mm = softcap_scale * q_s
 
-    owns_new = False
-    if NEW_KV:
-        owns_new = s_hi == tl.load(seq_lens_kv + seq)
     hi_cache = tl.where(owns_new, s_hi - 1, s_hi)  # keys read from the cache
     s_full = s_lo + ((hi_cache - s_lo) // BLOCK_N) * BLOCK_N  # end of the full tiles
     pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (hi_cache - 1)  # every key of [lo, hi) is visible
@@ -630,46 +666,19 @@ def _decode_kernel(
             PAGE_SIZE, HEAD_D, BLOCK_D, BLOCK_N, NEED_DMASK, True, False, HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8,
         )  # fmt: skip
 
-    if owns_new:
-        kn_row = k_new + tok * stride_knt + kvh.to(tl.int64) * stride_knh
-        if ROPE:
-            k1 = rotate(kn_row, offs_d, partner, d_ok, rot_mask, cos, sin)
-            k1 = cast_rn(k1, k_new.dtype.element_ty, EMULATE_RNE)
-        else:
-            k1 = tl.load(kn_row + offs_d, mask=d_ok, other=0.0)
-        v1 = tl.load(v_new + tok * stride_vnt + kvh.to(tl.int64) * stride_vnh + offs_d, mask=d_ok, other=0.0)
-        slot = tl.load(slot_ptr + tok).to(tl.int64)
-        page = tl.maximum(slot, 0) // PAGE_SIZE
-        row = tl.maximum(slot, 0) % PAGE_SIZE
-        # A negative slot means padding: do not write. (The scalar condition goes into the bound, not into
-        # `mask & scalar`, which the interpreter rejects.)
-        w_ok = offs_d < tl.where(slot >= 0, HEAD_D, 0)
-        if KV_FP8:
-            k1, k1s = fp8_quantize_rows(k1, 0)
-            v1, v1s = fp8_quantize_rows(v1, 0)
-            s_ptr = page * stride_sp + row * stride_sr + offs_d * 0  # one address; lane 0 stores
-            s_ok = offs_d < tl.where(slot >= 0, 1, 0)
-            tl.store(ks_base + s_ptr, (offs_d * 0 + k1s).to(k_scale.dtype.element_ty), mask=s_ok)
-            tl.store(vs_base + s_ptr, (offs_d * 0 + v1s).to(v_scale.dtype.element_ty), mask=s_ok)
-        tl.store(k_base + page * stride_kp + row * stride_kr + offs_d, k1.to(k_cache.dtype.element_ty), mask=w_ok)
-        tl.store(v_base + page * stride_vp + row * stride_vr + offs_d, v1.to(v_cache.dtype.element_ty), mask=w_ok)
-        # The key as the cache holds it, so the new token scores exactly as it will in later steps.
-        k1 = k1.to(k_cache.dtype.element_ty).to(tl.float32)
-        v1 = v1.to(v_cache.dtype.element_ty).to(tl.float32)
-        if KV_FP8:
-            k1 = k1 * k1s
-            v1 = v1 * v1s
-        s = tl.sum(q.to(tl.float32) * k1[None, :], 1)
-        if HAS_SOFTCAP:
-            s = softcap_log2 * _tanh(s * softcap_scale)
-        else:
-            s = s * qk_scale
-        m_new = tl.maximum(m_i, s)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + p
-        acc = acc * alpha[:, None] + p[:, None] * v1[None, :]
-        m_i = m_new
+    if NEW_KV:
+        if owns_new:
+            s = tl.sum(q.to(tl.float32) * kf[None, :], 1)
+            if HAS_SOFTCAP:
+                s = softcap_log2 * _tanh(s * softcap_scale)
+            else:
+                s = s * qk_scale
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            l_i = l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * vf[None, :]
+            m_i = m_new
 
     if n_items == 1:
         o = _finalize(acc, m_i, l_i, sinks_ptr, head, h_ok, HAS_SINKS)
@@ -902,10 +911,21 @@ def _max_shared_mem(device_index: int) -> int:
 # Decode split-kernel pipeline depth: 5 stages of one page tile of K and of V where shared memory holds them
 # (measured on an H200, docs/performance.md), else 3.
 _DEEP_STAGES, _DEEP_STAGES_SMEM = 5, 200 * 1024
+# A launch whose cache holds at most this many tokens per sequence takes the short-context config (_decode_config).
+SHORT_CONTEXT_KEYS = 1024
+SHORT_MIN_PROGRAMS = 4.0  # ... and at least this many (sequence, KV head) programs per SM
 
 
-def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.device] = None):
-    """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining)."""
+def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.device] = None,
+                   keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0):
+    """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining).
+
+    ``keys_per_seq``: an upper bound on the launch's mean context, the cache's token capacity over its
+    sequences (known at capture, unlike the contexts themselves). Where it is short (a large batch in a cache
+    sized for it: continuous batching at hundreds of sequences), each program reduces a few pages, and
+    programs per SM, not pipeline depth, hide the latency: 2-warp programs, where there are enough of them
+    (``programs_per_sm``: sequences x KV heads over SMs; measured on the H200, docs/performance.md).
+    Prefix-shared pages can put the true mean above the bound; that costs speed only."""
     if _interpreting():
         return 32, 4, 1
     env = os.environ.get("AUTODEPLOY_DECODE_CONFIG")  # tuning (benchmarks): "BLOCK_N,warps,stages[,maxnreg]"
@@ -914,6 +934,8 @@ def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.devi
     if dtype == torch.float32 or block_d > 128:
         return 32, 4, 2
     deep = device is not None and device.type == "cuda" and _max_shared_mem(device.index or 0) >= _DEEP_STAGES_SMEM
+    if keys_per_seq is not None and keys_per_seq <= SHORT_CONTEXT_KEYS and programs_per_sm >= SHORT_MIN_PROGRAMS:
+        return 64, 2, _DEEP_STAGES if deep else 3
     return 64, 4, _DEEP_STAGES if deep else 3
 
 
@@ -1045,7 +1067,10 @@ def decode_attention(
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
-    block_n, num_warps, num_stages, *cap = _decode_config(block_d, q.dtype, q.device)  # cap: [maxnreg] (tuning)
+    keys_per_seq = k_cache.shape[0] * page_size // num_seqs
+    per_sm = num_seqs * hkv / device_sms(q.device)
+    # cap: [maxnreg] (tuning)
+    block_n, num_warps, num_stages, *cap = _decode_config(block_d, q.dtype, q.device, keys_per_seq, per_sm)
     page_tiles = DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
     if page_tiles:
         block_n = page_size
