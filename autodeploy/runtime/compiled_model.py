@@ -183,7 +183,8 @@ class CompiledModel:
     def warmup(self) -> float:
         """Run uncaptured steps (a prefill crossing a page boundary, alone and with decodes) on dummy tokens and
         pick their tokens (greedy and sampled, into the engine's pinned step buffer), so real requests do not pay
-        first-use JIT compiles of the prefill, extend and token kernels mid-serving (an 8B continuous-batching run paid 10.6 s of them). Sequence counts go
+        first-use JIT compiles of the prefill, extend and token kernels mid-serving (an 8B continuous-batching
+        run paid 10.6 s of them; the penalty sampler's variant still compiles on first use). Sequence counts go
         through every power of two up to ``max_batch_size``: kernels size some blocks by it. Every KV write lands
         in the scratch page, which the cache manager never hands out. With CUDA graphs, every decode bucket is
         captured here too (a lazy capture stalled its first step by 130-350 ms mid-serving). Returns seconds."""

@@ -576,8 +576,8 @@ class Engine:
         """Next token of every non-beam sequence on the device (no host synchronisation): returns the device
         tokens (the next step's inputs), the tokens for the host (``buf.tokens`` when given, filled
         asynchronously: the greedy and sampling kernels write it themselves, saving a copy-engine trip), the
-        sampler outputs (errors,
-        requested logprobs) and the rows' logit sums for the finiteness check (on their way to the host).
+        sampler outputs (errors, requested logprobs) and the rows' logit sums for the finiteness check (on their
+        way to the host).
         ``after[i]``: tokens computed after this step, so the token drawn is generated token
         ``after[i] - prompt_len`` (the Philox counter of its draws).
 

@@ -579,6 +579,10 @@ def _decode_kernel(
     owns_new = False
     if NEW_KV:
         owns_new = s_hi == tl.load(seq_lens_kv + seq)
+    k_base = k_cache + kvh.to(tl.int64) * stride_kh
+    v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    ks_base = k_scale + kvh.to(tl.int64)  # scales: [page, row, head] with a unit head stride
+    vs_base = v_scale + kvh.to(tl.int64)
     q_rows = q_ptr + tok * stride_qt + head[:, None] * stride_qh
     qmask = h_ok[:, None] & d_ok[None, :]
     if ROPE:
@@ -611,13 +615,11 @@ def _decode_kernel(
             v1, v1s = fp8_quantize_rows(v1, 0)
             s_ptr = page * stride_sp + row * stride_sr + offs_d * 0  # one address; lane 0 stores
             s_ok = offs_d < tl.where(slot >= 0, 1, 0)
-            tl.store(k_scale + kvh.to(tl.int64) + s_ptr, (offs_d * 0 + k1s).to(k_scale.dtype.element_ty), mask=s_ok)
-            tl.store(v_scale + kvh.to(tl.int64) + s_ptr, (offs_d * 0 + v1s).to(v_scale.dtype.element_ty), mask=s_ok)
+            tl.store(ks_base + s_ptr, (offs_d * 0 + k1s).to(k_scale.dtype.element_ty), mask=s_ok)
+            tl.store(vs_base + s_ptr, (offs_d * 0 + v1s).to(v_scale.dtype.element_ty), mask=s_ok)
         # No item reads this row in this launch: the owner attends to it from registers, below.
-        tl.store(k_cache + kvh.to(tl.int64) * stride_kh + page * stride_kp + row * stride_kr + offs_d,
-                 k1.to(k_cache.dtype.element_ty), mask=w_ok)
-        tl.store(v_cache + kvh.to(tl.int64) * stride_vh + page * stride_vp + row * stride_vr + offs_d,
-                 v1.to(v_cache.dtype.element_ty), mask=w_ok)
+        tl.store(k_base + page * stride_kp + row * stride_kr + offs_d, k1.to(k_cache.dtype.element_ty), mask=w_ok)
+        tl.store(v_base + page * stride_vp + row * stride_vr + offs_d, v1.to(v_cache.dtype.element_ty), mask=w_ok)
         # The key and value as the cache holds them, so the new token scores exactly as it will in later steps.
         kf = k1.to(k_cache.dtype.element_ty).to(tl.float32)
         vf = v1.to(v_cache.dtype.element_ty).to(tl.float32)
@@ -642,10 +644,6 @@ def _decode_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    k_base = k_cache + kvh.to(tl.int64) * stride_kh
-    v_base = v_cache + kvh.to(tl.int64) * stride_vh
-    ks_base = k_scale + kvh.to(tl.int64)  # scales: [page, row, head] with a unit head stride
-    vs_base = v_scale + kvh.to(tl.int64)
     pt_row = page_table + seq.to(tl.int64) * stride_pt
 
     if PAGE_TILES:
