@@ -115,14 +115,20 @@ def _decode_case(batch: int, ctx: int, page_size: int, gen: torch.Generator, wav
     return k_cache, v_cache, page_table, seq_lens, q, cu, part
 
 
-def _decode_runner(case, out, new_token: bool = False):
+def _decode_runner(case, out, new_token=False, scales=None):
     """One layer's decode attention. ``new_token``: the production launch, which also rotates q and the new
-    key (RoPE) and writes the new K/V into the cache (at each sequence's last position)."""
+    key (RoPE) and writes the new K/V into the cache (at each sequence's last position): True or "fused" in
+    the split kernel, "separate" by the RoPE + cache-write kernel ahead of it (``new_token_mode``).
+    ``scales``: (k_scale, v_scale) of an FP8 cache in ``case``."""
     from autodeploy.backends.triton.kernels.attention import NewTokenKV, decode_attention
+    from autodeploy.backends.triton.kernels.rope_cache import rope_and_cache_write
 
     k_cache, v_cache, page_table, seq_lens, q, cu, part = case
+    k_scale, v_scale = scales if scales is not None else (None, None)
     batch = q.shape[0]
     new_kv = None
+    kw = dict(scale=D**-0.5, sliding_window=None, logit_softcap=None, sinks=None, cu_seqlens_q=cu, partition=part,
+              k_scale=k_scale, v_scale=v_scale)
     if new_token:
         page_size = k_cache.shape[1]
         last = (seq_lens - 1).long()
@@ -131,9 +137,13 @@ def _decode_runner(case, out, new_token: bool = False):
         cos, sin = (torch.cat([f(theta)] * 2, -1).to(DTYPE) for f in (torch.cos, torch.sin))
         kv = torch.randn(batch, 2, HKV, D, device="cuda", dtype=DTYPE)
         new_kv = NewTokenKV(kv[:, 0], kv[:, 1], slots, cos, sin)
-    return lambda: decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, scale=D**-0.5,
-                                    sliding_window=None, logit_softcap=None, sinks=None, cu_seqlens_q=cu,
-                                    partition=part, new_kv=new_kv)  # fmt: skip
+        if new_token == "separate":
+            def run():
+                q_rot = rope_and_cache_write(q, kv[:, 0], kv[:, 1], cos, sin, k_cache, v_cache, slots, k_scale,
+                                             v_scale)
+                decode_attention(q_rot, k_cache, v_cache, seq_lens, page_table, out, **kw)
+            return run
+    return lambda: decode_attention(q, k_cache, v_cache, seq_lens, page_table, out, new_kv=new_kv, **kw)
 
 
 def _decode_bytes(batch: int, ctx: int) -> int:
@@ -184,31 +194,42 @@ def sweep_decode(args, copy_gbs: float, flush, rows: list) -> None:
 
 
 def variants_decode(args, copy_gbs: float, flush, rows: list) -> None:
-    """The decode strategy switches side by side: whole-page tiles vs per-key gather, each as the plain kernel and as the production launch (+ RoPE and the new token's cache write)."""
+    """The decode strategy switches side by side: whole-page tiles vs per-key gather, each as the plain kernel
+    and as the production launch (+ RoPE and the new token's cache write, fused into the split kernel or by the
+    RoPE + cache-write kernel ahead of it), on bf16 and (``--variant-kv fp8``) FP8 caches. Percentages are of
+    the bf16 cache's bytes, so an FP8 row above 100% reads faster than bf16 could."""
     import autodeploy.backends.triton.kernels.attention as attn
+    from autodeploy.ops.kv_quant import quantize_kv
 
     saved = attn.DECODE_PAGE_TILES
     gen = torch.Generator(device="cuda").manual_seed(3)
     cases = [tuple(map(int, c.split("x"))) for c in args.variant_cases.split(",")]
+    tile_modes = [tiles == "page" for tiles in args.variant_tiles.split(",")]
     for batch, ctx in cases:
         case = _decode_case(batch, ctx, args.page_size, gen, 2.0)
         out = torch.empty_like(case[4])
-        cells = []
-        for tiles in (False, True):
-            for new_token in (False, True):
-                attn.DECODE_PAGE_TILES = tiles
-                try:
-                    us = 1e3 * time_cuda(graphed(_decode_runner(case, out, new_token)), args.reps, args.warmup,
-                                         flush)
-                finally:
-                    attn.DECODE_PAGE_TILES = saved
-                pct = 100 * _decode_bytes(batch, ctx) / (us * 1e-6) / 1e9 / copy_gbs
-                name = f"{'page' if tiles else 'gather'}{'+rope/write' if new_token else ''}"
-                cells.append((us, name, pct))
-                rows.append(dict(kind="decode_variant", batch=batch, ctx=ctx, variant=name, us=us, pct_copy_bw=pct))
-        cells.sort()
-        print(f"variants B={batch:<3d} ctx={ctx:<6d} " + " | ".join(f"{n} {u:.1f} us ({p:.0f}%)" for u, n, p in cells),
-              flush=True)
+        for kv in args.variant_kv.split(","):
+            run_case, scales = case, None
+            if kv == "fp8":
+                (k8, ks), (v8, vs) = quantize_kv(case[0]), quantize_kv(case[1])
+                run_case, scales = (k8, v8, *case[2:]), (ks, vs)
+            cells = []
+            for tiles in tile_modes:
+                for new_token in (False, "fused", "separate"):
+                    attn.DECODE_PAGE_TILES = tiles
+                    try:
+                        us = 1e3 * time_cuda(graphed(_decode_runner(run_case, out, new_token, scales)), args.reps,
+                                             args.warmup, flush)
+                    finally:
+                        attn.DECODE_PAGE_TILES = saved
+                    pct = 100 * _decode_bytes(batch, ctx) / (us * 1e-6) / 1e9 / copy_gbs
+                    name = f"{'page' if tiles else 'gather'}{'+' + new_token if new_token else ''}"
+                    cells.append((us, name, pct))
+                    rows.append(dict(kind="decode_variant", batch=batch, ctx=ctx, kv=kv, variant=name, us=us,
+                                     pct_copy_bw=pct))
+            cells.sort()
+            print(f"variants B={batch:<3d} ctx={ctx:<6d} {kv:4s} "
+                  + " | ".join(f"{n} {u:.1f} us ({p:.0f}%)" for u, n, p in cells), flush=True)
         del case, out
 
 
@@ -387,6 +408,8 @@ def main(argv=None) -> int:
                    help="time the decode strategy switches (page tiles, merge placement, tile configs) side by side")
     p.add_argument("--variant-cases", default="1x1024,1x32768,16x8192,32x8192,64x1024,64x8192,128x2048",
                    help="with --variants: BATCHxCTX,...")
+    p.add_argument("--variant-kv", default="bf16", help="with --variants: cache kinds, bf16,fp8")
+    p.add_argument("--variant-tiles", default="gather,page", help="with --variants: key tiles, gather,page")
     p.add_argument("--no-main", action="store_true", help="skip the main decode table")
     p.add_argument("--flush", choices=("read", "write"), default="read",
                    help="how L2 is evicted before each timed decode call (see make_flush)")

@@ -4,6 +4,10 @@
 # PART=cb: 8B continuous batching, 1,024 x (128 in, 128 out), at max batch 1,024 and 512, fp8 beside bf16.
 # PART=short: the short-context decode launch's GPU test, then FP8 CB with fp8 KV and 16,384-token steps, the
 # shipped launch beside the old 4-warp one (AUTODEPLOY_DECODE_CONFIG=64,4,5).
+# PART=separate: the decode tokens' RoPE + cache write ahead of the split kernel against the fused launch (GPU
+# tests, one layer's launch on bf16 and FP8 caches, 8B FP8 CB at 16,384-token steps; CB_KV="auto fp8" adds FP8 KV;
+# NEW_TOKEN_MODES lists new-token:merge modes, e.g. "auto:auto auto:reduce"; MERGE_AB=1 repeats the launch
+# timings with the reduction-kernel merge).
 # Each part fits one device call; results (logs, JSON) in $OUT.
 # Usage (device tool): PART=merge bash benchmarks/run_gpu_pending.sh, then PART=cb ...
 set -uo pipefail
@@ -12,7 +16,30 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 quiet() { grep -v "^W1\|warn"; }
-if [ "${PART:-merge}" = short ]; then
+if [ "${PART:-merge}" = separate ]; then
+  timeout 240 python -m pytest -q -m gpu -p no:warnings tests/test_triton_attention.py tests/test_gpu.py \
+    -k "${TESTS:-short_context}" > "$OUT/separate_tests.log" 2>&1
+  tail -3 "$OUT/separate_tests.log"
+  timeout 150 python benchmarks/bench_triton_attention.py --variants --no-main --no-sdpa --variant-tiles page \
+    --variant-kv bf16,fp8 --variant-cases ${CASES:-1024x200,256x200,64x1024,64x4096,1x1024} --reps 10 2>&1 \
+    | quiet > "$OUT/separate_variants.log"; grep -E "variants|rror" "$OUT/separate_variants.log"
+  if [ -n "${MERGE_AB:-}" ]; then
+    AUTODEPLOY_DECODE_MERGE=reduce timeout 150 python benchmarks/bench_triton_attention.py --variants --no-main \
+      --no-sdpa --variant-tiles page --variant-kv bf16,fp8 \
+      --variant-cases ${CASES:-1024x200,256x200,64x1024,64x4096,1x1024} \
+      --reps 10 2>&1 | quiet > "$OUT/separate_variants_reduce.log"
+    echo "== merge by the reduction kernel"; grep -E "variants|rror" "$OUT/separate_variants_reduce.log"
+  fi
+  for mode in ${NEW_TOKEN_MODES:-auto:auto fused:reduce}; do for kv in ${CB_KV:-auto}; do
+    AUTODEPLOY_DECODE_NEW_TOKEN=${mode%%:*} AUTODEPLOY_DECODE_MERGE=${mode#*:} timeout ${CB_TIMEOUT:-170} \
+      python benchmarks/bench_decode.py \
+      --model llama-3.1-8b --cb-only --max-batch-size 1024 --cb-requests 1024 --cb-input 128 --cb-output 128 \
+      --max-seq-len 512 --quantization fp8 --kv-cache-dtype $kv --max-num-tokens 16384 2>&1 | quiet \
+      > "$OUT/separate_cb_${mode/:/_}_$kv.log"
+    echo "== new token:merge $mode, kv $kv"
+    grep -E "continuous batching|by step kind" "$OUT/separate_cb_${mode/:/_}_$kv.log" | cut -c1-900
+  done; done
+elif [ "${PART:-merge}" = short ]; then
   timeout 200 python -m pytest -q -m gpu -p no:warnings tests/test_triton_attention.py -k short_context 2>&1 | tail -2
   for c in "" 64,4,5; do
     AUTODEPLOY_DECODE_CONFIG=$c timeout ${CB_TIMEOUT:-170} python benchmarks/bench_decode.py --model llama-3.1-8b \

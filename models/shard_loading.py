@@ -583,31 +583,49 @@ class _Resolver:
         return base
 
     def _recipe(self, target: str, recipe: tuple, like: torch.Tensor) -> Lazy:
+        from autodeploy.passes.quantize_linears import MOE_RECIPE
+
         op, sources, *params = recipe
         if op == "zeros":
             return _Zeros(like.shape, like.dtype)
         if op == "moe_view":
-            t = self.resolve(sources[0])
-            for kind, *a in params[0]:
-                if kind == "slice":
-                    dim, start, stop, step = a
-                    size = t.shape[dim]
-                    t = Index(t, dim, torch.arange(*slice(start, stop, step).indices(size)))
-                elif kind == "transpose":
-                    t = Transpose(t, a[0], a[1])
-                elif kind == "view":
-                    shape = list(a[0])
-                    t = Whole(lambda ts, s=shape: ts[0].view(s), [t], torch.empty(t.shape, device="meta").view(shape).shape,
-                              t.dtype)
-                else:
-                    raise ShardLoadingError(f"graph tensor {target}: unknown MoE view step {kind!r}")
-            return t
+            return self._moe_view(target, self.resolve(sources[0]), params[0])
+        if op == MOE_RECIPE and len(params) > 3 and params[3] is not None:
+            # a rank's quantized experts: the view and the tensor-parallel cut stay lazy (only the rank's slices
+            # are read), then the quantizer runs on what was read
+            steps, mode, part, (dim, ranges) = params[:4]
+            key = json.dumps([sources[0], steps, dim, ranges])  # the weight and its scales share one read
+            t = self.memo.get(key)
+            if t is None:
+                t = Index(self._moe_view(target, self.resolve(sources[0]), steps), dim,
+                          torch.cat([torch.arange(s, s + n) for s, n in ranges]))
+                self.memo[key] = t
+                self.sharded |= t.leaves()
+            fn = self.derive_ops[op]
+            return Whole(lambda ts, fn=fn: fn(ts, [], mode, part), [t], like.shape, like.dtype)
         fn = self.derive_ops.get(op)
         if fn is None:
             raise ShardLoadingError(f"graph tensor {target}: its recipe {op!r} is not a known derive op "
                                     f"({sorted(self.derive_ops)})")
         children = [self.resolve(s) for s in sources]
         return Whole(lambda ts, fn=fn, params=params: fn(ts, *params), children, like.shape, like.dtype)
+
+    def _moe_view(self, target: str, t: Lazy, steps: list) -> Lazy:
+        """``match_moe``'s view steps over a lazy tensor (slices and transposes pushed down to the reads)."""
+        for kind, *a in steps:
+            if kind == "slice":
+                dim, start, stop, step = a
+                size = t.shape[dim]
+                t = Index(t, dim, torch.arange(*slice(start, stop, step).indices(size)))
+            elif kind == "transpose":
+                t = Transpose(t, a[0], a[1])
+            elif kind == "view":
+                shape = list(a[0])
+                t = Whole(lambda ts, s=shape: ts[0].view(s), [t], torch.empty(t.shape, device="meta").view(shape).shape,
+                          t.dtype)
+            else:
+                raise ShardLoadingError(f"graph tensor {target}: unknown MoE view step {kind!r}")
+        return t
 
 
 class _Const(Lazy):

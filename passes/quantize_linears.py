@@ -271,12 +271,18 @@ def quantize_experts(w: Tensor, mode: str) -> dict[str, Tensor]:
     return {"weight": parts["weight"].reshape(E, N, K), "scale": parts["weight_scale"].reshape(E, N)}
 
 
-def rebuild_moe(tensors: list[Tensor], steps: list, mode: str, part: str) -> Tensor:
+def rebuild_moe(tensors: list[Tensor], steps: list, mode: str, part: str, cut: Optional[list] = None) -> Tensor:
     """Compile-cache recipe: ``part`` of the quantized expert tensor that ``steps`` view out of the model's stacked
-    tensor (``match_moe.moe_view``)."""
+    tensor (``match_moe.moe_view``); ``cut``: ``[dim, [[start, length], ...]]``, the rank's tensor-parallel cut of
+    that view, taken before quantizing (a rank's experts are quantized as the rank holds them)."""
     from autodeploy.passes.match_moe import moe_view
 
-    return quantize_experts(moe_view(tensors, steps), mode)[part]
+    w = moe_view(tensors, steps)
+    if cut is not None:
+        dim, ranges = cut
+        parts = [w.narrow(dim, start, n) for start, n in ranges]
+        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+    return quantize_experts(w, mode)[part]
 
 
 DERIVE_OPS = {RECIPE: rebuild, MOE_RECIPE: rebuild_moe}
@@ -368,9 +374,10 @@ def _prequantized_report(gm: fx.GraphModule, ctx: Any, cfg: QuantizationConfig) 
 _MOE_WEIGHTS = (("w_gate", "s_gate"), ("w_up", "s_up"), ("w_down", "s_down"))
 
 
-def _moe_source(gm: fx.GraphModule, w_node: Any) -> Optional[tuple[str, list]]:
-    """(model tensor, view steps) an experts weight get_attr is, when it is one as the model holds it (not cut for
-    tensor parallelism, not computed)."""
+def _moe_source(gm: fx.GraphModule, w_node: Any) -> Optional[tuple[str, list, Optional[list]]]:
+    """(model tensor, view steps, tensor-parallel cut or None) an experts weight get_attr is: a view of a model
+    tensor as the model holds it, or the rank's cut of one (``gm.meta["tensor_parallel_plan"]``); None when it is
+    computed."""
     if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
         return None
     recipe = w_node.meta.get(DERIVED_META)
@@ -388,7 +395,16 @@ def _moe_source(gm: fx.GraphModule, w_node: Any) -> Optional[tuple[str, list]]:
         whole = moe_view([getattr_path(gm, source)], steps)
     except (AttributeError, RuntimeError):
         return None
-    return (source, steps) if tuple(whole.shape) == tuple(getattr_path(gm, w_node.target).shape) else None
+    shape = tuple(getattr_path(gm, w_node.target).shape)
+    if tuple(whole.shape) == shape:
+        return source, steps, None
+    plan = gm.meta.get("tensor_parallel_plan")
+    shard = getattr(plan, "weights", {}).get(w_node.target) if plan is not None else None
+    if shard is None:
+        return None
+    cut_shape = list(whole.shape)
+    cut_shape[shard.dim] = sum(n for _, n in shard.ranges)
+    return (source, steps, [shard.dim, [list(r) for r in shard.ranges]]) if tuple(cut_shape) == shape else None
 
 
 def _moe_skip_reason(gm: fx.GraphModule, node: fx.Node, cfg: QuantizationConfig) -> Optional[str]:
@@ -401,7 +417,7 @@ def _moe_skip_reason(gm: fx.GraphModule, node: fx.Node, cfg: QuantizationConfig)
         w_node = args[name]
         src = _moe_source(gm, w_node)
         if src is None:
-            return f"{name} is not a model tensor as the model holds it (computed, or cut for tensor parallelism)"
+            return f"{name} is not a model tensor (computed in the graph)"
         w = getattr_path(gm, w_node.target)
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"{name} is not a float tensor ({w.dtype})"
@@ -421,12 +437,12 @@ def _quantize_moe(gm: fx.GraphModule, node: fx.Node, mode: str) -> tuple[int, in
     before = after = 0
     for name, scale_name in _MOE_WEIGHTS:
         w_node = args[name]
-        source, steps = _moe_source(gm, w_node)
+        source, steps, cut = _moe_source(gm, w_node)
         w = getattr_path(gm, w_node.target)
         parts = quantize_experts(w, mode)
         for part, arg_name in (("weight", name), ("scale", scale_name)):
             t = parts[part].to(w.device)
-            recipe = (MOE_RECIPE, [source], [list(x) for x in steps], mode, part)
+            recipe = (MOE_RECIPE, [source], [list(x) for x in steps], mode, part, cut)
             kwargs[arg_name] = _attach(gm, f"quant_{_stem(source)}_{name}_{part}", t, recipe, args["hidden"], node)
             after += _nbytes(t)
         before += _nbytes(w)

@@ -105,3 +105,5 @@ def test_bench_json_goes_to_the_file_only(tmp_path):
     slowest = data["step_kinds"]["decode"]["slowest"]
     phases = {f"{p}_ms" for p in ("schedule", "pack", "forward", "sample", "bookkeeping")}
     assert slowest and set(slowest[0]) == {"ms", "seqs", "tokens"} | phases
+    medians = data["step_kinds"]["decode"]["phase_median_ms"]
+    assert {f"{p}_ms" for p in medians} == phases and all(v >= 0 for v in medians.values())

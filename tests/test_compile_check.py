@@ -32,11 +32,10 @@ KNOWN_SPILLS = {
     # the FP8-KV prefill kernel at its shipped (128, 64, 8 warps, 3 stages): 48 B with Triton 3.6 and 3.9;
     # (128, 32, 8, 3) does not spill. Which is faster is for a GPU to say (benchmarks/run_gpu_pending.sh).
     "prefill/fp8_kv": (64, "fp8 KV prefill, shipped tile"),
-    # the 2-warp short-context decode launch (255 registers): 48 B with bf16 KV, and on the H200 faster than the
-    # 4-warp launch that does not spill (266 against 314 us per layer at 1,024 x 192, docs/performance.md);
-    # 224 B with FP8 KV, whose continuous batching with this launch is not measured yet
-    "decode/bf16_kv/rope_new_kv/short": (64, "2-warp short-context decode, measured faster"),
-    "decode/fp8_kv/rope_new_kv/short": (256, "2-warp short-context decode, FP8 KV"),
+    # the 2-warp short-context decode launch over FP8 pages (255 registers, 5 stages): 120 B, and on the H200 the
+    # fastest of 8 configs at 1,024 x 200 (263.5 us per layer against 277.9 with 3 stages;
+    # docs/performance.md). Over bf16 pages the short launch (3 stages) does not spill.
+    "decode/fp8_kv/short": (128, "2-warp short-context decode over FP8 pages, measured fastest"),
 }
 
 

@@ -46,6 +46,32 @@ def test_triton_backend_matches_torch_backend_greedy_64():
     assert outs["triton"] == outs["torch"], _first_diff(outs["triton"], outs["torch"])
 
 
+@pytest.mark.parametrize("kv", ["auto", "fp8"])
+def test_short_context_launch_equals_fused_greedy(monkeypatch, kv):
+    """160 short sequences in a cache sized for them: the short-context decode launch the rules pick (new tokens
+    written by the RoPE + cache-write kernel ahead of the split kernel, 2-warp programs, splits merged by
+    ticket) against the fused launch with the reduction kernel, forced, through captured steps: the same fp32
+    greedy tokens, over an fp32 cache and over an FP8 one."""
+    from autodeploy.backends.triton import ops
+
+    model = gpu_llama(torch.float32)
+    cfg = SamplingConfig(max_new_tokens=40, ignore_eos=True)
+    g = torch.Generator().manual_seed(8)
+    lens = torch.randint(3, 120, (160,), generator=g).tolist()
+    prompts = [torch.randint(0, 32000, (n,), generator=g).tolist() for n in lens]
+    outs, chosen = {}, []
+    rule = ops.new_token_mode
+    monkeypatch.setattr(ops, "new_token_mode", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    for modes in ("auto:auto", "fused:reduce"):
+        monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", modes.split(":")[0])
+        monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", modes.split(":")[1])
+        cm = autodeploy.compile(model, max_batch_size=160, max_seq_len=256, lowering="cudagraph", kv_cache_dtype=kv)
+        outs[modes] = [o.output_ids for o in Engine(cm).generate(prompts, cfg)]
+        if modes == "auto:auto":
+            assert "separate" in chosen, chosen  # the rule took the short-context launch
+    assert outs["auto:auto"] == outs["fused:reduce"], (kv, _first_diff(outs["auto:auto"], outs["fused:reduce"]))
+
+
 def test_triton_backend_bf16_logits_match_hf():
     model = gpu_llama(torch.bfloat16, seed=4)
     cm = autodeploy.compile(model, max_batch_size=8, max_seq_len=512, backend="triton")

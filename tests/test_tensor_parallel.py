@@ -150,19 +150,51 @@ def test_moe_op_sharded_by_argument_name():
     assert all(any("all_reduce" in str(u.target) for u in n.users) for n in moe)
 
 
-def test_quantization_keeps_sharded_experts_in_float_with_the_reason():
-    """A rank's experts are cuts of the model's tensors: their quantization recipes would rebuild the whole
-    tensor, so the experts stay in full precision (linears are still quantized) and explain() says why."""
-    from autodeploy.passes.quantize_linears import QuantizationConfig
+@pytest.mark.parametrize("mode", ["int8-weight", "fp8"])
+def test_sharded_experts_are_quantized_as_the_rank_holds_them(mode):
+    """A rank's experts are its cut of the model's tensors, quantized per (expert, output channel) as cut: both
+    ranks' quantized graphs, run together, give the unsharded quantized model's logits within the quantization's
+    own error, and each rank's recipe rebuilds exactly the tensor it holds (gate/up cut along their output
+    channels, down along its inputs, where each rank's partial sum is scaled before the all-reduce)."""
+    from autodeploy.passes.quantize_linears import DERIVE_OPS, MOE_RECIPE, QuantizationConfig
+    from autodeploy.graph.utils import DERIVED_META, getattr_path
+    from helpers import rel_rms
 
-    gm, ctx = shard(_model("mixtral"), world=2, rank=1)
-    ctx.quantization = QuantizationConfig("int8-weight")
-    PassManager(["quantize_linears"], ctx.report).run(gm, ctx)
-    assert [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts.default]
-    assert not [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts_quant.default]
-    notes = next(p for p in ctx.report.passes if p.name == "quantize_linears").notes
-    assert any("MoE experts: w_gate is not a model tensor as the model holds it" in n for n in notes), notes
-    assert [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.int8_weight_linear.default]
+    model = _model("mixtral")
+    gms = []
+    for rank in range(2):
+        gm, ctx = shard(model, world=2, rank=rank, cache=False)
+        ctx.quantization = QuantizationConfig(mode)
+        PassManager(["quantize_linears"], ctx.report).run(gm, ctx)
+        moe = [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts_quant.default]
+        assert len(moe) == 2 and not [n for n in gm.graph.nodes if n.target is torch.ops.autodeploy.moe_experts.default]
+        for node in moe:
+            for name in ("w_gate", "s_gate", "w_down", "s_down"):
+                attr = node.kwargs[name]
+                recipe = attr.meta[DERIVED_META]
+                assert recipe[0] == MOE_RECIPE
+                sources = [getattr_path(model, t[len("m."):]) for t in recipe[1]]
+                rebuilt = DERIVE_OPS[MOE_RECIPE](sources, *recipe[2:])
+                assert torch.equal(rebuilt.view(torch.uint8) if rebuilt.element_size() == 1 else rebuilt,
+                                   getattr_path(gm, attr.target).view(torch.uint8)
+                                   if rebuilt.element_size() == 1 else getattr_path(gm, attr.target)), name
+        gms.append(gm)
+    whole, wctx = shard(model, world=1, rank=0, cache=False)
+    wctx.quantization = QuantizationConfig(mode)
+    PassManager(["quantize_linears"], wctx.report).run(whole, wctx)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    pos = torch.arange(8)[None]
+    outs = _simulate(gms, ids, pos, torch.arange(8))
+    with torch.no_grad():
+        ref_q = whole(ids, pos, torch.arange(8))
+        ref = model(ids).logits
+    ref_q = (ref_q[0] if isinstance(ref_q, (tuple, list)) else ref_q).reshape(ref.shape)
+    bound = rel_rms(ref_q, ref)  # the unsharded quantized model's own error
+    assert 0 < bound < 0.1
+    for out in outs:
+        out = (out[0] if isinstance(out, (tuple, list)) else out).reshape(ref.shape)
+        assert rel_rms(out, ref) < 1.5 * bound + 1e-3
+        assert rel_rms(out, ref_q) < 2 * bound + 1e-3
 
 
 def test_refuses_a_norm_over_all_heads():

@@ -64,13 +64,13 @@ def _shard_loaded(path: str, rank: int, quantization=None):
     return gm, ctx, stats
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llama_tied", "llama_int8"])
+@pytest.mark.parametrize("family", ["mixtral", "llama_tied", "llama_int8", "mixtral_int8"])
 def test_rank_reads_only_its_shard_and_matches_the_whole_load(tmp_path, family):
     """Rank 1 of 2 (the upper vocab half, the second block of every cut): every graph tensor equals the old
     path's bit for bit; the bytes read are counted per checkpoint tensor. ``llama_int8``: the quantized weights
     and their scales are recipes over the fused, sharded checkpoint slices (each slice read once)."""
-    quantization = "int8-weight" if family == "llama_int8" else None
-    if family == "mixtral":  # per-expert w1/w2/w3 on disk, stacked gate_up_proj/down_proj in the model
+    quantization = "int8-weight" if family.endswith("_int8") else None
+    if family.startswith("mixtral"):  # per-expert w1/w2/w3 on disk, stacked gate_up_proj/down_proj in the model
         model = _mixtral(num_hidden_layers=1)
     else:  # tied: lm_head is tied to the embedding: not in the checkpoint, found through the tie
         torch.manual_seed(0)
@@ -79,8 +79,9 @@ def test_rank_reads_only_its_shard_and_matches_the_whole_load(tmp_path, family):
     ref, _ = _passes(export_model(load_model(path)[0], 4, 64, 128), rank=1, quantization=quantization)
     gm, ctx, stats = _shard_loaded(path, rank=1, quantization=quantization)
     if quantization:
-        assert "linears quantized" in ctx.report.quantization and any(t.startswith("quant_") for t in _targets(gm))
-    if family == "mixtral":
+        assert "quantized (weight-only int8" in ctx.report.quantization and any(t.startswith("quant_") for t in _targets(gm))
+        assert ("MoE experts layers quantized" in ctx.report.quantization) == family.startswith("mixtral")
+    if family.startswith("mixtral"):
         moe = next(p for p in ctx.report.passes if p.name == "match_moe")
         assert moe.num_matches == 1, moe.notes  # the value probes ran on seeded random stand-ins
     assert _targets(gm) == _targets(ref)

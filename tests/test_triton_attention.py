@@ -373,9 +373,13 @@ def test_decode_mixed(dtype, target):
 
 
 def test_merge_in_kernel_rule(monkeypatch):
-    """The reduction kernel merges unless the ticket merge is asked for; an unknown mode is refused by name."""
+    """The reduction kernel merges unless the launch is a short-context one or the ticket merge is asked for;
+    the override wins either way; an unknown mode is refused by name."""
     monkeypatch.delenv("AUTODEPLOY_DECODE_MERGE", raising=False)
     assert not attn_mod.merge_in_kernel()
+    assert attn_mod.merge_in_kernel(short=True)
+    monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "reduce")
+    assert not attn_mod.merge_in_kernel(short=True)
     monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "reduce")
     assert not attn_mod.merge_in_kernel()
     monkeypatch.setenv("AUTODEPLOY_DECODE_MERGE", "ticket")
@@ -393,7 +397,8 @@ def test_decode_config_rule(monkeypatch):
     monkeypatch.delenv("AUTODEPLOY_DECODE_CONFIG", raising=False)
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
     deep = attn_mod._DEEP_STAGES
-    assert attn_mod._decode_config(128, bf16, cuda, 448, 62.0) == (64, 2, deep)  # 1,024 seqs in a CB cache
+    assert attn_mod._decode_config(128, bf16, cuda, 448, 62.0) == (64, 2, 3)  # 1,024 seqs in a CB cache
+    assert attn_mod._decode_config(128, bf16, cuda, 448, 62.0, kv_fp8=True) == (64, 2, deep)
     assert attn_mod._decode_config(128, bf16, cuda, attn_mod.SHORT_CONTEXT_KEYS + 1, 62.0) == (64, 4, deep)
     assert attn_mod._decode_config(128, bf16, cuda, 448, 0.06) == (64, 4, deep)  # batch 1: few programs
     assert attn_mod._decode_config(128, bf16, cuda) == (64, 4, deep)
@@ -654,3 +659,27 @@ def test_gpu_short_context_config(monkeypatch):
                       target=None, align=64, prefill=[(0, 5)])
     assert chosen and chosen[-1][1] == 2, chosen
 
+
+def test_new_token_mode_rule(monkeypatch):
+    """Separate new-token writes exactly where the short-context launch applies (many programs over short
+    caches); fused at batch 1, long caches and in the interpreter; the environment overrides; a bad value names
+    the variable."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv("AUTODEPLOY_DECODE_NEW_TOKEN", raising=False)
+    assert attn_mod.new_token_mode(torch.empty(8, 64, 8, 1), 8, cuda) == "fused"  # interpreter
+    monkeypatch.setattr(attn_mod, "_interpreting", lambda: False)
+    monkeypatch.setattr(attn_mod, "device_sms", lambda device: 132)
+    cb = torch.empty(1024 * 512 // 64, 64, 8, 1)  # 1,024 sequences x 512 tokens, 8 KV heads
+    assert attn_mod.short_context_launch(cb, 1024, cuda) == (512, 1024 * 8 / 132, True)
+    assert attn_mod.new_token_mode(cb, 1024, cuda) == "separate"
+    assert attn_mod.new_token_mode(cb, 1, cuda) == "fused"  # batch 1: long bound, few programs
+    long = torch.empty(64 * 4224 // 64, 64, 8, 1)
+    assert attn_mod.new_token_mode(long, 64, cuda) == "fused"
+    assert attn_mod.new_token_mode(cb, 1024, torch.device("cpu")) == "fused"
+    monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", "fused")
+    assert attn_mod.new_token_mode(cb, 1024, cuda) == "fused"
+    monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", "separate")
+    assert attn_mod.new_token_mode(long, 1, cuda) == "separate"
+    monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", "both")
+    with pytest.raises(ValueError, match="AUTODEPLOY_DECODE_NEW_TOKEN"):
+        attn_mod.new_token_mode(cb, 1024, cuda)

@@ -127,3 +127,28 @@ def test_device_composed_steps_match_host_composed(family):
         # the decode tokens' K was rotated by the RoPE kernel instead of the decode kernel: equal up to fp32 ulps
         torch.testing.assert_close(cache, b.caches[name], rtol=0, atol=1e-6)
         assert not cache[unused].any(), f"{name}: a padding token wrote into a page no sequence owns"
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_separate_new_token_write_matches_fused(monkeypatch, kv_cache_dtype):
+    """The decode tokens written by the RoPE + cache-write kernel ahead of the split kernel ("separate", the
+    many-short-contexts launch) give the fused launch's logits and cache, on prefill-only, mixed and decode-only
+    host-composed steps (bf16 and FP8 caches)."""
+    model = make_model("llama")
+    kw = dict(max_batch_size=4, max_seq_len=64, page_size=4, num_pages=48, kv_cache_dtype=kv_cache_dtype)
+    fused = autodeploy.compile(model, backend="triton", **kw)
+    separate = autodeploy.compile(model, backend="triton", **kw)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (14, 9, 7)]
+    pages = {0: [10, 3, 4, 40], 1: [5, 6, 7], 2: [30, 31]}
+    steps = [[(0, 0, 6), (1, 0, 5)], [(0, 6, 1), (1, 5, 4), (2, 0, 7)], [(0, 7, 1), (1, 9, 1), (2, 7, 1)],
+             [(0, 8, 1), (1, 10, 1)]]
+    for step in steps:
+        chunks = [SequenceChunk(seqs[s][i:i + n] or [3] * n, i, pages[s]) for s, i, n in step]
+        monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", "fused")
+        a = fused.forward(fused.pack(chunks, all_logits=True))
+        monkeypatch.setenv("AUTODEPLOY_DECODE_NEW_TOKEN", "separate")
+        b = separate.forward(separate.pack(chunks, all_logits=True))
+        assert rel_rms(b, a) < 1e-5, step
+    for name, cache in separate.caches.items():  # fp32 ulps: q/k rotated by another kernel
+        torch.testing.assert_close(cache.float(), fused.caches[name].float(), rtol=0, atol=1e-6)

@@ -160,7 +160,7 @@ _PHASES = ("schedule", "pack", "forward", "sample", "bookkeeping")
 
 def step_kinds(steps: list) -> dict[str, dict[str, float]]:
     """Where the time went, by step kind: decode-only steps vs steps that carry prefill tokens (count, wall
-    seconds, tokens, median step time, and the slowest steps split by engine phase)."""
+    seconds, tokens, median step time, each phase's median, and the slowest steps split by engine phase)."""
     out = {}
     for kind, pick in (("decode", lambda s: s.num_tokens == s.num_seqs), ("prefill_or_mixed",
                                                                             lambda s: s.num_tokens != s.num_seqs)):
@@ -169,6 +169,9 @@ def step_kinds(steps: list) -> dict[str, dict[str, float]]:
         out[kind] = {"steps": len(sel), "wall_s": sum(wall), "tokens": sum(s.num_tokens for s in sel),
                      "seqs_median": statistics.median(s.num_seqs for s in sel) if sel else 0,
                      "step_median_ms": 1e3 * statistics.median(wall) if wall else float("nan"),
+                     # forward includes the wait for the GPU: host-bound steps show a short forward here
+                     "phase_median_ms": {ph: round(1e3 * statistics.median(getattr(s, ph) for s in sel), 2)
+                                         for ph in _PHASES} if sel else {},
                      # the slowest steps: one-time costs (JIT, graph capture) show here
                      "slowest": [{"ms": round(1e3 * w, 1), "seqs": s.num_seqs, "tokens": s.num_tokens,
                                   **{f"{ph}_ms": round(1e3 * getattr(s, ph), 2) for ph in _PHASES}}

@@ -299,7 +299,9 @@ def _decode(kv_fp8: bool, rope_new_kv: bool = False, merge: bool = False, short:
         else:
             sig[name] = ints.get(name) or ptrs.get(name) or "*bf16"
     # _decode_config on a GPU with Hopper's shared memory (short: many sequences in a cache sized for them)
-    block_n, warps, stages = 64, 2 if short else 4, attn._DEEP_STAGES
+    # (short: 3 stages over bf16 pages, 5 over FP8 ones)
+    block_n, warps = 64, 2 if short else 4
+    stages = 3 if short and not kv_fp8 else attn._DEEP_STAGES
     consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, NEED_DMASK=False,
                   HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=rope_new_kv, ROPE=rope_new_kv,
                   ROT=128 if rope_new_kv else 0,
@@ -316,9 +318,10 @@ case("decode/fp8_kv/rope_new_kv")(lambda: _decode(True, True))
 # many sequences: the last split item of a sequence merges its splits (ticket), no reduction launch
 case("decode/bf16_kv/rope_new_kv/merge")(lambda: _decode(False, True, True))
 case("decode/fp8_kv/rope_new_kv/merge")(lambda: _decode(True, True, True))
-# large batches of short contexts: 2-warp programs
-case("decode/bf16_kv/rope_new_kv/short")(lambda: _decode(False, True, short=True))
-case("decode/fp8_kv/rope_new_kv/short")(lambda: _decode(True, True, short=True))
+# large batches of short contexts, as the op launches them (new_token_mode "separate", merge by ticket): the
+# cache already holds the new token; 2-warp programs
+case("decode/bf16_kv/short")(lambda: _decode(False, False, True, short=True))
+case("decode/fp8_kv/short")(lambda: _decode(True, False, True, short=True))
 
 
 def _decode_reduce(heads: int):

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from autodeploy.backends.triton.kernels.attention import NewTokenKV, context_attention, decode_attention
+from autodeploy.backends.triton.kernels.attention import NewTokenKV, context_attention, decode_attention, new_token_mode
 from autodeploy.backends.triton.kernels.gated_act import gated_act, gated_act_fp8
 from autodeploy.backends.triton.kernels.gemv import gemv
 from autodeploy.backends.triton.kernels.rms_norm import fused_add_rms_norm, rms_norm, rms_norm_fp8
@@ -24,7 +24,9 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
                      v_scale: Optional[Tensor] = None) -> Tensor:
     """Prefill/extend tokens: RoPE + cache write (one kernel), then the flash kernel. Decode tokens: one launch
     does RoPE, their cache write and split-K attention over the partition table the metadata node derived
-    (``meta = [decode_work, decode_split_start]``), a second merges the splits. Counts are host ints, except in
+    (``meta = [decode_work, decode_split_start]``), a second merges the splits; where many short contexts
+    decode (``new_token_mode``), the RoPE + cache-write kernel takes the decode tokens too and the split kernel
+    reads a complete cache. Counts are host ints, except in
     a device-composed step (see :func:`_device_composed`). ``k_scale``/``v_scale``: an FP8 KV cache's scales
     (every kernel quantizes on write and dequantizes on read)."""
     if len(meta) != 2:
@@ -39,13 +41,22 @@ def _paged_attention(q: Tensor, k: Tensor, v: Tensor, cos: Optional[Tensor], sin
     if n_prefill == DEVICE_COMPOSED:
         return _device_composed(q, k, v, cos, sin, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table,
                                 slot_mapping, meta, out, kw, scales)
+    # "separate": every token (prefill ones too) is rotated and written by one launch, then both attention
+    # kernels read a complete cache; "fused": prefill tokens here, decode tokens inside the split kernel.
+    separate = n_decode > 0 and new_token_mode(k_cache, seq_lens_kv.shape[0], q.device) == "separate"
+    q_all = _rope_and_write(q, k, v, cos, sin, k_cache, v_cache, slot_mapping.reshape(-1), **scales) if separate \
+        else None
     if n_prefill:
         p = slice(0, n_prefill_tok)
-        q_pre = _rope_and_write(q[p], k[p], v[p], None if cos is None else cos[p], None if sin is None else sin[p],
-                                k_cache, v_cache, slot_mapping[p], **scales)
+        q_pre = q_all[p] if separate else _rope_and_write(
+            q[p], k[p], v[p], None if cos is None else cos[p], None if sin is None else sin[p], k_cache, v_cache,
+            slot_mapping[p], **scales)
         context_attention(q_pre, k_cache, v_cache, cu_seqlens_q, seq_lens_kv, page_table, out[p],
                           num_seqs=n_prefill, max_q_len=max_q, **kw)
-    if n_decode:
+    if separate:
+        decode_attention(q_all, k_cache, v_cache, seq_lens_kv, page_table, out, cu_seqlens_q=cu_seqlens_q,
+                         partition=(meta[0], meta[1]), **kw)
+    elif n_decode:
         decode_attention(q, k_cache, v_cache, seq_lens_kv, page_table, out, cu_seqlens_q=cu_seqlens_q,
                          partition=(meta[0], meta[1]), new_kv=NewTokenKV(k, v, slot_mapping.reshape(-1), cos, sin),
                          **kw)

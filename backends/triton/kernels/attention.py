@@ -9,8 +9,10 @@ Two entry points over the paged cache ``[num_pages, page_size, Hkv, D]``:
 * :func:`decode_attention` -- one query token per sequence: ONE split-K launch does RoPE on q and the new
   key, the new token's cache write and flash-decoding over the partition table of :mod:`..partition` (one key
   range of one sequence per program, sized so long and short sequences get splits in proportion; a KV tile is
-  one whole page); a small second kernel merges the splits (or, opt-in, the last split program of a sequence
-  does, by atomic ticket: ``merge_in_kernel``).
+  one whole page); a small second kernel merges the splits (or the last split program of a sequence does, by
+  atomic ticket: ``merge_in_kernel``). Where many short contexts decode (``short_context_launch``), the op
+  writes the new tokens with the RoPE + cache-write kernel first (``new_token_mode``), and splits merge by
+  ticket.
 
 Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
 ``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
@@ -768,20 +770,23 @@ def reduce_heads(num_seqs: int, hq: int, sms: int) -> int:
     return heads
 
 
-# How a sequence's splits are merged: by the reduction kernel (the default), or by the last split item of the
-# sequence, which takes an atomic ticket (``AUTODEPLOY_DECODE_MERGE=ticket``). The ticket saves the reduction's
-# launch but puts a barrier, an atomic and the merge on every item's exit; measured on the H200 neither wins
-# throughout (docs/performance.md: 1B b=32 2% faster, b=64 6% slower, b=256 and 8B fp8 b=256 within 1%), so the
-# reduction stays the default and the ticket path is kept, tested, for shapes and GPUs where it pays.
-MERGE_MODES = ("reduce", "ticket")
+# How a sequence's splits are merged: by the reduction kernel, or by the last split item of the sequence, which
+# takes an atomic ticket. The ticket saves the reduction's launch but puts a barrier, an atomic and the merge on
+# the exit of every item of a split sequence; measured on the H200 neither wins throughout (docs/performance.md:
+# 1B b=32 2% faster, b=64 6% slower, b=256 and 8B fp8 b=256 within 1%). "auto" takes the ticket where the launch
+# is short (:func:`short_context_launch`): there nearly every sequence is one item, which stores its output
+# directly, so the ticket costs nothing and the reduction launch (thousands of programs that find nothing to
+# merge) is saved. ``AUTODEPLOY_DECODE_MERGE`` overrides the rule.
+MERGE_MODES = ("auto", "reduce", "ticket")
 
 
-def merge_in_kernel() -> bool:
-    """Whether the split kernel merges the splits itself (``AUTODEPLOY_DECODE_MERGE``; see MERGE_MODES)."""
-    mode = os.environ.get("AUTODEPLOY_DECODE_MERGE", "reduce") or "reduce"
+def merge_in_kernel(short: bool = False) -> bool:
+    """Whether the split kernel merges the splits itself (``AUTODEPLOY_DECODE_MERGE``; see MERGE_MODES);
+    ``short``: the launch is a short-context one."""
+    mode = os.environ.get("AUTODEPLOY_DECODE_MERGE", "auto") or "auto"
     if mode not in MERGE_MODES:
         raise ValueError(f"AUTODEPLOY_DECODE_MERGE must be one of {MERGE_MODES}, got {mode!r}")
-    return mode == "ticket"
+    return mode == "ticket" or (mode == "auto" and short)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}
@@ -914,15 +919,47 @@ SHORT_CONTEXT_KEYS = 1024
 SHORT_MIN_PROGRAMS = 4.0  # ... and at least this many (sequence, KV head) programs per SM
 
 
+def short_context_launch(k_cache: torch.Tensor, num_seqs: int, device: torch.device) -> tuple[int, float, bool]:
+    """(keys per sequence, programs per SM, short): the bound ``_decode_config`` and :func:`new_token_mode`
+    choose by. Keys per sequence is the cache's token capacity over the launch's sequences, an upper bound on
+    their mean context known at capture; programs are (sequence, KV head) pairs. Both count every sequence of
+    the launch, prefill ones of a mixed step included (their programs exit at once)."""
+    keys = k_cache.shape[0] * k_cache.shape[1] // max(num_seqs, 1)
+    per_sm = num_seqs * k_cache.shape[2] / device_sms(device)
+    return keys, per_sm, keys <= SHORT_CONTEXT_KEYS and per_sm >= SHORT_MIN_PROGRAMS
+
+
+# How a decode step's new token reaches the cache: written by the split kernel itself, which also rotates q and
+# attends to the new key from registers ("fused": one launch), or by the RoPE + cache-write kernel first, the
+# split kernel then reading a complete cache ("separate": two launches, and no per-program new-token chain ahead
+# of the page loop). ``AUTODEPLOY_DECODE_NEW_TOKEN`` overrides the rule (benchmarks, tests).
+NEW_TOKEN_MODES = ("auto", "fused", "separate")
+
+
+def new_token_mode(k_cache: torch.Tensor, num_seqs: int, device: torch.device) -> str:
+    """"fused" or "separate" for a decode launch (NEW_TOKEN_MODES): separate where the launch is short
+    (:func:`short_context_launch`: many programs over a few pages each, where the fused launch's fixed
+    per-program work sets the time), fused otherwise (batch 1 and long contexts: one launch less)."""
+    mode = os.environ.get("AUTODEPLOY_DECODE_NEW_TOKEN", "auto") or "auto"
+    if mode not in NEW_TOKEN_MODES:
+        raise ValueError(f"AUTODEPLOY_DECODE_NEW_TOKEN must be one of {NEW_TOKEN_MODES}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if _interpreting() or device.type != "cuda":
+        return "fused"
+    return "separate" if short_context_launch(k_cache, num_seqs, device)[2] else "fused"
+
+
 def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.device] = None,
-                   keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0):
+                   keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0, kv_fp8: bool = False):
     """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining).
 
     ``keys_per_seq``: an upper bound on the launch's mean context, the cache's token capacity over its
     sequences (known at capture, unlike the contexts themselves). Where it is short (a large batch in a cache
     sized for it: continuous batching at hundreds of sequences), each program reduces a few pages, and
     programs per SM, not pipeline depth, hide the latency: 2-warp programs, where there are enough of them
-    (``programs_per_sm``: sequences x KV heads over SMs; measured on the H200, docs/performance.md).
+    (``programs_per_sm``: sequences x KV heads over SMs; measured on the H200, docs/performance.md), with 3
+    stages over a bf16 cache and 5 over an FP8 one (``kv_fp8``; each the faster for its cache on the H200).
     Prefix-shared pages can put the true mean above the bound; that costs speed only."""
     if _interpreting():
         return 32, 4, 1
@@ -933,7 +970,7 @@ def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.devi
         return 32, 4, 2
     deep = device is not None and device.type == "cuda" and _max_shared_mem(device.index or 0) >= _DEEP_STAGES_SMEM
     if keys_per_seq is not None and keys_per_seq <= SHORT_CONTEXT_KEYS and programs_per_sm >= SHORT_MIN_PROGRAMS:
-        return 64, 2, _DEEP_STAGES if deep else 3
+        return 64, 2, _DEEP_STAGES if deep and kv_fp8 else 3
     return 64, 4, _DEEP_STAGES if deep else 3
 
 
@@ -1065,15 +1102,15 @@ def decode_attention(
     block_d = triton.next_power_of_2(max(d, 16))
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     has_softcap, qk_scale, softcap_scale, softcap_log2 = _score_params(scale, logit_softcap)
-    keys_per_seq = k_cache.shape[0] * page_size // num_seqs
-    per_sm = num_seqs * hkv / device_sms(q.device)
+    keys_per_seq, per_sm, short = short_context_launch(k_cache, num_seqs, q.device)
     # cap: [maxnreg] (tuning)
-    block_n, num_warps, num_stages, *cap = _decode_config(block_d, q.dtype, q.device, keys_per_seq, per_sm)
+    block_n, num_warps, num_stages, *cap = _decode_config(block_d, q.dtype, q.device, keys_per_seq, per_sm,
+                                                          k_scale is not None)
     page_tiles = DECODE_PAGE_TILES and page_size in _PAGE_TILE_SIZES and page_size * block_d <= 128 * 128
     if page_tiles:
         block_n = page_size
     n_items = work.shape[0]
-    merge = merge_in_kernel()
+    merge = merge_in_kernel(short and q.device.type == "cuda" and not _interpreting())
     tickets = _tickets(q.device, num_seqs * hkv) if merge else seq_lens_kv
     pdl = pdl_enabled(q.device, "decode")
     pdl_reduce = pdl_enabled(q.device, "reduce")
@@ -1113,4 +1150,4 @@ def decode_attention(
     )  # fmt: skip
 
 
-__all__ = ["context_attention", "decode_attention", "NewTokenKV"]
+__all__ = ["context_attention", "decode_attention", "new_token_mode", "NewTokenKV"]
