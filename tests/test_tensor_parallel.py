@@ -332,6 +332,30 @@ def test_tp2_greedy_matches_hf(tmp_path_factory, family):
     assert all(not p.is_alive() for p in cm.tensor_parallel.processes)  # no worker left behind
 
 
+def test_tp2_quantized_experts_match_one_process(tmp_path_factory):
+    """Mixtral under ``int8-weight`` on 2 ranks over gloo, each reading its shard of the checkpoint: the experts
+    are quantized on every rank (its own cut), and the greedy tokens equal the one-process quantized model's."""
+    from autodeploy.entrypoints.llm import LLM
+    from autodeploy.runtime.sampling import SamplingConfig
+
+    model = _model("mixtral", num_hidden_layers=1)
+    path = tmp_path_factory.mktemp("mixtral_int8")
+    model.save_pretrained(path)
+    greedy = SamplingConfig(max_new_tokens=6, ignore_eos=True)
+    kw = dict(max_batch_size=4, max_seq_len=64, backend="torch", page_size=16, quantization="int8-weight")
+    one = LLM(str(path), **kw)
+    assert "1 MoE experts layers quantized" in one.compiled.report.quantization
+    alone = [o.output_ids for o in one.generate(PROMPTS, greedy)]
+    llm = LLM(str(path), tensor_parallel_size=2, **kw)
+    cm = llm.compiled
+    try:
+        assert "1 MoE experts layers quantized" in cm.report.quantization, cm.report.quantization
+        assert [o.output_ids for o in llm.generate(PROMPTS, greedy)] == alone
+        _assert_each_rank_read_its_shard(cm)
+    finally:
+        cm.shutdown()
+
+
 def _assert_each_rank_read_its_shard(cm) -> None:
     """Every rank read its slices from the checkpoint (measured by the loader's slice reads): about half of the
     bytes, no sharded tensor whole. A rank that loaded the whole model has no such record and fails this."""
