@@ -546,6 +546,7 @@ class _Resolver:
             if node.op == "get_attr" and node.meta.get(DERIVED_META):
                 self.recipes.setdefault(node.target, tuple(node.meta[DERIVED_META]))
         self.memo: dict[str, Lazy] = {}
+        self.cut_views: dict[str, Lazy] = {}  # a rank's cut of an expert view, shared by its quantized parts
         self.sharded: set[str] = set()  # checkpoint keys under a tensor-parallel cut
 
     def resolve(self, target: str) -> Lazy:
@@ -574,9 +575,7 @@ class _Resolver:
             base = src if src.dtype == model_t.dtype else Cast(src, model_t.dtype)
         cut = self.cuts.get(target)
         if cut is not None:
-            idx = torch.cat([torch.arange(s, s + n) for s, n in cut.ranges])
-            base = Index(base, cut.dim, idx)
-            self.sharded |= base.leaves()
+            base = self._cut(base, cut.dim, cut.ranges)
         if like is not None and tuple(base.shape) != tuple(like.shape):
             raise ShardLoadingError(f"graph tensor {target}: its checkpoint recipe gives {tuple(base.shape)}, the "
                                     f"graph expects {tuple(like.shape)}")
@@ -595,12 +594,10 @@ class _Resolver:
             # are read), then the quantizer runs on what was read
             steps, mode, part, (dim, ranges) = params[:4]
             key = json.dumps([sources[0], steps, dim, ranges])  # the weight and its scales share one read
-            t = self.memo.get(key)
+            t = self.cut_views.get(key)
             if t is None:
-                t = Index(self._moe_view(target, self.resolve(sources[0]), steps), dim,
-                          torch.cat([torch.arange(s, s + n) for s, n in ranges]))
-                self.memo[key] = t
-                self.sharded |= t.leaves()
+                t = self.cut_views[key] = self._cut(self._moe_view(target, self.resolve(sources[0]), steps), dim,
+                                                    ranges)
             fn = self.derive_ops[op]
             return Whole(lambda ts, fn=fn: fn(ts, [], mode, part), [t], like.shape, like.dtype)
         fn = self.derive_ops.get(op)
@@ -609,6 +606,12 @@ class _Resolver:
                                     f"({sorted(self.derive_ops)})")
         children = [self.resolve(s) for s in sources]
         return Whole(lambda ts, fn=fn, params=params: fn(ts, *params), children, like.shape, like.dtype)
+
+    def _cut(self, t: Lazy, dim: int, ranges: Sequence) -> Lazy:
+        """A tensor-parallel cut (``ranges`` of ``dim``) of a lazy tensor; its checkpoint keys count as sharded."""
+        t = Index(t, dim, torch.cat([torch.arange(s, s + n) for s, n in ranges]))
+        self.sharded |= t.leaves()
+        return t
 
     def _moe_view(self, target: str, t: Lazy, steps: list) -> Lazy:
         """``match_moe``'s view steps over a lazy tensor (slices and transposes pushed down to the reads)."""

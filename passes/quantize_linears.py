@@ -276,12 +276,11 @@ def rebuild_moe(tensors: list[Tensor], steps: list, mode: str, part: str, cut: O
     tensor (``match_moe.moe_view``); ``cut``: ``[dim, [[start, length], ...]]``, the rank's tensor-parallel cut of
     that view, taken before quantizing (a rank's experts are quantized as the rank holds them)."""
     from autodeploy.passes.match_moe import moe_view
+    from autodeploy.passes.shard_tensor_parallel import WeightShard
 
     w = moe_view(tensors, steps)
     if cut is not None:
-        dim, ranges = cut
-        parts = [w.narrow(dim, start, n) for start, n in ranges]
-        w = parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+        w = WeightShard(cut[0], [tuple(r) for r in cut[1]]).take(w)
     return quantize_experts(w, mode)[part]
 
 

@@ -49,9 +49,9 @@ def test_triton_backend_matches_torch_backend_greedy_64():
 @pytest.mark.parametrize("kv", ["auto", "fp8"])
 def test_short_context_launch_equals_fused_greedy(monkeypatch, kv):
     """160 short sequences in a cache sized for them: the short-context decode launch the rules pick (new tokens
-    written by the RoPE + cache-write kernel ahead of the split kernel, 2-warp programs, splits merged by
-    ticket) against the fused launch with the reduction kernel, forced, through captured steps: the same fp32
-    greedy tokens, over an fp32 cache and over an FP8 one."""
+    written by the RoPE + cache-write kernel ahead of the split kernel, splits merged by ticket; the 2-warp
+    config is bf16's, checked by test_gpu_short_context_config) against the fused launch with the reduction
+    kernel, forced, through captured steps: the same fp32 greedy tokens, over an fp32 cache and an FP8 one."""
     from autodeploy.backends.triton import ops
 
     model = gpu_llama(torch.float32)

@@ -283,6 +283,8 @@ for _mode in ("float", "int8-weight", "fp8", "int8"):
 
 # -- decode attention (bf16 and fp8 KV pages) -------------------------------------------------------------------
 def _decode(kv_fp8: bool, rope_new_kv: bool = False, merge: bool = False, short: bool = False):
+    import torch
+
     from autodeploy.backends.triton.kernels import attention as attn
 
     kernel = attn._decode_kernel
@@ -298,10 +300,9 @@ def _decode(kv_fp8: bool, rope_new_kv: bool = False, merge: bool = False, short:
             sig[name] = "i32"
         else:
             sig[name] = ints.get(name) or ptrs.get(name) or "*bf16"
-    # _decode_config on a GPU with Hopper's shared memory (short: many sequences in a cache sized for them)
-    # (short: 3 stages over bf16 pages, 5 over FP8 ones)
-    block_n, warps = 64, 2 if short else 4
-    stages = 3 if short and not kv_fp8 else attn._DEEP_STAGES
+    # the launch _decode_config picks on Hopper's shared memory (short: many sequences in a cache sized for them)
+    block_n, warps, stages = attn._decode_config(128, torch.bfloat16, None, 256 if short else None,
+                                                 64.0 if short else 0.0, kv_fp8, max_smem=228 * 1024)[:3]
     consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, NEED_DMASK=False,
                   HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, NEW_KV=rope_new_kv, ROPE=rope_new_kv,
                   ROT=128 if rope_new_kv else 0,

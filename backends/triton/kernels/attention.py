@@ -780,12 +780,18 @@ def reduce_heads(num_seqs: int, hq: int, sms: int) -> int:
 MERGE_MODES = ("auto", "reduce", "ticket")
 
 
+def _env_choice(var: str, modes: tuple[str, ...]) -> str:
+    """The override ``var`` names (one of ``modes``; unset or empty: "auto")."""
+    mode = os.environ.get(var, "auto") or "auto"
+    if mode not in modes:
+        raise ValueError(f"{var} must be one of {modes}, got {mode!r}")
+    return mode
+
+
 def merge_in_kernel(short: bool = False) -> bool:
     """Whether the split kernel merges the splits itself (``AUTODEPLOY_DECODE_MERGE``; see MERGE_MODES);
-    ``short``: the launch is a short-context one."""
-    mode = os.environ.get("AUTODEPLOY_DECODE_MERGE", "auto") or "auto"
-    if mode not in MERGE_MODES:
-        raise ValueError(f"AUTODEPLOY_DECODE_MERGE must be one of {MERGE_MODES}, got {mode!r}")
+    ``short``: the launch is a short-context one (:func:`short_context_launch`)."""
+    mode = _env_choice("AUTODEPLOY_DECODE_MERGE", MERGE_MODES)
     return mode == "ticket" or (mode == "auto" and short)
 
 
@@ -923,8 +929,11 @@ def short_context_launch(k_cache: torch.Tensor, num_seqs: int, device: torch.dev
     """(keys per sequence, programs per SM, short): the bound ``_decode_config`` and :func:`new_token_mode`
     choose by. Keys per sequence is the cache's token capacity over the launch's sequences, an upper bound on
     their mean context known at capture; programs are (sequence, KV head) pairs. Both count every sequence of
-    the launch, prefill ones of a mixed step included (their programs exit at once)."""
+    the launch, prefill ones of a mixed step included (their programs exit at once). Only compiled kernels on a
+    GPU take the short launch (the interpreter keeps the general one)."""
     keys = k_cache.shape[0] * k_cache.shape[1] // max(num_seqs, 1)
+    if device.type != "cuda" or _interpreting():
+        return keys, 0.0, False
     per_sm = num_seqs * k_cache.shape[2] / device_sms(device)
     return keys, per_sm, keys <= SHORT_CONTEXT_KEYS and per_sm >= SHORT_MIN_PROGRAMS
 
@@ -940,18 +949,15 @@ def new_token_mode(k_cache: torch.Tensor, num_seqs: int, device: torch.device) -
     """"fused" or "separate" for a decode launch (NEW_TOKEN_MODES): separate where the launch is short
     (:func:`short_context_launch`: many programs over a few pages each, where the fused launch's fixed
     per-program work sets the time), fused otherwise (batch 1 and long contexts: one launch less)."""
-    mode = os.environ.get("AUTODEPLOY_DECODE_NEW_TOKEN", "auto") or "auto"
-    if mode not in NEW_TOKEN_MODES:
-        raise ValueError(f"AUTODEPLOY_DECODE_NEW_TOKEN must be one of {NEW_TOKEN_MODES}, got {mode!r}")
+    mode = _env_choice("AUTODEPLOY_DECODE_NEW_TOKEN", NEW_TOKEN_MODES)
     if mode != "auto":
         return mode
-    if _interpreting() or device.type != "cuda":
-        return "fused"
     return "separate" if short_context_launch(k_cache, num_seqs, device)[2] else "fused"
 
 
 def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.device] = None,
-                   keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0, kv_fp8: bool = False):
+                   keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0, kv_fp8: bool = False,
+                   max_smem: Optional[int] = None):
     """(BLOCK_N, num_warps, num_stages) for the decode split kernel (memory bound: deep pipelining).
 
     ``keys_per_seq``: an upper bound on the launch's mean context, the cache's token capacity over its
@@ -968,7 +974,9 @@ def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.devi
         return tuple(int(v) for v in env.split(","))
     if dtype == torch.float32 or block_d > 128:
         return 32, 4, 2
-    deep = device is not None and device.type == "cuda" and _max_shared_mem(device.index or 0) >= _DEEP_STAGES_SMEM
+    if max_smem is None:  # the device's (given: the offline compile check's target)
+        max_smem = _max_shared_mem(device.index or 0) if device is not None and device.type == "cuda" else 0
+    deep = max_smem >= _DEEP_STAGES_SMEM
     if keys_per_seq is not None and keys_per_seq <= SHORT_CONTEXT_KEYS and programs_per_sm >= SHORT_MIN_PROGRAMS:
         return 64, 2, _DEEP_STAGES if deep and kv_fp8 else 3
     return 64, 4, _DEEP_STAGES if deep else 3
@@ -1110,7 +1118,7 @@ def decode_attention(
     if page_tiles:
         block_n = page_size
     n_items = work.shape[0]
-    merge = merge_in_kernel(short and q.device.type == "cuda" and not _interpreting())
+    merge = merge_in_kernel(short)
     tickets = _tickets(q.device, num_seqs * hkv) if merge else seq_lens_kv
     pdl = pdl_enabled(q.device, "decode")
     pdl_reduce = pdl_enabled(q.device, "reduce")
