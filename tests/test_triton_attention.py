@@ -648,16 +648,25 @@ def test_gpu_bf16_sweep(d, page_size):
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0")
 def test_gpu_short_context_config(monkeypatch):
-    """Many short sequences in a cache sized for them: the production launch takes the 2-warp short-context
-    config and still matches the reference (outputs and the rows written)."""
-    chosen = []
-    rule = attn_mod._decode_config
+    """Many short sequences in a cache sized for them: the short-context launches match the reference. The one
+    the op runs (the cache already holds the new token, splits merged by ticket): 2 warps and 3 stages over bf16
+    pages, 2 warps and 5 stages over FP8 ones; and the fused launch (forced by AUTODEPLOY_DECODE_NEW_TOKEN) with
+    the new token's write checked too."""
+    chosen, merged = [], []
+    rule, merge_rule = attn_mod._decode_config, attn_mod.merge_in_kernel
     monkeypatch.setattr(attn_mod, "_decode_config", lambda *a: chosen.append(rule(*a)) or chosen[-1])
+    monkeypatch.setattr(attn_mod, "merge_in_kernel", lambda *a: merged.append(merge_rule(*a)) or merged[-1])
+    monkeypatch.delenv("AUTODEPLOY_DECODE_MERGE", raising=False)
     g = torch.Generator().manual_seed(7)
     lens = torch.randint(1, 700, (300,), generator=g).tolist()
+    run_decode(lens, hq=32, hkv=8, d=128, page_size=64, dtype=torch.bfloat16, seed=6, align=64, prefill=[(0, 5)])
+    assert chosen[-1] == (64, 2, 3) and merged[-1], (chosen, merged)
+    run_decode_fp8(lens, torch.bfloat16, 64, target=target_work_items(2, attn_mod.device_sms(torch.device(DEVICE))),
+                   align=64, seed=8)
+    assert chosen[-1][:2] == (64, 2) and merged[-1], (chosen, merged)
     run_decode_new_kv(lens, hq=32, hkv=8, d=128, page_size=64, dtype=torch.bfloat16, seed=7, rot=128,
                       target=None, align=64, prefill=[(0, 5)])
-    assert chosen and chosen[-1][1] == 2, chosen
+    assert chosen[-1][:2] == (64, 2) and merged[-1], (chosen, merged)
 
 
 def test_new_token_mode_rule(monkeypatch):
