@@ -348,6 +348,7 @@ def main() -> None:
                    help="with --quantization: also name quant_skinny_gemm in the pipeline (the triton backend runs it by default)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                    help="KV-cache storage (fp8: E4M3 pages with per-row scales)")
+    p.add_argument("--page-size", type=int, default=None, help="KV-cache page size (compile(page_size=...))")
     add_tuning_args(p)
     from autodeploy.entrypoints.bench import add_sampling_arguments, sampling_settings
 
@@ -374,7 +375,7 @@ def main() -> None:
                             max_seq_len=args.max_seq_len,
                             backend=args.backend, lowering=args.lowering, max_num_tokens=args.max_num_tokens,
                             kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                            passes=_pipeline(args))
+                            passes=_pipeline(args), **({"page_size": args.page_size} if args.page_size else {}))
     compile_s = time.perf_counter() - t0
     weight_bytes = held_bytes(cm.graph_module)  # as compiled: quantized linears count their 8-bit bytes
     kv_tok = kv_bytes_per_token(cm)

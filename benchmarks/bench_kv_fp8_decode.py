@@ -3,7 +3,7 @@ the split kernel's partition size (waves of programs) and tile config swept for 
 
 Every call is a CUDA-graph replay after an L2 flush; bandwidth is the cache bytes read (values plus scales) over
 the time. The FP8 output is checked against attention over the dequantized cache first.
-Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--kinds bf16,fp8]
+Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--kinds bf16,fp8] [--page-sizes 64,32]
 [--configs 64/4/5,64/8/5/128] [--gather] [--json out.json]
 """
 
@@ -32,6 +32,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--kinds", default="bf16,fp8")
     p.add_argument("--configs", default=CONFIGS, help="BLOCK_N/warps/stages[/maxnreg],...")
+    p.add_argument("--page-sizes", default="64", help="cache page sizes, each a sweep of its own")
     p.add_argument("--gather", action="store_true", help="gathered key tiles of BLOCK_N (not one page per tile)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -43,9 +44,9 @@ def main() -> int:
     if args.gather:
         attn.DECODE_PAGE_TILES = False
     rows = []
-    for spec in args.cases.split(","):
+    for spec, page_size in [(c, int(ps)) for ps in args.page_sizes.split(",") for c in args.cases.split(",")]:
         batch, ctx = map(int, spec.split("x"))
-        k16, v16, page_table, seq_lens, q, cu, _ = _decode_case(batch, ctx, 64, gen, 2.0)
+        k16, v16, page_table, seq_lens, q, cu, _ = _decode_case(batch, ctx, page_size, gen, 2.0)
         (k8, ks), (v8, vs) = quantize_kv(k16), quantize_kv(v16)
         kd, vd = dequantize_kv(k8, ks, k16.dtype), dequantize_kv(v8, vs, v16.dtype)
         caches = {"bf16": (k16, v16, None, None, 2), "fp8": (k8, v8, ks, vs, 1)}
@@ -76,15 +77,15 @@ def main() -> int:
                         continue
                     nb = batch * ctx * HKV * 2 * (D * nbytes + (2 if ksc is not None else 0))
                     gbs = nb / (ms * 1e-3) / 1e9
-                    rows.append(dict(batch=batch, ctx=ctx, kv=kind, waves=waves, splits=splits, config=cfg,
+                    rows.append(dict(batch=batch, ctx=ctx, page_size=page_size, kv=kind, waves=waves, splits=splits, config=cfg,
                                      us=ms * 1e3, GBps=gbs, rel_err=err))
-                    print(f"B={batch:<4d} ctx={ctx:<6d} {kind:4s} waves={waves:<4g} splits<={splits:<3d} cfg={cfg} "
+                    print(f"B={batch:<4d} ctx={ctx:<6d} page={page_size:<3d} {kind:4s} waves={waves:<4g} splits<={splits:<3d} cfg={cfg} "
                           f"{ms * 1e3:8.1f} us {gbs:6.0f} GB/s ({100 * gbs / bw:5.1f}%) err {err:.1e}", flush=True)
                 attn._decode_config = default_config
         for kind in caches:
-            best = min((r for r in rows if r["batch"] == batch and r["ctx"] == ctx and r["kv"] == kind),
-                       key=lambda r: r["us"])
-            print(f"best B={batch} ctx={ctx} {kind}: waves={best['waves']:g} cfg={best['config']} "
+            best = min((r for r in rows if r["batch"] == batch and r["ctx"] == ctx and r["kv"] == kind
+                        and r["page_size"] == page_size), key=lambda r: r["us"])
+            print(f"best B={batch} ctx={ctx} page={page_size} {kind}: waves={best['waves']:g} cfg={best['config']} "
                   f"{best['us']:.1f} us", flush=True)
         del k16, v16, k8, v8, kd, vd
         torch.cuda.empty_cache()
