@@ -375,7 +375,7 @@ def main() -> None:
                             max_seq_len=args.max_seq_len,
                             backend=args.backend, lowering=args.lowering, max_num_tokens=args.max_num_tokens,
                             kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
-                            passes=_pipeline(args), **({"page_size": args.page_size} if args.page_size else {}))
+                            passes=_pipeline(args), page_size=args.page_size)
     compile_s = time.perf_counter() - t0
     weight_bytes = held_bytes(cm.graph_module)  # as compiled: quantized linears count their 8-bit bytes
     kv_tok = kv_bytes_per_token(cm)

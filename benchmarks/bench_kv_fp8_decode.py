@@ -77,10 +77,11 @@ def main() -> int:
                         continue
                     nb = batch * ctx * HKV * 2 * (D * nbytes + (2 if ksc is not None else 0))
                     gbs = nb / (ms * 1e-3) / 1e9
-                    rows.append(dict(batch=batch, ctx=ctx, page_size=page_size, kv=kind, waves=waves, splits=splits, config=cfg,
-                                     us=ms * 1e3, GBps=gbs, rel_err=err))
-                    print(f"B={batch:<4d} ctx={ctx:<6d} page={page_size:<3d} {kind:4s} waves={waves:<4g} splits<={splits:<3d} cfg={cfg} "
-                          f"{ms * 1e3:8.1f} us {gbs:6.0f} GB/s ({100 * gbs / bw:5.1f}%) err {err:.1e}", flush=True)
+                    rows.append(dict(batch=batch, ctx=ctx, page_size=page_size, kv=kind, waves=waves,
+                                     splits=splits, config=cfg, us=ms * 1e3, GBps=gbs, rel_err=err))
+                    print(f"B={batch:<4d} ctx={ctx:<6d} page={page_size:<3d} {kind:4s} waves={waves:<4g} "
+                          f"splits<={splits:<3d} cfg={cfg} {ms * 1e3:8.1f} us {gbs:6.0f} GB/s "
+                          f"({100 * gbs / bw:5.1f}%) err {err:.1e}", flush=True)
                 attn._decode_config = default_config
         for kind in caches:
             best = min((r for r in rows if r["batch"] == batch and r["ctx"] == ctx and r["kv"] == kind

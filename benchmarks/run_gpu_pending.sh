@@ -9,7 +9,7 @@
 # NEW_TOKEN_MODES lists new-token:merge modes, e.g. "auto:auto auto:reduce"; MERGE_AB=1 repeats the launch
 # timings with the reduction-kernel merge).
 # PART=pages: one layer's decode kernel over bf16 and FP8 caches at page sizes 64/32/16 and register caps.
-# PART=fp8v_e2e: 8B FP8 CB (16,384-token steps) with bf16 and FP8 KV, and 8B batch 64 context 4,096 decode steps.
+# PART=kv_cb: 8B FP8 CB (16,384-token steps) with bf16 and FP8 KV, and 8B batch 64 context 4,096 decode steps.
 # Each part fits one device call; results (logs, JSON) in $OUT.
 # Usage (device tool): PART=merge bash benchmarks/run_gpu_pending.sh, then PART=cb ...
 set -uo pipefail
@@ -28,18 +28,18 @@ ${PAGE_RUNS:-64 64/2/5/168,64/2/3/128,64/2/5/128
 32 32/2/3,32/2/5,32/4/5
 16 16/2/3,16/2/5,16/4/3}
 EOF
-elif [ "${PART:-merge}" = fp8v_e2e ]; then
+elif [ "${PART:-merge}" = kv_cb ]; then
   for run in ${CB_RUNS:-auto:64 fp8:64}; do  # kv dtype:page size
     kv=${run%%:*}; ps=${run#*:}
     timeout ${CB_TIMEOUT:-170} python benchmarks/bench_decode.py --model llama-3.1-8b --cb-only --max-batch-size 1024 \
       --cb-requests 1024 --cb-input 128 --cb-output 128 --max-seq-len 512 --quantization fp8 --kv-cache-dtype $kv \
-      --page-size $ps --max-num-tokens 16384 2>&1 | quiet > "$OUT/fp8v_cb_${kv}_$ps.log"
-    echo "== CB kv $kv page $ps"; grep -E "continuous batching|by step kind" "$OUT/fp8v_cb_${kv}_$ps.log" | cut -c1-900
+      --page-size $ps --max-num-tokens 16384 2>&1 | quiet > "$OUT/kv_cb_${kv}_$ps.log"
+    echo "== CB kv $kv page $ps"; grep -E "continuous batching|by step kind" "$OUT/kv_cb_${kv}_$ps.log" | cut -c1-900
   done
   for kv in ${LONG_KV-auto fp8}; do
     timeout 150 python benchmarks/bench_decode.py --model llama-3.1-8b --batches 64 --ctx 4096 --max-seq-len 4224 \
-      --decode-only --steps 24 --kv-cache-dtype $kv 2>&1 | quiet > "$OUT/fp8v_long_$kv.log"
-    echo "== b64 ctx4096 kv $kv"; grep -E "^ +[0-9]+ +[0-9]+ |ms" "$OUT/fp8v_long_$kv.log" | tail -4
+      --decode-only --steps 24 --kv-cache-dtype $kv 2>&1 | quiet > "$OUT/kv_long_$kv.log"
+    echo "== b64 ctx4096 kv $kv"; grep -E "^ +[0-9]+ +[0-9]+ |ms" "$OUT/kv_long_$kv.log" | tail -4
   done
 elif [ "${PART:-merge}" = separate ]; then
   timeout 240 python -m pytest -q -m gpu -p no:warnings tests/test_triton_attention.py tests/test_gpu.py \
