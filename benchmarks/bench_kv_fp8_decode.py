@@ -4,13 +4,16 @@ the split kernel's partition size (waves of programs) and tile config swept for 
 Every call is a CUDA-graph replay after an L2 flush; bandwidth is the cache bytes read (values plus scales) over
 the time. The FP8 output is checked against attention over the dequantized cache first.
 Usage: python benchmarks/bench_kv_fp8_decode.py [--cases 64x4096,256x192] [--kinds bf16,fp8] [--page-sizes 64,32]
-[--configs 64/4/5,64/8/5/128] [--gather] [--json out.json]
+[--configs 64/4/5,64/8/5/128] [--blocks-configs 16/4/4/3,32/4/4/3] [--gather] [--json out.json]
+(``--configs``: the tiled split kernel's BLOCK_N/warps/stages[/maxnreg]; ``--blocks-configs``: the block kernel's
+BLOCK_N/BLOCKS/warps/stages, each warp owning blocks; either list may be empty.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -32,6 +35,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--kinds", default="bf16,fp8")
     p.add_argument("--configs", default=CONFIGS, help="BLOCK_N/warps/stages[/maxnreg],...")
+    p.add_argument("--blocks-configs", default="", help="BLOCK_N/BLOCKS/warps/stages,... of the block kernel")
     p.add_argument("--page-sizes", default="64", help="cache page sizes, each a sweep of its own")
     p.add_argument("--gather", action="store_true", help="gathered key tiles of BLOCK_N (not one page per tile)")
     p.add_argument("--json", default=None)
@@ -55,8 +59,11 @@ def main() -> int:
             part = decode_partition(seq_lens, cu, target=target_work_items(HKV, device_sms(q.device), waves),
                                     min_chunk=MIN_CHUNK)
             splits = int((part[1][1:] - part[1][:-1]).max())
-            for cfg in [tuple(map(int, c.split("/"))) for c in args.configs.split(",")]:
+            variants = [("tiles", tuple(map(int, c.split("/")))) for c in args.configs.split(",") if c]
+            variants += [("blocks", tuple(map(int, c.split("/")))) for c in args.blocks_configs.split(",") if c]
+            for kernel, cfg in variants:
                 attn._decode_config = lambda *a, _c=cfg: _c
+                os.environ["AUTODEPLOY_DECODE_BLOCKS_CONFIG"] = ",".join(map(str, cfg))
                 for kind, (kc, vc, ksc, vsc, nbytes) in caches.items():
                     out = torch.empty_like(q)
 
@@ -65,29 +72,32 @@ def main() -> int:
                                               sliding_window=None, logit_softcap=None, sinks=None,
                                               cu_seqlens_q=cu, partition=part, k_scale=ksc, v_scale=vsc)
                     try:
+                        os.environ["AUTODEPLOY_DECODE_KERNEL"] = kernel
                         fn()
                         ref = torch.empty_like(q)
+                        os.environ["AUTODEPLOY_DECODE_KERNEL"] = "tiles"  # the reference: the tiled kernel
                         attn.decode_attention(q, kd if ksc is not None else kc, vd if ksc is not None else vc,
                                               seq_lens, page_table, ref, scale=D**-0.5, sliding_window=None,
                                               logit_softcap=None, sinks=None, cu_seqlens_q=cu, partition=part)
                         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                        os.environ["AUTODEPLOY_DECODE_KERNEL"] = kernel
                         ms = time_cuda(graphed(fn), args.reps, 3, flush)
                     except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                        print(f"  skip {kind} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                        print(f"  skip {kind} {kernel} {cfg}: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
                         continue
                     nb = batch * ctx * HKV * 2 * (D * nbytes + (2 if ksc is not None else 0))
                     gbs = nb / (ms * 1e-3) / 1e9
                     rows.append(dict(batch=batch, ctx=ctx, page_size=page_size, kv=kind, waves=waves,
-                                     splits=splits, config=cfg, us=ms * 1e3, GBps=gbs, rel_err=err))
+                                     splits=splits, kernel=kernel, config=cfg, us=ms * 1e3, GBps=gbs, rel_err=err))
                     print(f"B={batch:<4d} ctx={ctx:<6d} page={page_size:<3d} {kind:4s} waves={waves:<4g} "
-                          f"splits<={splits:<3d} cfg={cfg} {ms * 1e3:8.1f} us {gbs:6.0f} GB/s "
+                          f"splits<={splits:<3d} {kernel} cfg={cfg} {ms * 1e3:8.1f} us {gbs:6.0f} GB/s "
                           f"({100 * gbs / bw:5.1f}%) err {err:.1e}", flush=True)
                 attn._decode_config = default_config
         for kind in caches:
             best = min((r for r in rows if r["batch"] == batch and r["ctx"] == ctx and r["kv"] == kind
                         and r["page_size"] == page_size), key=lambda r: r["us"])
-            print(f"best B={batch} ctx={ctx} page={page_size} {kind}: waves={best['waves']:g} cfg={best['config']} "
-                  f"{best['us']:.1f} us", flush=True)
+            print(f"best B={batch} ctx={ctx} page={page_size} {kind}: waves={best['waves']:g} {best['kernel']} "
+                  f"cfg={best['config']} {best['us']:.1f} us", flush=True)
         del k16, v16, k8, v8, kd, vd
         torch.cuda.empty_cache()
     if args.json:

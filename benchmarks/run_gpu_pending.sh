@@ -10,6 +10,8 @@
 # timings with the reduction-kernel merge).
 # PART=pages: one layer's decode kernel over bf16 and FP8 caches at page sizes 64/32/16 and register caps.
 # PART=kv_cb: 8B FP8 CB (16,384-token steps) with bf16 and FP8 KV, and 8B batch 64 context 4,096 decode steps.
+# PART=blocks: the block decode kernel (each warp owning key blocks): the attention GPU tests forced onto it, then
+# one layer's launch over bf16 and FP8 caches, its configs (BLOCKS_CONFIGS) beside the tiled kernel's.
 # Each part fits one device call; results (logs, JSON) in $OUT.
 # Usage (device tool): PART=merge bash benchmarks/run_gpu_pending.sh, then PART=cb ...
 set -uo pipefail
@@ -18,7 +20,15 @@ export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 quiet() { grep -v "^W1\|warn"; }
-if [ "${PART:-merge}" = pages ]; then  # the decode kernel over smaller pages and register caps
+if [ "${PART:-merge}" = blocks ]; then
+  AUTODEPLOY_DECODE_KERNEL=blocks timeout 200 python -m pytest -q -m gpu -p no:warnings tests/test_triton_attention.py \
+    -k "${TESTS:-gpu_bf16_sweep or short_context}" > "$OUT/blocks_tests.log" 2>&1; tail -3 "$OUT/blocks_tests.log"
+  timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_kv_fp8_decode.py --cases ${CASES:-1024x200,64x4096,256x200} \
+    --waves 2 --reps 10 --kinds bf16,fp8 --configs ${CONFIGS:-64/2/5,64/4/5} \
+    --blocks-configs ${BLOCKS_CONFIGS:-16/4/4/3,16/4/4/4,32/4/4/3,32/2/2/3,16/8/8/3,32/8/8/2,64/2/2/2,64/4/4/2} \
+    --json "$OUT/blocks.json" 2>&1 | quiet > "$OUT/blocks.log"
+  grep -E "best|B=|rror|skip" "$OUT/blocks.log" | cut -c1-200
+elif [ "${PART:-merge}" = pages ]; then  # the decode kernel over smaller pages and register caps
   while read -r ps cfgs; do
     timeout 200 python benchmarks/bench_kv_fp8_decode.py --cases ${CASES:-1024x200,64x4096} --waves 2 --reps 10 \
       --kinds bf16,fp8 --page-sizes $ps --configs $cfgs 2>&1 | quiet > "$OUT/pages_$ps.log"

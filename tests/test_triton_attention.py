@@ -551,6 +551,85 @@ def test_decode_new_kv_splits_and_padding(target):
                       sinks=True, seed=220 + target)
 
 
+@pytest.fixture
+def blocks(monkeypatch):
+    """The block decode kernel forced (``AUTODEPLOY_DECODE_KERNEL=blocks``); the grids it was launched with."""
+    monkeypatch.setenv("AUTODEPLOY_DECODE_KERNEL", "blocks")
+    launches, kernel = [], attn_mod._decode_blocks_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(attn_mod, "_decode_blocks_kernel", Counted())
+    return launches
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [16, 32, 64])
+def test_decode_blocks_kernel(blocks, dtype, page_size, merge_mode):
+    """The block kernel (each warp owning key blocks, one merge at the end): ranges that start and end inside
+    blocks and pages, whole iterations, one-block splits and idle items, windows, softcap, sinks, a mixed batch."""
+    run_decode([1, 17, 75, 140, 2 * page_size], page_size=page_size, dtype=dtype, target=6, window=50, sinks=True,
+               prefill=[(0, 5)], seed=400 + page_size)
+    run_decode([1, 9, 40, 200], page_size=page_size, dtype=dtype, softcap=3.0, target=12, align=8,
+               seed=410 + page_size)
+    assert len(blocks) == 2
+
+
+@pytest.mark.parametrize("hq,hkv,d", [(6, 2, 80), (8, 1, 128), (2, 2, 96)])
+def test_decode_blocks_kernel_shapes(blocks, hq, hkv, d):
+    """GQA groups that pad the M rows, MQA, head dims below the power of two (the D mask)."""
+    run_decode([3, 50, 150], hq=hq, hkv=hkv, d=d, dtype=torch.float16, target=5, seed=420 + d)
+    assert len(blocks) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_decode_blocks_kernel_fp8(blocks, dtype, page_size, merge_mode):
+    """The block kernel over an E4M3 cache (the accumulator's V-scale unit carried per row and block), with the
+    NaN-filled unused rows that masked scales must keep out."""
+    lens = [1, 5, page_size, page_size + 1, 2 * page_size + 3, 7 * page_size + 5, 300]
+    run_decode_fp8(lens, dtype, page_size, target=3 * len(lens), align=8, seed=430)
+    run_decode_fp8(lens, dtype, page_size, target=len(lens), align=page_size, seed=431)
+    assert len(blocks) == 2
+
+
+def test_decode_blocks_kernel_alibi(monkeypatch):
+    """ALiBi biases: the block kernel against the tiled one on the same inputs (both over a complete cache)."""
+    c = make_case([(40, 1), (130, 1), (0, 1)], 8, 2, 64, 16, torch.float32, seed=440, with_sinks=True)
+    slopes = torch.tensor([2.0 ** -(i + 1) for i in range(8)])
+    outs = {}
+    for kernel in ("tiles", "blocks"):
+        monkeypatch.setenv("AUTODEPLOY_DECODE_KERNEL", kernel)
+        outs[kernel] = torch.full_like(c["q"], float("nan"))
+        decode_attention(c["q"], c["k_cache"], c["v_cache"], c["seq_lens_kv"], c["page_table"], outs[kernel],
+                         scale=0.125, sliding_window=None, logit_softcap=None, sinks=c["sinks"], target=4,
+                         alibi_slopes=slopes)  # fmt: skip
+    torch.testing.assert_close(outs["blocks"], outs["tiles"], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_kernel_rule(monkeypatch):
+    """The tiled kernel unless the override asks for the block kernel (it is not yet measured on a GPU); pages
+    that do not hold whole 16-key blocks and head dims above 128 keep the tiled kernel; a bad value is named."""
+    monkeypatch.delenv("AUTODEPLOY_DECODE_KERNEL", raising=False)
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    fp8 = torch.empty(4, 64, 8, 128, dtype=torch.float8_e4m3fn)
+    monkeypatch.setattr(attn_mod, "_interpreting", lambda: False)
+    assert not attn_mod.blocks_kernel(fp8, bf16, cuda)
+    monkeypatch.setenv("AUTODEPLOY_DECODE_KERNEL", "blocks")
+    assert attn_mod.blocks_kernel(fp8, bf16, cuda)
+    assert attn_mod.blocks_kernel(torch.empty(4, 64, 8, 128), torch.float32, torch.device("cpu"))
+    assert not attn_mod.blocks_kernel(torch.empty(4, 8, 8, 128), bf16, cuda)  # page 8
+    assert not attn_mod.blocks_kernel(torch.empty(4, 64, 8, 256), bf16, cuda)
+    monkeypatch.setenv("AUTODEPLOY_DECODE_KERNEL", "tiles")
+    assert not attn_mod.blocks_kernel(fp8, bf16, cuda)
+    monkeypatch.setenv("AUTODEPLOY_DECODE_KERNEL", "warps")
+    with pytest.raises(ValueError, match="AUTODEPLOY_DECODE_KERNEL"):
+        attn_mod.blocks_kernel(fp8, bf16, cuda)
+
+
 def _partition_ranges(work, split_start):
     ranges = {}
     for seq, lo, hi in work.tolist():

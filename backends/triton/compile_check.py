@@ -325,6 +325,34 @@ case("decode/bf16_kv/short")(lambda: _decode(False, False, True, short=True))
 case("decode/fp8_kv/short")(lambda: _decode(True, False, True, short=True))
 
 
+def _decode_blocks(kv_fp8: bool, config: Optional[tuple] = None):
+    """The block decode kernel (each warp owning key blocks) at ``config`` (BLOCK_N, BLOCKS, warps, stages) or
+    the one ``_blocks_config`` picks for page 64."""
+    from autodeploy.backends.triton.kernels import attention as attn
+
+    kernel = attn._decode_blocks_kernel
+    ptrs = {"cu_seqlens_q": "*i32", "seq_lens_kv": "*i32", "page_table": "*i32", "work_ptr": "*i32",
+            "split_start": "*i32", "mid_o": "*fp32", "mid_lse": "*fp32", "sinks_ptr": "*fp32", "alibi_ptr": "*fp32",
+            "tickets": "*i32", "qk_scale": "fp32", "softcap_scale": "fp32", "softcap_log2": "fp32"}
+    if kv_fp8:
+        ptrs.update(k_cache="*fp8e4nv", v_cache="*fp8e4nv", k_scale="*bf16", v_scale="*bf16")
+    sig = {name: "i32" if name.startswith("stride") else ptrs.get(name, "*bf16") for name in kernel.arg_names}
+    block_n, blocks, warps, stages = config or attn._blocks_config(64)
+    consts = dict(GROUP=4, BLOCK_H=16, PAGE_SIZE=64, HEAD_D=128, BLOCK_D=128, BLOCK_N=block_n, BLOCKS=blocks,
+                  NEED_DMASK=False, HAS_SOFTCAP=False, HAS_SINKS=False, HAS_ALIBI=False, UPCAST=False, IEEE=False,
+                  PDL=True, KV_FP8=kv_fp8, F16_DOT=kv_fp8, MERGE=True)
+    return kernel, sig, consts, warps, stages, ()
+
+
+# the block kernel (a complete cache, opt-in: AUTODEPLOY_DECODE_KERNEL=blocks) at its default config, and two
+# of the alternatives the GPU sweep (run_gpu_pending.sh PART=blocks) times that do not spill (32- and 64-key
+# blocks do: 80-700 B with Triton 3.9)
+case("decode/bf16_kv/blocks")(lambda: _decode_blocks(False))
+case("decode/fp8_kv/blocks")(lambda: _decode_blocks(True))
+for _cfg in ((16, 4, 4, 4), (16, 8, 8, 3)):
+    case("decode/fp8_kv/blocks/" + "_".join(map(str, _cfg)))(lambda c=_cfg: _decode_blocks(True, c))
+
+
 def _decode_reduce(heads: int):
     from autodeploy.backends.triton.kernels import attention as attn
 

@@ -12,7 +12,8 @@ Two entry points over the paged cache ``[num_pages, page_size, Hkv, D]``:
   one whole page); a small second kernel merges the splits (or the last split program of a sequence does, by
   atomic ticket: ``merge_in_kernel``). Where many short contexts decode (``short_context_launch``), the op
   writes the new tokens with the RoPE + cache-write kernel first (``new_token_mode``), and splits merge by
-  ticket.
+  ticket. Over a complete cache, an alternative split kernel (``_decode_blocks_kernel``, opt-in:
+  ``blocks_kernel``) gives each warp its own blocks of keys and merges the warps' softmaxes once, at the end.
 
 Semantics (contract): query at absolute position ``i`` sees key ``j`` iff ``j <= i`` and, with a window ``w``,
 ``i - j < w``. Scores ``(q.k) * scale``, optional softcap ``c * tanh(s / c)``, optional per-head sink logit that
@@ -524,6 +525,25 @@ def _merge_last(mid_o, mid_lse, tickets, split_start, sinks_ptr, out_ptr, seq, k
         tl.store(o_ptrs, (o / den[:, None]).to(out_ptr.dtype.element_ty), mask=h_ok[:, None] & d_ok[None, :])
 
 
+@triton.jit
+def _group_heads(kvh, GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_D: tl.constexpr):
+    """(query heads, their mask, head-dim offsets, their mask) of KV head ``kvh``'s group: the M rows of a
+    decode tile."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    return kvh * GROUP + offs_h, offs_h < GROUP, offs_d, offs_d < HEAD_D
+
+
+@triton.jit
+def _work_item(work_ptr, split_start, w):
+    """Work item ``w`` of the partition table: (sequence, first key, end key, the sequence's item count); a
+    negative sequence is an idle item (its other values are meaningless)."""
+    seq = tl.load(work_ptr + 3 * w)
+    first = tl.maximum(seq, 0)
+    n_items = tl.load(split_start + first + 1) - tl.load(split_start + first)
+    return seq, tl.load(work_ptr + 3 * w + 1), tl.load(work_ptr + 3 * w + 2), n_items
+
+
 @triton.jit(do_not_specialize=["stride_pt"])
 def _decode_kernel(
     q_ptr, k_new, v_new, cos_ptr, sin_ptr, slot_ptr,
@@ -565,18 +585,11 @@ def _decode_kernel(
     pdl_launch_dependents(PDL)
     w = tl.program_id(0)
     kvh = tl.program_id(1)
-    seq = tl.load(work_ptr + 3 * w)
+    seq, s_lo, s_hi, n_items = _work_item(work_ptr, split_start, w)
     if seq < 0:
         return
-    s_lo = tl.load(work_ptr + 3 * w + 1)
-    s_hi = tl.load(work_ptr + 3 * w + 2)
-    n_items = tl.load(split_start + seq + 1) - tl.load(split_start + seq)
 
-    offs_h = tl.arange(0, BLOCK_H)
-    h_ok = offs_h < GROUP
-    head = kvh * GROUP + offs_h
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_D
+    head, h_ok, offs_d, d_ok = _group_heads(kvh, GROUP, BLOCK_H, BLOCK_D, HEAD_D)
     tok = tl.load(cu_seqlens_q + seq).to(tl.int64)  # the decode query's row in q/out
     owns_new = False
     if NEW_KV:
@@ -680,6 +693,17 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + p[:, None] * vf[None, :]
             m_i = m_new
 
+    _store_item(acc, m_i, l_i, w, seq, kvh, tok, n_items, head, h_ok, offs_d, d_ok, out_ptr, mid_o, mid_lse,
+                tickets, split_start, sinks_ptr, stride_ot, stride_oh, stride_mow, stride_moh, stride_mlw, BLOCK_H,
+                BLOCK_D, HAS_SINKS, MERGE)  # fmt: skip
+
+
+@triton.jit
+def _store_item(acc, m_i, l_i, w, seq, kvh, tok, n_items, head, h_ok, offs_d, d_ok, out_ptr, mid_o, mid_lse,
+                tickets, split_start, sinks_ptr, stride_ot, stride_oh, stride_mow, stride_moh, stride_mlw,
+                BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr, MERGE: tl.constexpr):
+    """A work item's result: the output itself when the sequence has one item, else the normalised partial and
+    base-2 LSE (merged by :func:`_decode_reduce_kernel`, or MERGE: by the last item, :func:`_merge_last`)."""
     if n_items == 1:
         o = _finalize(acc, m_i, l_i, sinks_ptr, head, h_ok, HAS_SINKS)
         o_ptrs = out_ptr + tok * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
@@ -695,6 +719,165 @@ def _decode_kernel(
             _merge_last(mid_o, mid_lse, tickets, split_start, sinks_ptr, out_ptr, seq, kvh, tok, n_items, head,
                         h_ok, offs_d, d_ok, stride_mow, stride_moh, stride_mlw, stride_ot, stride_oh, BLOCK_H,
                         BLOCK_D, HAS_SINKS)  # fmt: skip
+
+
+@triton.jit
+def _blocks_step(
+    acc, m_i, l_i, acc_s, q3, start, lo, hi, k_base, v_base, ks_base, vs_base, pt_row, k_off, v_off, stride_kp,
+    stride_kr, stride_vp, stride_vr, stride_sp, stride_sr, qk_mm, softcap_mm, softcap_log2, alibi, apos,
+    PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    HEAD_D: tl.constexpr, NEED_DMASK: tl.constexpr, MASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_ALIBI: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """One iteration of :func:`_decode_blocks_kernel`: the BLOCKS blocks of keys from ``start`` (block-aligned),
+    each folded into its own softmax state (the accumulator holds ``acc * acc_s`` per row: :func:`_pv`'s V
+    scale, factored out). MASK: only keys in ``[lo, hi)`` count (the range's ragged ends);
+    without it every key of every block is in range (no load or score masks)."""
+    offs_b = tl.arange(0, BLOCKS)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    b0 = start + offs_b * BLOCK_N  # each block's first key
+    j = b0[:, None] + offs_n[None, :]  # [BLOCKS, N]
+    j_ok = (j >= lo) & (j < hi)
+    if MASK:
+        page = tl.load(pt_row + b0 // PAGE_SIZE, mask=b0 < hi, other=0).to(tl.int64)
+    else:
+        page = tl.load(pt_row + b0 // PAGE_SIZE).to(tl.int64)
+    row0 = (b0 % PAGE_SIZE).to(tl.int64)
+    d_ok = offs_d < HEAD_D
+    kt = _load2d(k_base + (page * stride_kp + row0 * stride_kr)[:, None, None] + k_off, j_ok[:, None, :],
+                 d_ok[None, :, None], MASK, NEED_DMASK)  # [BLOCKS, D, N]
+    v = _load2d(v_base + (page * stride_vp + row0 * stride_vr)[:, None, None] + v_off, j_ok[:, :, None],
+                d_ok[None, None, :], MASK, NEED_DMASK)  # [BLOCKS, N, D]
+    if KV_FP8:
+        s_off = page[:, None] * stride_sp + (row0[:, None] + offs_n[None, :]) * stride_sr
+        if MASK:
+            k_s = tl.load(ks_base + s_off, mask=j_ok, other=0.0).to(tl.float32)
+            v_s = tl.load(vs_base + s_off, mask=j_ok, other=0.0).to(tl.float32)
+        else:
+            k_s = tl.load(ks_base + s_off).to(tl.float32)
+            v_s = tl.load(vs_base + s_off).to(tl.float32)
+        kt = kt.to(q3.dtype)
+        v = v.to(q3.dtype)
+    qk = _dot(q3, kt, UPCAST, IEEE)  # [BLOCKS, M, N] fp32
+    if KV_FP8:
+        qk = qk * k_s[:, None, :]
+    if HAS_SOFTCAP:
+        qk = softcap_log2 * _tanh(qk * softcap_mm)
+    else:
+        qk = qk * qk_mm
+    if HAS_ALIBI:
+        qk = qk + alibi[None, :, None] * (j[:, None, :] - apos[None, :, None]).to(tl.float32)
+    if MASK:
+        qk = tl.where(j_ok[:, None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 2))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, 2)
+    if KV_FP8:
+        # As _pv, the weights take the V scales relative to the block's largest (powers of two: exact); the
+        # block's largest is not multiplied back into the product but kept as the accumulator's unit (``acc_s``,
+        # per row), so the rescale stays one multiply-add per accumulator element.
+        v_top = tl.max(v_s, 1)
+        v_max = tl.maximum(v_top, 1.1754943508222875e-38)
+        p = p * (v_s * (1.0 / v_max)[:, None])[:, None, :]
+        unit = tl.where(v_top[:, None] > 0.0, v_max[:, None], acc_s)  # a block with no keys keeps its unit
+        acc = acc * (alpha * acc_s / unit)[:, :, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        acc_s = unit
+    else:
+        acc = acc * alpha[:, :, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    return acc, m_new, l_i, acc_s
+
+
+@triton.jit(do_not_specialize=["stride_pt"])
+def _decode_blocks_kernel(
+    q_ptr, k_cache, v_cache, out_ptr,
+    cu_seqlens_q, seq_lens_kv, page_table, work_ptr, split_start, sinks_ptr, alibi_ptr, mid_o, mid_lse,
+    tickets, k_scale, v_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kp, stride_kr, stride_kh, stride_vp, stride_vr, stride_vh,
+    stride_pt, stride_mow, stride_moh, stride_mlw, stride_sp, stride_sr,
+    qk_scale, softcap_scale, softcap_log2,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS: tl.constexpr,
+    NEED_DMASK: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+    KV_FP8: tl.constexpr, F16_DOT: tl.constexpr, MERGE: tl.constexpr,
+):
+    """The decode split kernel over a complete cache (the new token already written), as :func:`_decode_kernel`
+    without NEW_KV, with the keys of an item taken BLOCKS blocks of BLOCK_N at a time as one batched dot
+    (``[BLOCKS, M, D] x [BLOCKS, D, BLOCK_N]``; a block lies inside one page). A batched dot puts its warps
+    along the batch, so each warp owns its blocks: its own running max, denominator and accumulator, and the
+    scores reach the P @ V dot without leaving the warp. Nothing crosses warps until the blocks' partial
+    softmaxes merge once, after the loop (a tiled kernel reduces across warps at every tile)."""
+    pdl_wait(PDL)
+    pdl_launch_dependents(PDL)
+    w = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq, lo, hi, n_items = _work_item(work_ptr, split_start, w)
+    if seq < 0:
+        return
+
+    head, h_ok, offs_d, d_ok = _group_heads(kvh, GROUP, BLOCK_H, BLOCK_D, HEAD_D)
+    tok = tl.load(cu_seqlens_q + seq).to(tl.int64)
+    k_base = k_cache + kvh.to(tl.int64) * stride_kh
+    v_base = v_cache + kvh.to(tl.int64) * stride_vh
+    ks_base = k_scale + kvh.to(tl.int64)
+    vs_base = v_scale + kvh.to(tl.int64)
+    q = tl.load(q_ptr + tok * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=h_ok[:, None] & d_ok[None, :], other=0.0)
+    qk_mm, softcap_mm = qk_scale, softcap_scale
+    if F16_DOT:
+        q, q_s = _fp16_rows(q)
+        qk_mm = qk_scale * q_s
+        softcap_mm = softcap_scale * q_s
+    q3 = tl.broadcast_to(q[None, :, :], (BLOCKS, BLOCK_H, BLOCK_D))
+    alibi = tl.zeros([BLOCK_H], dtype=tl.float32)
+    apos = tl.zeros([BLOCK_H], dtype=tl.int32)
+    if HAS_ALIBI:  # the query sits at the sequence's last position
+        alibi = tl.load(alibi_ptr + head, mask=h_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        apos = apos + (tl.load(seq_lens_kv + seq).to(tl.int32) - 1)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    k_off = offs_n[None, None, :] * stride_kr + offs_d[None, :, None]  # [1, D, N]: K^T of a block
+    v_off = offs_n[None, :, None] * stride_vr + offs_d[None, None, :]  # [1, N, D]
+    acc = tl.zeros([BLOCKS, BLOCK_H, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCKS, BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCKS, BLOCK_H], dtype=tl.float32)
+    acc_s = tl.full([BLOCKS, BLOCK_H], 1.0, dtype=tl.float32)  # the accumulator's unit per row (KV_FP8)
+    pt_row = page_table + seq.to(tl.int64) * stride_pt
+    step: tl.constexpr = BLOCKS * BLOCK_N
+    first_full = ((lo + BLOCK_N - 1) // BLOCK_N) * BLOCK_N  # whole iterations: [first_full, last_full)
+    last_full = first_full + tl.maximum(hi - first_full, 0) // step * step
+    for part in tl.static_range(2):  # masked: the keys before the first whole block, then those after the last
+        if part == 0:  # the head block: keys [lo, first_full), or the whole range inside one block
+            start = (lo // BLOCK_N) * BLOCK_N
+            end = tl.minimum(hi, first_full)
+            run = (lo % BLOCK_N != 0) & (lo < hi)
+        else:
+            start = last_full
+            end = hi
+            run = last_full < hi
+        if run:
+            acc, m_i, l_i, acc_s = _blocks_step(
+                acc, m_i, l_i, acc_s, q3, start, lo, end, k_base, v_base, ks_base, vs_base, pt_row, k_off, v_off,
+                stride_kp, stride_kr, stride_vp, stride_vr, stride_sp, stride_sr, qk_mm, softcap_mm, softcap_log2,
+                alibi, apos, PAGE_SIZE, BLOCK_D, BLOCK_N, BLOCKS, HEAD_D, NEED_DMASK, True, HAS_SOFTCAP, HAS_ALIBI,
+                UPCAST, IEEE, KV_FP8)  # fmt: skip
+        if part == 0:
+            for start in range(first_full, last_full, step):
+                acc, m_i, l_i, acc_s = _blocks_step(
+                    acc, m_i, l_i, acc_s, q3, start, lo, hi, k_base, v_base, ks_base, vs_base, pt_row, k_off, v_off,
+                    stride_kp, stride_kr, stride_vp, stride_vr, stride_sp, stride_sr, qk_mm, softcap_mm,
+                    softcap_log2, alibi, apos, PAGE_SIZE, BLOCK_D, BLOCK_N, BLOCKS, HEAD_D, NEED_DMASK, False,
+                    HAS_SOFTCAP, HAS_ALIBI, UPCAST, IEEE, KV_FP8)  # fmt: skip
+    m = tl.max(m_i, 0)  # the blocks' partial softmaxes, merged once
+    alpha = tl.exp2(m_i - m[None, :])
+    l_m = tl.sum(l_i * alpha, 0)
+    acc_m = tl.sum(acc * (alpha * acc_s)[:, :, None], 0)
+    _store_item(acc_m, m, l_m, w, seq, kvh, tok, n_items, head, h_ok, offs_d, d_ok, out_ptr, mid_o, mid_lse,
+                tickets, split_start, sinks_ptr, stride_ot, stride_oh, stride_mow, stride_moh, stride_mlw, BLOCK_H,
+                BLOCK_D, HAS_SINKS, MERGE)  # fmt: skip
 
 
 @triton.jit
@@ -982,6 +1165,35 @@ def _decode_config(block_d: int, dtype: torch.dtype, device: Optional[torch.devi
     return 64, 4, _DEEP_STAGES if deep else 3
 
 
+# Which kernel a decode launch over a complete cache (no new token to write) runs: the tiled split kernel
+# (``_decode_kernel``, one page per tile, its warps sharing each tile) or the block kernel
+# (``_decode_blocks_kernel``, each warp owning key blocks, one merge at the end). ``AUTODEPLOY_DECODE_KERNEL``
+# overrides the rule (benchmarks, tests).
+DECODE_KERNELS = ("auto", "tiles", "blocks")
+
+
+def blocks_kernel(k_cache: torch.Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a decode launch over ``k_cache`` with queries of ``dtype`` on ``device`` runs the block kernel
+    (DECODE_KERNELS). Only when asked for: it has not been timed on a GPU yet (``run_gpu_pending.sh``
+    PART=blocks times it), so "auto" keeps the tiled kernel. The page size must hold whole blocks of 16 keys
+    and the head dim be at most 128 (the per-warp accumulator)."""
+    mode = _env_choice("AUTODEPLOY_DECODE_KERNEL", DECODE_KERNELS)
+    if k_cache.shape[1] % 16 or k_cache.shape[-1] > 128:
+        return False
+    return mode == "blocks"
+
+
+def _blocks_config(page_size: int, keys_per_seq: Optional[int] = None, programs_per_sm: float = 0.0):
+    """(BLOCK_N, BLOCKS, num_warps, num_stages) for the block kernel: blocks of BLOCK_N keys (inside one page),
+    BLOCKS of them per iteration, one block per warp."""
+    if _interpreting():
+        return 16, 2, 2, 1
+    env = os.environ.get("AUTODEPLOY_DECODE_BLOCKS_CONFIG")  # tuning (benchmarks): "BLOCK_N,BLOCKS,warps,stages"
+    if env:
+        return tuple(int(v) for v in env.split(","))
+    return 16, 4, 4, 3  # 16-key blocks: 32-key ones spill on sm_90 (compile_check decode/fp8_kv/blocks/*)
+
+
 def _scale_strides(k_scale: Optional[torch.Tensor]) -> tuple[int, int]:
     """(page, row) strides of an FP8 cache's scale tensors (checked equal for K and V), or zeros."""
     return (k_scale.stride(0), k_scale.stride(1)) if k_scale is not None else (0, 0)
@@ -1125,25 +1337,44 @@ def decode_attention(
     mid_o = torch.empty((n_items, hq, d), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((n_items, hq), dtype=torch.float32, device=q.device)
     sinks_arg = sinks if sinks is not None else q
-    _decode_kernel[(n_items, hkv)](
-        q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
-        cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
-        alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse, tickets,
-        k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
-        q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
-        cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), *_scale_strides(k_scale),
-        qk_scale, softcap_scale, softcap_log2,
-        GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d,
-        BLOCK_N=block_n, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap,
-        HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None, ROPE=rope, ROT=cos.shape[-1] if rope else 0,
-        PAGE_TILES=page_tiles,
-        EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(), IEEE=q.dtype == torch.float32,
-        PDL=pdl, KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32, MERGE=merge,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(pdl), **({"maxnreg": cap[0]} if cap else {}),
-    )  # fmt: skip
+    if new_kv is None and blocks_kernel(k_cache, q.dtype, q.device):
+        block_n, blocks, num_warps, num_stages = _blocks_config(page_size, keys_per_seq, per_sm)
+        _decode_blocks_kernel[(n_items, hkv)](
+            q, k_cache, v_cache, out, cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
+            alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse, tickets,
+            k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), *_scale_strides(k_scale),
+            qk_scale, softcap_scale, softcap_log2,
+            GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d, BLOCK_N=block_n,
+            BLOCKS=blocks, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap, HAS_SINKS=sinks is not None,
+            HAS_ALIBI=alibi_slopes is not None, UPCAST=_interpreting(), IEEE=q.dtype == torch.float32, PDL=pdl,
+            KV_FP8=k_scale is not None, F16_DOT=k_scale is not None and q.dtype != torch.float32, MERGE=merge,
+            num_warps=num_warps, num_stages=num_stages, **launch_options(pdl),
+        )  # fmt: skip
+    else:
+        _decode_kernel[(n_items, hkv)](
+            q, nk.k, nk.v, cos, sin, nk.slot_mapping, k_cache, v_cache, out,
+            cu_seqlens_q, seq_lens_kv, page_table, work, split_start, sinks_arg,
+            alibi_slopes if alibi_slopes is not None else q, mid_o, mid_lse, tickets,
+            k_scale if k_scale is not None else q, v_scale if v_scale is not None else q,
+            q.stride(0), q.stride(1), nk.k.stride(0), nk.k.stride(1), nk.v.stride(0), nk.v.stride(1),
+            cos.stride(0), sin.stride(0), out.stride(0), out.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            page_table.stride(0), mid_o.stride(0), mid_o.stride(1), mid_lse.stride(0), *_scale_strides(k_scale),
+            qk_scale, softcap_scale, softcap_log2,
+            GROUP=group, BLOCK_H=block_h, PAGE_SIZE=page_size, HEAD_D=d, BLOCK_D=block_d,
+            BLOCK_N=block_n, NEED_DMASK=block_d != d, HAS_SOFTCAP=has_softcap,
+            HAS_SINKS=sinks is not None, HAS_ALIBI=alibi_slopes is not None, NEW_KV=new_kv is not None,
+            ROPE=rope, ROT=cos.shape[-1] if rope else 0, PAGE_TILES=page_tiles,
+            EMULATE_RNE=emulate_rne(_decode_kernel, q.dtype), UPCAST=_interpreting(),
+            IEEE=q.dtype == torch.float32, PDL=pdl, KV_FP8=k_scale is not None,
+            F16_DOT=k_scale is not None and q.dtype != torch.float32, MERGE=merge, num_warps=num_warps,
+            num_stages=num_stages, **launch_options(pdl), **({"maxnreg": cap[0]} if cap else {}),
+        )  # fmt: skip
     if merge:
         return
     # One sequence has at most target + 1 splits (partition.py), and target = items - sequences.
